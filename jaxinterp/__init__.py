@@ -1,0 +1,33 @@
+"""jaxinterp: mechanistic interpretability as JAX function transforms.
+
+    import jaxinterp as ji
+    model = ji.load("facts-gpt")
+    out = model.run(tokens, capture="blocks.*.resid_post",
+                    interventions={"blocks.3.attn.z": ji.ZeroAblate(ji.heads_mask(T, H, [2]))})
+"""
+
+from jaxinterp.interventions import (
+    Add,
+    Compose,
+    Fn,
+    Intervention,
+    MeanAblate,
+    Noise,
+    Patch,
+    ProjectOut,
+    Scale,
+    ZeroAblate,
+    heads_mask,
+    positions_mask,
+)
+from jaxinterp.loading import ConversionError, embedded_models, load, save_pretrained
+from jaxinterp.model import Model, RunOutput, families, get_family, init, run
+from jaxinterp.sites import UnknownSiteError, resolve_sites
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "load", "save_pretrained", "embedded_models", "init", "run", "Model", "RunOutput", "families", "get_family",
+    "Patch", "ZeroAblate", "MeanAblate", "Add", "Scale", "ProjectOut", "Noise", "Fn", "Compose", "Intervention",
+    "positions_mask", "heads_mask", "resolve_sites", "UnknownSiteError", "ConversionError",
+]

@@ -1,0 +1,134 @@
+"""``ji.load`` and ``ji.save_pretrained``: Hugging Face directories <-> ``Model``.
+
+Sources, in the order they are tried:
+
+1. an embedded default name (``"facts-gpt"``, ...; see ``embedded_models()``),
+2. a local directory with ``config.json`` + ``*.safetensors`` (one file or shards with
+   ``model.safetensors.index.json``),
+3. a hub id (``"gpt2"``, ``"EleutherAI/pythia-70m"``), fetched with ``huggingface_hub``
+   when the machine is online (only ``*.json``, ``*.safetensors`` and tokenizer files).
+
+No torch is imported and no pickle is read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinterp.hf import ConversionError, read_hf_dir, write_hf_dir
+from jaxinterp.model import Model, families, family_for_config
+
+__all__ = ["load", "save_pretrained", "embedded_models", "embedded_dir", "family_for_model_type", "ConversionError"]
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _embedded_root() -> Path:
+    # Installed (non-editable) layout: jaxinterp/models/embedded; repo layout: models/embedded.
+    import jaxinterp.models as models_pkg
+
+    return Path(models_pkg.__file__).resolve().parent / "embedded"
+
+
+def embedded_models() -> list[str]:
+    """Names of the small models shipped with the package."""
+    root = _embedded_root()
+    if not root.exists():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / "config.json").exists())
+
+
+def embedded_dir(name: str) -> Path:
+    path = _embedded_root() / name
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"no embedded model {name!r}; embedded models: {embedded_models()}")
+    return path
+
+
+def family_for_model_type(model_type: str):
+    for fam in families().values():
+        if model_type in fam.hf_model_types:
+            return fam
+    known = sorted(t for fam in families().values() for t in fam.hf_model_types)
+    raise ConversionError(f"unsupported model_type {model_type!r}; supported: {known}")
+
+
+def _resolve_source(source: str | os.PathLike) -> Path:
+    if isinstance(source, str) and source in embedded_models():
+        return embedded_dir(source)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(f"{path} is a file; ji.load expects a model directory (config.json + *.safetensors)")
+    if isinstance(source, str) and source.count("/") <= 1 and not source.startswith((".", "/", "~")):
+        return _download(source)
+    raise FileNotFoundError(
+        f"{source!r} is neither an embedded model ({embedded_models()}), a local directory, nor a hub id"
+    )
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise FileNotFoundError(
+            f"{repo_id!r} is not a local directory or embedded model, and huggingface_hub is not installed "
+            f"to fetch it from the hub (pip install 'jaxinterp[hf]')"
+        ) from err
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.txt"]))
+    except Exception as err:  # offline, unknown repo, gated repo ...
+        raise FileNotFoundError(
+            f"could not fetch {repo_id!r} from the hub ({type(err).__name__}: {err}); embedded models: "
+            f"{embedded_models()}"
+        ) from err
+
+
+def load(source: str | os.PathLike, dtype: str = "float32") -> Model:
+    """Load a model from an embedded name, a local HF directory, or a hub id."""
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    path = _resolve_source(source)
+    hf_config, tensors = read_hf_dir(path)
+    model_type = hf_config.get("model_type")
+    if model_type is None:
+        raise ConversionError(f"{path}/config.json has no model_type")
+    fam = family_for_model_type(model_type)
+    config = fam.config_cls.from_hf(hf_config)
+    params = fam.from_hf(config, tensors)
+    target = _DTYPES[dtype]
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a, dtype=np.float32)).astype(target), params)
+    model = Model(params, config, fam.name)
+    model.source = str(path)  # informative only (not part of the pytree)
+    return model
+
+
+def save_pretrained(model: Model, path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
+                    dtype: str = "float32", max_shard_bytes: int | None = None) -> Path:
+    """Write ``model`` as a Hugging Face directory readable by ``ji.load`` and ``transformers``.
+
+    ``tokenizer_dir``: a directory whose tokenizer files (tokenizer.json, tokenizer_config.json,
+    special_tokens_map.json) are copied alongside.
+    """
+    fam = family_for_config(model.config)
+    np_dtype = {"float32": np.float32, "bfloat16": jnp.bfloat16, "float16": np.float16}[dtype]
+    tensors = {k: np.asarray(jnp.asarray(v).astype(np_dtype)) for k, v in fam.to_hf(model.config, model.params).items()}
+    hf_config = dict(model.config.to_hf())
+    hf_config["torch_dtype"] = dtype
+    path = Path(path)
+    write_hf_dir(path, hf_config, tensors, max_shard_bytes=max_shard_bytes)
+    if tokenizer_dir is not None:
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            src = Path(tokenizer_dir) / name
+            if src.exists() and src.resolve() != (path / name).resolve():
+                shutil.copy(src, path / name)
+    return path

@@ -1,0 +1,35 @@
+"""Helpers for parity tests: random-initialised HF models saved offline and compared site by site."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+def save_random_hf(model_cls, config, path, seed: int = 0):
+    """Build a random-initialised HF model from ``config``, save it to ``path``, return it (eval, f32)."""
+    torch.manual_seed(seed)
+    model = model_cls(config).eval().float()
+    # Default inits leave some tensors (biases, norms) at constants; randomise everything so that
+    # a mapping mix-up cannot hide behind identical values.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("A_log") or name.endswith(".D"):
+                continue
+            p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(path, safe_serialization=True)
+    return model
+
+
+def hf_forward(model, tokens: np.ndarray):
+    with torch.no_grad():
+        out = model(torch.as_tensor(np.asarray(tokens), dtype=torch.long), output_hidden_states=True,
+                    output_attentions=True)
+    return out
+
+
+def max_err(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
