@@ -1,0 +1,279 @@
+"""Llama-family configuration (Llama, Mistral, Qwen2) and its mapping to/from HF config.json.
+
+The three HF model types share one architecture (RMSNorm, SwiGLU, rotary, grouped-query
+attention) and differ only in configuration: Qwen2 adds q/k/v biases and per-layer sliding
+windows, Mistral a sliding window on every layer. ``variant`` records which HF model type a
+config came from so that ``to_hf`` writes a config the same HF class loads back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional
+
+from jaxinterp.hf import ConversionError, check_config_fields
+from jaxinterp.models.common import check_activation
+
+VARIANTS = ("llama", "mistral", "qwen2")
+
+_COMMON_HANDLED = {
+    "vocab_size", "max_position_embeddings", "hidden_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "intermediate_size", "hidden_act", "rms_norm_eps", "tie_word_embeddings",
+    "rope_parameters", "rope_theta", "rope_scaling",
+}
+_HANDLED = {
+    "llama": _COMMON_HANDLED | {"attention_bias", "mlp_bias"},
+    "mistral": _COMMON_HANDLED | {"sliding_window"},
+    "qwen2": _COMMON_HANDLED | {"use_sliding_window", "sliding_window", "max_window_layers", "layer_types"},
+}
+# Dropout does not change the eval forward; pretraining_tp only split matmuls during training.
+_IGNORED = {"attention_dropout", "pretraining_tp"}
+
+_ROPE_KEYS = {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
+
+
+def read_rope(model_type: str, d: Mapping[str, Any], *, default_theta: float = 10000.0,
+              default_factor: float = 1.0, legacy_theta: str = "rope_theta",
+              legacy_factor: str = "partial_rotary_factor") -> tuple[float, float]:
+    """(rope_theta, partial_rotary_factor) from an HF config, refusing non-default rope types.
+
+    Accepts the transformers-5 ``rope_parameters`` dict, the older ``rope_scaling`` dict (``None``
+    or the default type), and top-level legacy fields (``rope_theta``, or NeoX's
+    ``rotary_emb_base``/``rotary_pct`` passed as ``legacy_theta``/``legacy_factor``).
+    """
+    params = d.get("rope_scaling") or d.get("rope_parameters") or {}
+    if not isinstance(params, Mapping):
+        raise ConversionError(f"{model_type}: rope parameters must be a mapping, got {params!r}")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        raise ConversionError(
+            f"{model_type}: rope type {rope_type!r} (scaled rotary such as llama3/yarn/dynamic/linear) is not "
+            f"supported; supported rope types: ['default']"
+        )
+    unknown = sorted(set(params) - _ROPE_KEYS)
+    if unknown:
+        raise ConversionError(
+            f"{model_type}: rope parameters {unknown} are not handled (per-layer-type or scaled rotary); "
+            f"handled keys: {sorted(_ROPE_KEYS)}"
+        )
+    theta = params.get("rope_theta")
+    if theta is None:
+        theta = d.get(legacy_theta, default_theta)
+    factor = params.get("partial_rotary_factor")
+    if factor is None:
+        factor = d.get(legacy_factor, default_factor)
+    return float(theta), float(factor)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LlamaConfig:
+    """Llama / Mistral / Qwen2 decoder.
+
+    ``n_kv_heads`` < ``n_heads`` gives grouped-query attention (1 = multi-query); ``None`` means
+    ``n_heads``. ``head_dim`` ``None`` means ``d_model // n_heads``. ``qkv_bias``/``o_bias`` are the
+    attention projection biases (Llama's ``attention_bias`` sets both; Qwen2 has q/k/v only).
+    ``sliding_window`` limits each query to the last ``sliding_window`` keys (itself included) on
+    the layers in ``sliding_layers`` (``None``: every layer).
+    """
+
+    variant: str = "llama"
+    vocab_size: int = 32000
+    max_seq_len: int = 2048
+    d_model: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    d_mlp: int = 11008
+    activation: str = "silu"
+    rms_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: Optional[int] = None
+    sliding_layers: Optional[tuple[int, ...]] = None
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"LlamaConfig.variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if self.head_dim is None and self.n_heads > 0:
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+        for name in ("vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_mlp"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"LlamaConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.rope_theta <= 0:
+            raise ValueError(f"rope_theta must be positive, got {self.rope_theta}")
+        check_activation(self.activation)
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ValueError(f"sliding_window must be positive or None, got {self.sliding_window}")
+        if self.sliding_layers is not None:
+            object.__setattr__(self, "sliding_layers", tuple(sorted(set(self.sliding_layers))))
+            bad = [i for i in self.sliding_layers if not 0 <= i < self.n_layers]
+            if bad:
+                raise ValueError(f"sliding_layers {bad} are not layers of a {self.n_layers}-layer model")
+        self._check_variant()
+
+    def _check_variant(self) -> None:
+        """Refuse combinations the variant's HF class cannot express (so ``to_hf`` is faithful)."""
+        problems = []
+        if self.variant == "llama":
+            if self.qkv_bias != self.o_bias:
+                problems.append("llama's attention_bias sets q/k/v and o biases together (qkv_bias must equal o_bias)")
+            if self.sliding_window is not None:
+                problems.append("llama has no sliding window (use variant='mistral' or 'qwen2')")
+        elif self.variant == "mistral":
+            if self.qkv_bias or self.o_bias or self.mlp_bias:
+                problems.append("mistral has no biases")
+            if self.sliding_layers is not None:
+                problems.append("mistral applies its sliding window to every layer (sliding_layers must be None)")
+        else:  # qwen2
+            if not self.qkv_bias or self.o_bias or self.mlp_bias:
+                problems.append("qwen2 has q/k/v biases only (qkv_bias=True, o_bias=False, mlp_bias=False)")
+        if problems:
+            raise ValueError(f"LlamaConfig(variant={self.variant!r}): " + "; ".join(problems))
+
+    def window_for(self, layer: int) -> Optional[int]:
+        """The sliding window of ``layer`` (None = full causal attention)."""
+        if self.sliding_window is None:
+            return None
+        if self.sliding_layers is None or layer in self.sliding_layers:
+            return self.sliding_window
+        return None
+
+    # presets ---------------------------------------------------------------------------
+    @classmethod
+    def llama_tiny(cls, **kw) -> "LlamaConfig":
+        """A small GQA Llama for tests and examples."""
+        defaults = dict(vocab_size=512, max_seq_len=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_mlp=176)
+        return cls(**{**defaults, **kw})
+
+    @classmethod
+    def mistral_tiny(cls, **kw) -> "LlamaConfig":
+        defaults = dict(variant="mistral", vocab_size=512, max_seq_len=128, d_model=64, n_layers=2, n_heads=4,
+                        n_kv_heads=2, d_mlp=176, sliding_window=16)
+        return cls(**{**defaults, **kw})
+
+    @classmethod
+    def qwen2_tiny(cls, **kw) -> "LlamaConfig":
+        defaults = dict(variant="qwen2", vocab_size=512, max_seq_len=128, d_model=64, n_layers=2, n_heads=4,
+                        n_kv_heads=2, d_mlp=176, qkv_bias=True, tie_embeddings=True, rope_theta=1e6)
+        return cls(**{**defaults, **kw})
+
+    @classmethod
+    def llama2_7b(cls, **kw) -> "LlamaConfig":
+        return cls(**{**dict(rms_eps=1e-5, max_seq_len=4096), **kw})
+
+    @classmethod
+    def tinyllama_1b(cls, **kw) -> "LlamaConfig":
+        defaults = dict(d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4, d_mlp=5632, rms_eps=1e-5)
+        return cls(**{**defaults, **kw})
+
+    @classmethod
+    def mistral_7b(cls, **kw) -> "LlamaConfig":
+        defaults = dict(variant="mistral", max_seq_len=32768, n_kv_heads=8, d_mlp=14336, rms_eps=1e-5,
+                        sliding_window=4096)
+        return cls(**{**defaults, **kw})
+
+    @classmethod
+    def qwen2_0_5b(cls, **kw) -> "LlamaConfig":
+        defaults = dict(variant="qwen2", vocab_size=151936, max_seq_len=32768, d_model=896, n_layers=24, n_heads=14,
+                        n_kv_heads=2, d_mlp=4864, qkv_bias=True, tie_embeddings=True, rope_theta=1e6)
+        return cls(**{**defaults, **kw})
+
+    # HF --------------------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, d: Mapping[str, Any]) -> "LlamaConfig":
+        variant = d.get("model_type", "llama")
+        if variant not in VARIANTS:
+            raise ConversionError(f"llama family reads model types {VARIANTS}, got {variant!r}")
+        check_config_fields(variant, d, _HANDLED[variant], _IGNORED)
+        theta, factor = read_rope(variant, d)
+        if factor != 1.0:
+            raise ConversionError(f"{variant}: partial_rotary_factor={factor} is not supported (only 1.0)")
+        n_heads = d.get("num_attention_heads", 32)
+        d_model = d.get("hidden_size", 4096)
+        attention_bias = bool(d.get("attention_bias", False))
+        kw: dict[str, Any] = dict(
+            variant=variant,
+            vocab_size=d.get("vocab_size", 32000),
+            max_seq_len=d.get("max_position_embeddings", 2048),
+            d_model=d_model,
+            n_layers=d.get("num_hidden_layers", 32),
+            n_heads=n_heads,
+            n_kv_heads=d.get("num_key_value_heads") or n_heads,
+            head_dim=d.get("head_dim") or d_model // n_heads,
+            d_mlp=d.get("intermediate_size", 11008),
+            activation=d.get("hidden_act", "silu"),
+            rms_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=theta,
+            tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+            qkv_bias=attention_bias or variant == "qwen2",
+            o_bias=attention_bias,
+            mlp_bias=bool(d.get("mlp_bias", False)),
+        )
+        if variant == "mistral":
+            kw["sliding_window"] = d.get("sliding_window")
+        elif variant == "qwen2":
+            kw["sliding_window"], kw["sliding_layers"] = _qwen2_windows(d, kw["n_layers"])
+        try:
+            return cls(**kw)
+        except ValueError as err:
+            raise ConversionError(f"{variant}: {err}") from err
+
+    def to_hf(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "model_type": self.variant,
+            "architectures": [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                               "qwen2": "Qwen2ForCausalLM"}[self.variant]],
+            "vocab_size": self.vocab_size,
+            "max_position_embeddings": self.max_seq_len,
+            "hidden_size": self.d_model,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "intermediate_size": self.d_mlp,
+            "hidden_act": self.activation,
+            "rms_norm_eps": self.rms_eps,
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "tie_word_embeddings": self.tie_embeddings,
+            "attention_dropout": 0.0,
+        }
+        if self.variant == "llama":
+            out.update(attention_bias=self.o_bias, mlp_bias=self.mlp_bias)
+        elif self.variant == "mistral":
+            out["sliding_window"] = self.sliding_window
+        else:
+            sliding = [self.window_for(i) is not None for i in range(self.n_layers)]
+            out.update(
+                use_sliding_window=any(sliding),
+                sliding_window=self.sliding_window if any(sliding) else None,
+                max_window_layers=sliding.index(True) if any(sliding) else self.n_layers,
+                layer_types=["sliding_attention" if s else "full_attention" for s in sliding],
+            )
+        return out
+
+
+def _qwen2_windows(d: Mapping[str, Any], n_layers: int) -> tuple[Optional[int], Optional[tuple[int, ...]]]:
+    """Qwen2's sliding window and the layers that use it (HF: ``layer_types`` or ``max_window_layers``)."""
+    if not d.get("use_sliding_window", False) or d.get("sliding_window") is None:
+        return None, None
+    layer_types = d.get("layer_types")
+    if layer_types is None:
+        start = d.get("max_window_layers", 28)
+        layer_types = ["sliding_attention" if i >= start else "full_attention" for i in range(n_layers)]
+    valid = {"sliding_attention", "full_attention"}
+    if len(layer_types) != n_layers or not set(layer_types) <= valid:
+        raise ConversionError(
+            f"qwen2: layer_types must list one of {sorted(valid)} per layer ({n_layers}), got {layer_types}"
+        )
+    layers = tuple(i for i, t in enumerate(layer_types) if t == "sliding_attention")
+    return (d["sliding_window"], layers) if layers else (None, None)
