@@ -106,6 +106,25 @@ def test_dropout_is_stochastic_and_scaled(model):
     np.testing.assert_allclose(np.asarray(lm.run(tokens).logits), np.asarray(lm.run(tokens, mode="merged").logits), atol=2e-5)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "mamba"])
+def test_other_families(family):
+    from jaxinterp.models.gpt_neox import GPTNeoXConfig
+    from jaxinterp.models.llama import LlamaConfig
+    from jaxinterp.models.mamba import MambaConfig
+
+    cfg = {"llama": LlamaConfig.llama_tiny, "gpt_neox": GPTNeoXConfig.tiny, "mamba": MambaConfig.tiny}[family]()
+    base = ji.init(cfg, 0)
+    tokens = np.arange(7)[None] % cfg.vocab_size
+    lm = lora.init(base, lora.LoraConfig(rank=2, layers=(0,)))
+    kinds = {"llama": 7, "gpt_neox": 4, "mamba": 2}[family]
+    assert len(lm.lora.projections) == kinds
+    np.testing.assert_array_equal(np.asarray(lm.run(tokens).logits), np.asarray(base.run(tokens).logits))
+    lm = _randomise_b(lm, scale=0.1)
+    unmerged = np.asarray(lm.run(tokens, mode="unmerged").logits)
+    np.testing.assert_allclose(np.asarray(lora.merge(lm).run(tokens).logits), unmerged, atol=2e-5)
+    assert not np.allclose(unmerged, np.asarray(base.run(tokens).logits), atol=1e-3)
+
+
 def test_jit_and_split_combine(model):
     lm = _randomise_b(lora.init(model, lora.LoraConfig(rank=2)))
     trainable, frozen = lora.split(lm)

@@ -47,14 +47,15 @@ class LoraConfig:
       rank: r, the inner dimension of ``A B``.
       alpha: the update is scaled by ``alpha / rank`` (PEFT's convention).
       dropout: dropout on the adapter's input (training only; forces the unmerged forward).
-      targets: site-style globs over the family's projection table (see ``lora.targets``).
+      targets: site-style globs over the family's projection table (see ``lora.targets``);
+        the default adapts every projection (attention, MLP, Mamba mixer).
       layers: layer indices to adapt (None = every layer).
     """
 
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    targets: tuple[str, ...] = ("blocks.*.attn.*", "blocks.*.mlp.*")
+    targets: tuple[str, ...] = ("blocks.*",)
     layers: tuple[int, ...] | None = None
 
     def __post_init__(self):
@@ -75,8 +76,8 @@ class LoraConfig:
     # presets ---------------------------------------------------------------------------
     @classmethod
     def elm(cls, **kw) -> "LoraConfig":
-        """ELM's reference setting: attention and MLP projections, alpha 16, dropout 0.05."""
-        defaults = dict(rank=4, alpha=16.0, dropout=0.05, targets=("blocks.*.attn.*", "blocks.*.mlp.*"))
+        """ELM's reference setting: every attention/MLP (or mixer) projection, alpha 16, dropout 0.05."""
+        defaults = dict(rank=4, alpha=16.0, dropout=0.05)
         return cls(**{**defaults, **kw})
 
 

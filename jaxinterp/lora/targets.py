@@ -68,6 +68,31 @@ def _gpt2(cfg) -> list[Projection]:
 register_projections("gpt2", _gpt2)
 
 
+def _linear_table(layer_key: str, hf_layer: str, modules: Sequence[tuple[str, str, str]]):
+    """Table for ports whose HF weights are torch ``Linear`` ([out, in]): (kind, module, linear)."""
+
+    def table(cfg) -> list[Projection]:
+        out = []
+        for i in range(cfg.n_layers):
+            for kind, mod, lin in modules:
+                out.append(Projection(f"blocks.{i}.{kind}", i, (f"{layer_key}_{i}", mod, lin, "kernel"),
+                                      f"{hf_layer}.{i}.{mod}.{lin}", False))
+        return out
+
+    return table
+
+
+register_projections("llama", _linear_table("layers", "model.layers", [
+    ("attn.q", "self_attn", "q_proj"), ("attn.k", "self_attn", "k_proj"), ("attn.v", "self_attn", "v_proj"),
+    ("attn.o", "self_attn", "o_proj"), ("mlp.gate", "mlp", "gate_proj"), ("mlp.up", "mlp", "up_proj"),
+    ("mlp.down", "mlp", "down_proj")]))
+register_projections("gpt_neox", _linear_table("layers", "gpt_neox.layers", [
+    ("attn.qkv", "attention", "query_key_value"), ("attn.o", "attention", "dense"),
+    ("mlp.up", "mlp", "dense_h_to_4h"), ("mlp.down", "mlp", "dense_4h_to_h")]))
+register_projections("mamba", _linear_table("layers", "backbone.layers", [
+    ("mixer.in_proj", "mixer", "in_proj"), ("mixer.out_proj", "mixer", "out_proj")]))
+
+
 def _find_kernel(params: Any, candidates: Sequence[tuple[str, ...]]) -> tuple[str, ...] | None:
     for path in candidates:
         node = params
