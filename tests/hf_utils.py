@@ -33,3 +33,24 @@ def hf_forward(model, tokens: np.ndarray):
 
 def max_err(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def hooked_forward(model, tokens: np.ndarray, outputs=None, inputs=None):
+    """``hf_forward`` that also records module outputs and (first positional) inputs.
+
+    ``outputs`` / ``inputs``: {key: torch module}. Returns (HF output, {key: numpy array}); a
+    module returning a tuple records its first element.
+    """
+    recorded = {}
+
+    def keep(key, value):
+        recorded[key] = (value[0] if isinstance(value, tuple) else value).detach().numpy()
+
+    handles = [m.register_forward_hook(lambda mod, i, o, k=k: keep(k, o)) for k, m in (outputs or {}).items()]
+    handles += [m.register_forward_pre_hook(lambda mod, i, k=k: keep(k, i[0])) for k, m in (inputs or {}).items()]
+    try:
+        out = hf_forward(model, tokens)
+    finally:
+        for h in handles:
+            h.remove()
+    return out, recorded
