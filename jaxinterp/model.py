@@ -130,8 +130,9 @@ class Model:
     def module(self):
         return get_family(self.family).module(self.config)
 
-    def run(self, tokens, capture=None, interventions=None, *, logits_at=None) -> RunOutput:
-        return run(self, tokens, capture=capture, interventions=interventions, logits_at=logits_at)
+    def run(self, tokens, capture=None, interventions=None, *, logits_at=None, constrain=None) -> RunOutput:
+        return run(self, tokens, capture=capture, interventions=interventions, logits_at=logits_at,
+                   constrain=constrain)
 
     def replace(self, params=None, config=None) -> "Model":
         return Model(self.params if params is None else params, self.config if config is None else config, self.family)
@@ -169,7 +170,7 @@ def _check_tokens(model: Model, tokens: jax.Array) -> None:
             )
 
 
-def run(model: Model, tokens, capture=None, interventions=None, *, logits_at=None) -> RunOutput:
+def run(model: Model, tokens, capture=None, interventions=None, *, logits_at=None, constrain=None) -> RunOutput:
     """Forward pass with captures and interventions.
 
     Args:
@@ -180,13 +181,15 @@ def run(model: Model, tokens, capture=None, interventions=None, *, logits_at=Non
       interventions: {site name or glob: intervention | callable | list of them}.
       logits_at: optional int or int array of positions; logits are computed only there
         (``[B, P, vocab]``), which saves the unembedding where only some positions are read.
+      constrain: optional ``(site, x) -> x`` applied at every site (see ``SiteContext``); used by
+        ``jaxinterp.sharding.activation_constraint`` to shard activations inside the forward.
 
     Returns:
       ``RunOutput(logits, cache)``.
     """
     tokens = jnp.asarray(tokens)
     _check_tokens(model, tokens)
-    ctx = SiteContext(model.sites, capture, interventions)
+    ctx = SiteContext(model.sites, capture, interventions, constrain=constrain)
     if logits_at is not None:
         logits_at = jnp.atleast_1d(jnp.asarray(logits_at, jnp.int32))
     logits = model.module.apply({"params": model.params}, tokens, ctx, logits_at=logits_at)

@@ -91,6 +91,8 @@ class SiteContext:
       interventions: mapping from site name or glob to an intervention, a plain callable
         ``x -> x``, or a list of them (applied in order). A site matched by several keys
         gets the interventions of every key, in the mapping's order.
+      constrain: optional ``(site, x) -> x`` applied to every site value before and after
+        its interventions (``jaxinterp.sharding`` passes activation sharding constraints).
     """
 
     def __init__(
@@ -98,8 +100,10 @@ class SiteContext:
         sites: Sequence[str],
         capture: str | Iterable[str] | None = None,
         interventions: Mapping[str, Any] | None = None,
+        constrain: Callable[[str, jax.Array], jax.Array] | None = None,
     ):
         self.sites = tuple(sites)
+        self.constrain = constrain  # optional (site, x) -> x, e.g. a sharding constraint
         self._site_set = frozenset(self.sites)
         self.capture = frozenset(resolve_sites(capture, self.sites))
         self.interventions: dict[str, list[Any]] = {}
@@ -124,8 +128,12 @@ class SiteContext:
         if name not in self._site_set:  # a port bug, not a user error
             raise AssertionError(f"port emitted site {name!r} that is not in model.sites")
         self.visited.append(name)
+        if self.constrain is not None:
+            x = self.constrain(name, x)
         for item in self.interventions.get(name, ()):
             x = apply_intervention(item, x, name)
+        if self.constrain is not None and name in self.interventions:
+            x = self.constrain(name, x)
         if name in self.capture:
             self.cache[name] = x
         return x
