@@ -46,6 +46,9 @@ class Family:
       to_hf: ``(config, params) -> {hf_name: np.ndarray}`` (inverse of ``from_hf``).
       hf_model_types: config.json ``model_type`` values this family reads.
       param_axes: ``config -> pytree of logical axis-name tuples`` matching params (sharding).
+      attn_out_weights: ``(config, params, layer) -> (W_O [H, Dh, D], bias [D] or None)``, the
+        attention output projection per head (``attn_out = sum_h z_h W_O[h] + bias``); used by
+        ``jaxinterp.heads`` for per-head contributions. None for attention-free families.
     """
 
     name: str
@@ -56,6 +59,7 @@ class Family:
     to_hf: Callable[[Any, Any], dict[str, np.ndarray]]
     hf_model_types: tuple[str, ...]
     param_axes: Optional[Callable[[Any], Any]] = None
+    attn_out_weights: Optional[Callable[[Any, Any, int], tuple]] = None
 
 
 def register_family(family: Family) -> Family:

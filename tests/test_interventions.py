@@ -216,3 +216,32 @@ def test_bad_tokens(model):
         model.run(jnp.zeros((4,), jnp.int32))
     with pytest.raises(TypeError, match="integers"):
         model.run(jnp.zeros((1, 4), jnp.float32))
+
+
+def test_head_contributions_sum_to_attn_out(model, tokens):
+    from jaxinterp.heads import head_contributions, head_output_weights
+
+    layer = 2
+    out = model.run(tokens, capture=[f"blocks.{layer}.attn.z", f"blocks.{layer}.attn_out"])
+    per_head = head_contributions(model, out.cache[f"blocks.{layer}.attn.z"], layer)
+    assert per_head.shape == (2, T, CFG.n_heads, CFG.d_model)
+    _, bias = head_output_weights(model, layer)
+    np.testing.assert_allclose(per_head.sum(2) + bias, out.cache[f"blocks.{layer}.attn_out"], atol=1e-5)
+    # Zero-ablating head 1 removes exactly its contribution from attn_out.
+    ablated = model.run(tokens, capture=f"blocks.{layer}.attn_out", interventions={
+        f"blocks.{layer}.attn.z": ji.ZeroAblate(ji.heads_mask(T, CFG.n_heads, 1))}).cache[f"blocks.{layer}.attn_out"]
+    np.testing.assert_allclose(ablated, out.cache[f"blocks.{layer}.attn_out"] - per_head[:, :, 1], atol=1e-5)
+
+
+def test_capture_costs_no_compute(model, tokens):
+    """XLA's FLOP count of the compiled forward is the same (to fusion noise) with and without captures."""
+    def flops(capture):
+        compiled = jax.jit(lambda m, t: m.run(t, capture=capture)).lower(model, tokens).compile()
+        cost = compiled.cost_analysis()
+        return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+
+    assert abs(flops("blocks.*.resid_post") / flops(None) - 1) < 0.01
+    # Reading only the cache lets XLA drop the layers after the last captured site.
+    only_cache = jax.jit(lambda m, t: m.run(t, capture="blocks.0.resid_post").cache).lower(model, tokens).compile()
+    cost = only_cache.cost_analysis()
+    assert (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"] < 0.5 * flops(None)

@@ -4,7 +4,7 @@ from jaxinterp.model import Family, register_family
 
 from . import convert
 from .config import GPT2Config
-from .model import GPT2, site_names
+from .model import GPT2, attn_out_weights, site_names
 
 FAMILY = register_family(
     Family(
@@ -15,6 +15,7 @@ FAMILY = register_family(
         from_hf=convert.from_hf,
         to_hf=convert.to_hf,
         hf_model_types=("gpt2",),
+        attn_out_weights=attn_out_weights,
     )
 )
 

@@ -27,6 +27,12 @@ def site_names(cfg: GPT2Config) -> tuple[str, ...]:
     return tuple(names)
 
 
+def attn_out_weights(cfg: GPT2Config, params, layer: int):
+    """Per-head output projection ``[H, Dh, D]`` and bias ``[D]`` of layer ``layer``."""
+    proj = params[f"h_{layer}"]["attn"]["c_proj"]
+    return proj["kernel"].reshape(cfg.n_heads, cfg.head_dim, cfg.d_model), proj["bias"]
+
+
 class Attention(nn.Module):
     cfg: GPT2Config
     layer: int
