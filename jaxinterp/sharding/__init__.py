@@ -32,6 +32,7 @@ from jaxinterp.sharding.place import (
     shard_tree,
 )
 from jaxinterp.sharding.rules import MESH_AXES, Rules, load_rules, resolve_spec, rule_names
+from jaxinterp.sharding import runner
 from jaxinterp.sharding.workloads import (
     layer_position_masks,
     make_forward,
