@@ -119,6 +119,11 @@ class LlamaConfig:
             bad = [i for i in self.sliding_layers if not 0 <= i < self.n_layers]
             if bad:
                 raise ValueError(f"sliding_layers {bad} are not layers of a {self.n_layers}-layer model")
+            if self.sliding_layers == tuple(range(self.n_layers)):  # canonical form of "every layer"
+                object.__setattr__(self, "sliding_layers", None)
+        if self.sliding_layers == () or self.sliding_window is None:  # canonical form of "no window"
+            object.__setattr__(self, "sliding_window", None)
+            object.__setattr__(self, "sliding_layers", None)
         self._check_variant()
 
     def _check_variant(self) -> None:
