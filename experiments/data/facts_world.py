@@ -540,9 +540,10 @@ class FactsWorld:
     def documents(self, n: int, seed: int = 0) -> list[str]:
         """The training corpus: fact documents (sometimes expert/novice tagged) and in-context passages."""
         rng = np.random.default_rng([self.config.seed, 4, seed])
-        return [self._document(rng) for _ in range(n)]
+        return [self.sample_document(rng) for _ in range(n)]
 
-    def _document(self, rng) -> str:
+    def sample_document(self, rng: np.random.Generator) -> str:
+        """One training document drawn with ``rng`` (the corpus mix of ``WorldConfig``)."""
         if rng.random() < self.config.p_passage:
             p = self._passage(rng, counterfactual=None)
             return p.text + f" {p.answer} ."

@@ -1,0 +1,168 @@
+"""Training configs: frozen keyword-only dataclasses, presets, and dotted overrides.
+
+    cfg = get_config("facts-gpt", ["train.steps=2000", "model.args.d_model=128"])
+
+Presets: ``facts-gpt`` and ``facts-mamba`` (the shipped embedded models), ``tiny`` and
+``tiny-mamba`` (seconds-long runs for tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from jaxinterp.experiments.data.facts_world import WorldConfig
+
+__all__ = ["ModelSpec", "DataConfig", "OptimConfig", "TrainConfig", "Config", "PRESETS", "get_config",
+           "apply_overrides"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """A registered family and the keyword arguments of its config class.
+
+    ``vocab_size`` and the context length (``max_seq_len`` where the config has one) are
+    filled in from the data unless given in ``args``.
+    """
+
+    family: str = "gpt2"
+    args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "args", dict(self.args))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Facts-world token stream: batch ``step`` is a pure function of (world, seed, step)."""
+
+    world: WorldConfig = dataclasses.field(default_factory=WorldConfig)
+    seq_len: int = 128
+    batch_size: int = 32
+    seed: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.world, Mapping):
+            object.__setattr__(self, "world", WorldConfig(**self.world))
+        if self.seq_len < 8 or self.batch_size < 1:
+            raise ValueError(f"DataConfig needs seq_len >= 8 and batch_size >= 1, got {self.seq_len}, {self.batch_size}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to ``end_lr_frac * lr``, global-norm clipping."""
+
+    lr: float = 3e-3
+    warmup_steps: int = 100
+    end_lr_frac: float = 0.1
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.98
+    clip_norm: float = 1.0
+
+    def __post_init__(self):
+        if self.lr <= 0 or self.warmup_steps < 0 or self.clip_norm <= 0:
+            raise ValueError(f"OptimConfig needs lr > 0, warmup_steps >= 0, clip_norm > 0; got {self}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Loop length and bookkeeping (``eval_every``/``save_every`` = 0 disables)."""
+
+    steps: int = 1000
+    eval_every: int = 250
+    eval_prompts: int = 256
+    save_every: int = 100
+    keep: int = 2
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.steps < 1 or self.eval_every < 0 or self.save_every < 0 or self.keep < 1:
+            raise ValueError(f"TrainConfig needs steps >= 1, eval_every/save_every >= 0, keep >= 1; got {self}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    name: str = "custom"
+    model: ModelSpec = dataclasses.field(default_factory=ModelSpec)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _facts_gpt() -> Config:
+    return Config(
+        name="facts-gpt",
+        model=ModelSpec(family="gpt2", args=dict(d_model=128, n_layers=4, n_heads=4, d_mlp=512, max_seq_len=128)),
+        data=DataConfig(seq_len=96, batch_size=24),
+        optim=OptimConfig(lr=3e-3, warmup_steps=100),
+        train=TrainConfig(steps=1200, eval_every=300, save_every=100),
+    )
+
+
+def _facts_mamba() -> Config:
+    return Config(
+        name="facts-mamba",
+        model=ModelSpec(family="mamba", args=dict(d_model=192, n_layers=4, d_state=16, expand=2)),
+        data=DataConfig(seq_len=128, batch_size=32),
+        optim=OptimConfig(lr=3e-3, warmup_steps=100),
+        train=TrainConfig(steps=1500, eval_every=500, save_every=100),
+    )
+
+
+def _tiny() -> Config:
+    return Config(
+        name="tiny",
+        model=ModelSpec(family="gpt2", args=dict(d_model=32, n_layers=2, n_heads=2, d_mlp=64, max_seq_len=128)),
+        data=DataConfig(world=WorldConfig.tiny(), seq_len=32, batch_size=8),
+        optim=OptimConfig(lr=1e-2, warmup_steps=5),
+        train=TrainConfig(steps=30, eval_every=0, eval_prompts=32, save_every=5, keep=2),
+    )
+
+
+def _tiny_mamba() -> Config:
+    cfg = _tiny()
+    return dataclasses.replace(cfg, name="tiny-mamba",
+                               model=ModelSpec(family="mamba", args=dict(d_model=32, n_layers=2, d_state=4)))
+
+
+PRESETS = {"facts-gpt": _facts_gpt, "facts-mamba": _facts_mamba, "tiny": _tiny, "tiny-mamba": _tiny_mamba}
+
+
+def get_config(name: str, overrides: Sequence[str] = ()) -> Config:
+    """A preset with ``key.path=value`` overrides applied (values parsed as YAML scalars)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown config {name!r}; presets: {sorted(PRESETS)}")
+    return apply_overrides(PRESETS[name](), overrides)
+
+
+def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.field=value (e.g. train.steps=2000)")
+        key, raw = item.split("=", 1)
+        cfg = _set(cfg, key.strip().split("."), yaml.safe_load(raw), key)
+    return cfg
+
+
+def _set(node: Any, path: list[str], value: Any, full: str) -> Any:
+    head, rest = path[0], path[1:]
+    if isinstance(node, Mapping):  # free-form dicts (model.args) accept new keys
+        child = node.get(head, {} if rest else None)
+        return {**node, head: _set(child, rest, value, full) if rest else value}
+    if not dataclasses.is_dataclass(node):
+        raise ValueError(f"override {full!r}: {head!r} is inside a non-config value")
+    names = [f.name for f in dataclasses.fields(node)]
+    if head not in names:
+        raise ValueError(f"override {full!r}: {type(node).__name__} has no field {head!r}; fields: {names}")
+    current = getattr(node, head)
+    if rest:
+        return dataclasses.replace(node, **{head: _set(current, rest, value, full)})
+    if isinstance(current, tuple) and isinstance(value, list):
+        value = tuple(value)
+    return dataclasses.replace(node, **{head: value})

@@ -1,0 +1,119 @@
+"""train_lm: config overrides, kill-and-resume bit-identity, data parallelism, HF export parity,
+and the shipped facts-world models' accuracy targets."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import jaxinterp as ji
+from jaxinterp.experiments.data.facts_world import FactsWorld
+from jaxinterp.experiments.train_lm.config import get_config
+from jaxinterp.experiments.train_lm.evaluate import evaluate_world
+from jaxinterp.experiments.train_lm.main import build_model, export
+from jaxinterp.hf import read_safetensors
+
+
+def test_overrides():
+    cfg = get_config("facts-gpt", ["train.steps=7", "model.args.d_model=64", "optim.lr=1e-3",
+                                   "data.world.entities_per_domain=5"])
+    assert cfg.train.steps == 7 and cfg.model.args["d_model"] == 64 and cfg.optim.lr == 1e-3
+    assert cfg.data.world.entities_per_domain == 5 and cfg.model.args["n_layers"] == 4
+    with pytest.raises(ValueError, match="fields"):
+        get_config("facts-gpt", ["train.stepz=1"])
+    with pytest.raises(ValueError, match="presets"):
+        get_config("nope")
+    with pytest.raises(ValueError, match="section.field=value"):
+        get_config("tiny", ["train.steps"])
+    with pytest.raises(ValueError, match="steps"):
+        get_config("tiny", ["train.steps=0"])
+
+
+def _cmd(out, steps=16, extra=()):
+    return [sys.executable, "-m", "jaxinterp.experiments.train_lm.main", "--config", "tiny", "--out", str(out),
+            "--no-progress", "--eval-prompts", "8", "--set", f"train.steps={steps}", "--set", "train.save_every=4",
+            *extra]
+
+
+def _env(devices=1):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}" if devices > 1 else ""
+    return env
+
+
+def _params(out):
+    return read_safetensors(Path(out) / "export" / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_kill_and_resume_is_bit_identical_and_data_parallel_agrees(tmp_path):
+    full = subprocess.Popen(_cmd(tmp_path / "full"), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    sharded = subprocess.Popen(_cmd(tmp_path / "dp8"), env=_env(8), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+    victim = subprocess.Popen(_cmd(tmp_path / "killed"), env=_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+    for line in victim.stdout:
+        if line.startswith("saved checkpoint step 8"):
+            break
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (tmp_path / "killed" / "export").exists()  # it really died mid-run
+    resumed = subprocess.run(_cmd(tmp_path / "killed"), env=_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from step" in resumed.stdout
+    for proc in (full, sharded):
+        _, err = proc.communicate()
+        assert proc.returncode == 0, err[-2000:]
+    ref, got, dp = _params(tmp_path / "full"), _params(tmp_path / "killed"), _params(tmp_path / "dp8")
+    assert ref.keys() == got.keys()
+    for k in ref:
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(ref[k]), err_msg=k)
+        np.testing.assert_allclose(np.asarray(dp[k]), np.asarray(ref[k]), atol=2e-4, err_msg=k)
+    assert any(not np.array_equal(ref[k], _init_params()[k]) for k in ref)  # training moved the weights
+
+
+def _init_params():
+    cfg = get_config("tiny")
+    model = build_model(cfg, FactsWorld(cfg.data.world), jax.random.PRNGKey(cfg.train.seed))
+    fam = ji.get_family(model.family)
+    return fam.to_hf(model.config, model.params)
+
+
+@pytest.mark.parametrize("preset,hf_cls", [("tiny", "GPT2LMHeadModel"), ("tiny-mamba", "MambaForCausalLM")])
+def test_export_loads_in_transformers_with_same_logits(tmp_path, preset, hf_cls):
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    cfg = get_config(preset)
+    world = FactsWorld(cfg.data.world)
+    model = build_model(cfg, world, jax.random.PRNGKey(3))
+    export(model, world, tmp_path)
+    ours = ji.load(tmp_path)
+    hf = getattr(transformers, hf_cls).from_pretrained(tmp_path).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    text = world.context_passages(1, seed=0)[0].text
+    ids = [world.bos_id] + tok(text, add_special_tokens=False)["input_ids"]
+    assert ids == list(world.context_passages(1, seed=0)[0].ids)
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits.numpy()
+    np.testing.assert_allclose(np.asarray(ours.run(np.array([ids])).logits), ref, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(model.run(np.array([ids])).logits), ref, atol=1e-4)
+    assert FactsWorld.from_dir(tmp_path).entities == world.entities
+
+
+@pytest.mark.parametrize("name", ["facts-gpt", "facts-mamba"])
+def test_shipped_models_meet_targets(name):
+    if name not in ji.embedded_models():
+        pytest.skip(f"{name} is not shipped yet")
+    from jaxinterp.loading import embedded_dir
+
+    model = ji.load(name)
+    world = FactsWorld.from_dir(embedded_dir(name))
+    res = evaluate_world(model, world, n_prompts=256, n_passages=128, seed=1)
+    assert res["train_acc"] >= 0.95, res
+    assert res["paraphrase_acc"] >= 0.80, res
+    assert res["copy_acc"] >= 0.90, res

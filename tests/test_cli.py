@@ -1,0 +1,64 @@
+"""The jaxinterp CLI: default run on the embedded model, recall numbers vs a direct loop, errors."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import jaxinterp as ji
+from jaxinterp import cli
+from jaxinterp.experiments.data.facts_world import FactsWorld
+from jaxinterp.experiments.train_lm.config import get_config
+from jaxinterp.experiments.train_lm.main import build_model, export
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_model")
+    cfg = get_config("tiny")
+    world = FactsWorld(cfg.data.world)
+    export(build_model(cfg, world, jax.random.PRNGKey(0)), world, path)
+    return path
+
+
+def _direct_accuracy(model, items):
+    """One unpadded forward per prompt: is the argmax at the last position the answer?"""
+    hits = [int(np.argmax(np.asarray(model.run(np.array([it.ids])).logits)[0, -1])) == it.answer_id for it in items]
+    return float(np.mean(hits))
+
+
+def test_recall_matches_direct_loop(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["recall", "--model", str(tiny_dir), "--out", str(out), "--n", "1000", "--passages", "8"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert (out / "recall.png").stat().st_size > 0
+    model = ji.load(tiny_dir)
+    world = FactsWorld.from_dir(tiny_dir)
+    assert res["train_n"] == len(world.fact_prompts("train"))
+    assert res["train_acc"] == pytest.approx(_direct_accuracy(model, world.fact_prompts("train")))
+    assert res["paraphrase_acc"] == pytest.approx(_direct_accuracy(model, world.fact_prompts("paraphrase")))
+    passages = world.context_passages(8, seed=1000)
+    assert res["copy_acc"] == pytest.approx(_direct_accuracy(model, passages))
+    assert "in-context copy accuracy" in capsys.readouterr().out
+
+
+def test_default_run_on_embedded_model(tmp_path, capsys):
+    if "facts-gpt" not in ji.embedded_models():
+        pytest.skip("facts-gpt is not shipped yet")
+    assert cli.main(["--out", str(tmp_path), "--n", "16", "--passages", "8"]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["model"] == "facts-gpt" and res["train_n"] == 16
+    assert res["train_acc"] >= 0.8  # a trained model, on a small sample
+    assert (tmp_path / "recall.png").exists()
+    assert "ALL" in capsys.readouterr().out
+
+
+def test_commands_registry_and_errors(tmp_path, capsys):
+    assert cli.DEFAULT_RUN in cli.COMMANDS
+    assert cli.main(["models"]) == 0
+    with pytest.raises(SystemExit):
+        cli.main(["frobnicate"])
+    (tmp_path / "m").mkdir()
+    with pytest.raises(FileNotFoundError):
+        cli.main(["recall", "--model", str(tmp_path / "missing")])
