@@ -4,7 +4,7 @@ from jaxinterp.model import Family, register_family
 
 from . import convert
 from .config import GPTNeoXConfig
-from .model import GPTNeoX, site_names
+from .model import GPTNeoX, attn_out_weights, site_names
 
 FAMILY = register_family(
     Family(
@@ -14,8 +14,9 @@ FAMILY = register_family(
         site_names=site_names,
         from_hf=convert.from_hf,
         to_hf=convert.to_hf,
+        attn_out_weights=attn_out_weights,
         hf_model_types=("gpt_neox",),
     )
 )
 
-__all__ = ["GPTNeoXConfig", "GPTNeoX", "FAMILY", "site_names"]
+__all__ = ["GPTNeoXConfig", "GPTNeoX", "FAMILY", "site_names", "attn_out_weights"]

@@ -35,6 +35,12 @@ def site_names(cfg: GPTNeoXConfig) -> tuple[str, ...]:
     return tuple(names)
 
 
+def attn_out_weights(cfg: GPTNeoXConfig, params, layer: int):
+    """Per-head output projection ``[H, Dh, D]`` and bias ``[D]`` (None without ``attention_bias``)."""
+    dense = params[f"layers_{layer}"]["attention"]["dense"]
+    return dense["kernel"].reshape(cfg.n_heads, cfg.head_dim, cfg.d_model), dense.get("bias")
+
+
 class Attention(nn.Module):
     cfg: GPTNeoXConfig
     layer: int

@@ -35,6 +35,12 @@ def site_names(cfg: LlamaConfig) -> tuple[str, ...]:
     return tuple(names)
 
 
+def attn_out_weights(cfg: LlamaConfig, params, layer: int):
+    """Per-head output projection ``[H, Dh, D]`` and bias ``[D]`` (None unless ``o_bias``)."""
+    o_proj = params[f"layers_{layer}"]["self_attn"]["o_proj"]
+    return o_proj["kernel"].reshape(cfg.n_heads, cfg.head_dim, cfg.d_model), o_proj.get("bias")
+
+
 class Attention(nn.Module):
     cfg: LlamaConfig
     layer: int

@@ -194,3 +194,21 @@ def test_bfloat16_loading(small_dir):
     assert out.logits.dtype == np.dtype("bfloat16")
     assert out.cache["blocks.1.attn.pattern"].dtype == np.dtype("bfloat16")
     assert max_err(out.logits, ref) < 0.03 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_head_contributions_sum_to_attn_out(bias):
+    from jaxinterp.heads import head_contributions, head_output_weights
+
+    cfg = GPTNeoXConfig.tiny(n_layers=2, vocab_size=40, attention_bias=bias)
+    model = ji.init(cfg, 4)
+    tokens = np.random.default_rng(0).integers(0, 40, size=(2, 6))
+    run = jax.jit(lambda m, t, iv: m.run(t, capture=["blocks.1.attn.z", "blocks.1.attn_out"], interventions=iv).cache)
+    clean = run(model, tokens, {})
+    per_head = head_contributions(model, clean["blocks.1.attn.z"], 1)  # [B, T, H, D]
+    w_bias = head_output_weights(model, 1)[1]
+    assert (w_bias is not None) == bias
+    np.testing.assert_allclose(per_head.sum(2) + (0 if w_bias is None else w_bias), clean["blocks.1.attn_out"],
+                               atol=1e-5)
+    ablated = run(model, tokens, {"blocks.1.attn.z": ji.ZeroAblate(ji.heads_mask(6, cfg.n_heads, 3))})
+    np.testing.assert_allclose(ablated["blocks.1.attn_out"], clean["blocks.1.attn_out"] - per_head[:, :, 3], atol=1e-5)

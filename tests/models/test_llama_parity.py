@@ -212,3 +212,25 @@ def test_bfloat16_loading(small_dir):
     assert out.logits.dtype == np.dtype("bfloat16")
     assert all(v.dtype == np.dtype("bfloat16") for v in out.cache.values())
     assert max_err(out.logits, ref) < 0.03 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("o_bias", [False, True])
+def test_kv_head_ablation_removes_its_query_group(o_bias):
+    """Under jit, zeroing kv head 1's values removes exactly the contributions of query heads 2 and 3
+    (grouped-query attention shares kv head j with query heads j*rep .. j*rep+rep-1, as HF's repeat_kv)."""
+    from jaxinterp.heads import head_contributions, head_output_weights
+
+    cfg = LlamaConfig.llama_tiny(n_layers=1, vocab_size=40, qkv_bias=o_bias, o_bias=o_bias)
+    model = ji.init(cfg, 3)
+    tokens = np.random.default_rng(0).integers(0, 40, size=(2, 6))
+    run = jax.jit(lambda m, t, iv: m.run(t, capture=["blocks.0.attn.z", "blocks.0.attn_out"], interventions=iv).cache)
+    clean = run(model, tokens, {})
+    per_head = head_contributions(model, clean["blocks.0.attn.z"], 0)  # [B, T, H, D]
+    bias = head_output_weights(model, 0)[1]
+    assert (bias is not None) == o_bias
+    total = per_head.sum(2) + (0 if bias is None else bias)
+    np.testing.assert_allclose(total, clean["blocks.0.attn_out"], atol=1e-5)
+    ablate = {"blocks.0.attn.v": ji.ZeroAblate(ji.heads_mask(6, cfg.n_kv_heads, 1))}
+    ablated = run(model, tokens, ablate)
+    np.testing.assert_allclose(ablated["blocks.0.attn_out"], clean["blocks.0.attn_out"] - per_head[:, :, 2:].sum(2),
+                               atol=1e-5)
