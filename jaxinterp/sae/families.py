@@ -1,0 +1,357 @@
+"""Sparse autoencoder families as small pytrees with ``encode``, ``decode`` and ``loss``.
+
+Every family stores
+
+* ``params``: the trainable arrays, ``W_enc [D, F]``, ``b_enc [F]``, ``W_dec [F, D]``
+  (rows are dictionary directions, kept unit-norm by the trainer), ``b_dec [D]``, plus the
+  family's own (``log_threshold`` for JumpReLU; ``r_mag``, ``b_mag`` for Gated);
+* ``buffers``: non-trainable arrays, ``input_scale`` (activations are multiplied by it
+  before encoding, so that ``E||x||^2 = D`` on the training distribution, and divided by
+  it after decoding), ``fired_ago [F]`` (tokens since each latent last fired, for
+  dead-latent statistics and AuxK), ``k`` (TopK / BatchTopK) and ``threshold``
+  (BatchTopK's inference threshold).
+
+``encode``/``decode`` work on raw activations ``[..., D]``; ``loss(x, hp)`` takes a batch
+``[B, D]`` of raw activations and per-SAE hyperparameters ``hp`` and returns
+``(loss, aux)`` where ``aux`` holds the terms and what ``update_buffers`` needs. All
+hyperparameters that vary across a grid (``k`` included) are arrays, so a stack of SAEs
+of one family is trained by ``jax.vmap``.
+
+Families (``FAMILIES``): ``relu`` (L1), ``panneal`` (Lp^p penalty, p annealed by the
+trainer), ``topk``, ``batchtopk``, ``jumprelu`` (L0 with a straight-through threshold
+estimator), ``gated``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+__all__ = ["SAE", "ReLUSAE", "PAnnealSAE", "TopKSAE", "BatchTopKSAE", "JumpReLUSAE", "GatedSAE", "FAMILIES",
+           "Hparams", "get_family", "init_sae", "lp_penalty", "step_fn", "jumprelu"]
+
+
+@struct.dataclass
+class Hparams:
+    """Per-SAE training hyperparameters (scalar arrays; stacked along a grid axis)."""
+
+    lr: jax.Array
+    sparsity_coeff: jax.Array  # lambda: L1 / Lp / L0 / gate-L1 weight, before warmup
+    p: jax.Array  # exponent of the Lp^p penalty (1 = L1)
+    bandwidth: jax.Array  # JumpReLU straight-through kernel width (normalised units)
+    aux_coeff: jax.Array  # AuxK weight (0 disables)
+    aux_k: jax.Array  # int: latents AuxK may use
+    dead_tokens: jax.Array  # int: a latent that has not fired for this many tokens is dead
+
+    @classmethod
+    def make(cls, *, lr=3e-4, sparsity_coeff=0.0, p=1.0, bandwidth=1e-3, aux_coeff=0.0, aux_k=256,
+             dead_tokens=1_000_000) -> "Hparams":
+        f = lambda v: jnp.asarray(v, jnp.float32)
+        i = lambda v: jnp.asarray(v, jnp.int32)
+        return cls(lr=f(lr), sparsity_coeff=f(sparsity_coeff), p=f(p), bandwidth=f(bandwidth),
+                   aux_coeff=f(aux_coeff), aux_k=i(aux_k), dead_tokens=i(dead_tokens))
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def lp_penalty(f: jax.Array, p: jax.Array) -> jax.Array:
+    """``sum_i f_i^p`` per row for ``f >= 0`` (gradient 0 where ``f = 0``, also for p < 1). ``[..., F] -> [...]``."""
+    pos = f > 0
+    safe = jnp.where(pos, f, 1.0)
+    return jnp.where(pos, safe ** p, 0.0).sum(-1)
+
+
+@jax.custom_vjp
+def step_fn(z: jax.Array, threshold: jax.Array, bandwidth: jax.Array) -> jax.Array:
+    """Heaviside ``H(z - threshold)`` with a rectangle-kernel pseudo-derivative for ``threshold``."""
+    return (z > threshold).astype(z.dtype)
+
+
+def _step_fwd(z, threshold, bandwidth):
+    return step_fn(z, threshold, bandwidth), (z, threshold, bandwidth)
+
+
+def _step_bwd(res, g):
+    z, threshold, bandwidth = res
+    kernel = (jnp.abs((z - threshold) / bandwidth) < 0.5).astype(z.dtype) / bandwidth
+    d_threshold = -(g * kernel)
+    d_threshold = d_threshold.reshape(-1, *threshold.shape).sum(0) if d_threshold.shape != threshold.shape else d_threshold
+    return jnp.zeros_like(z), d_threshold, jnp.zeros_like(bandwidth)
+
+
+step_fn.defvjp(_step_fwd, _step_bwd)
+
+
+@jax.custom_vjp
+def jumprelu(z: jax.Array, threshold: jax.Array, bandwidth: jax.Array) -> jax.Array:
+    """``z * H(z - threshold)``; d/dz = H, d/dthreshold = -(threshold / bandwidth) K((z - threshold) / bandwidth)."""
+    return z * (z > threshold).astype(z.dtype)
+
+
+def _jr_fwd(z, threshold, bandwidth):
+    return jumprelu(z, threshold, bandwidth), (z, threshold, bandwidth)
+
+
+def _jr_bwd(res, g):
+    z, threshold, bandwidth = res
+    kernel = (jnp.abs((z - threshold) / bandwidth) < 0.5).astype(z.dtype) / bandwidth
+    d_threshold = -(g * threshold * kernel)
+    d_threshold = d_threshold.reshape(-1, *threshold.shape).sum(0) if d_threshold.shape != threshold.shape else d_threshold
+    return g * (z > threshold).astype(z.dtype), d_threshold, jnp.zeros_like(bandwidth)
+
+
+jumprelu.defvjp(_jr_fwd, _jr_bwd)
+
+
+def _topk_rows(acts: jax.Array, k: jax.Array, k_max: int) -> jax.Array:
+    """Keep each row's ``k`` largest entries (``k`` traced, ``<= k_max``), zero the rest. ``[B, F]``."""
+    vals, idx = jax.lax.top_k(acts, k_max)  # [B, k_max]
+    keep = jnp.arange(k_max) < k
+    rows = jnp.arange(acts.shape[0])[:, None]
+    return jnp.zeros_like(acts).at[rows, idx].set(jnp.where(keep, vals, 0.0))
+
+
+# ----------------------------------------------------------------------------- base
+
+
+@struct.dataclass
+class SAE:
+    """Shared encoder/decoder plumbing; subclasses define the activation and the penalty."""
+
+    params: dict
+    buffers: dict
+    family: ClassVar[str] = "base"
+    k_max: int = struct.field(pytree_node=False, default=0)
+
+    @property
+    def d_in(self) -> int:
+        return self.params["W_dec"].shape[-1]
+
+    @property
+    def d_sae(self) -> int:
+        return self.params["W_dec"].shape[-2]
+
+    def normalize(self, x: jax.Array) -> jax.Array:
+        return x * self.buffers["input_scale"]
+
+    def pre_acts(self, xn: jax.Array) -> jax.Array:
+        """Encoder pre-activations of normalised inputs. ``[..., D] -> [..., F]``."""
+        p = self.params
+        return (xn - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+
+    def activate(self, pre: jax.Array) -> jax.Array:  # inference activation
+        return jax.nn.relu(pre)
+
+    def encode(self, x: jax.Array) -> jax.Array:
+        """Latents of raw activations (inference mode). ``[..., D] -> [..., F]``."""
+        xn = self.normalize(x)
+        return self.activate(self.pre_acts(xn))
+
+    def decode_normalized(self, f: jax.Array) -> jax.Array:
+        return f @ self.params["W_dec"] + self.params["b_dec"]
+
+    def decode(self, f: jax.Array) -> jax.Array:
+        """Reconstruction in raw units. ``[..., F] -> [..., D]``."""
+        return self.decode_normalized(f) / self.buffers["input_scale"]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.decode(self.encode(x))
+
+    # training ------------------------------------------------------------------------
+    def train_acts(self, xn: jax.Array, hp: Hparams) -> tuple[jax.Array, jax.Array, dict]:
+        """``(f, pre, extra)`` used by the loss (batch-dependent families override)."""
+        pre = self.pre_acts(xn)
+        return self.activate(pre), pre, {}
+
+    def penalty(self, f: jax.Array, pre: jax.Array, xn: jax.Array, hp: Hparams) -> jax.Array:
+        """Sparsity (and family-specific auxiliary) terms, mean over the batch, *unweighted by warmup*."""
+        return jnp.zeros(())
+
+    def loss(self, x: jax.Array, hp: Hparams, sparsity_scale: jax.Array = 1.0) -> tuple[jax.Array, dict]:
+        """``mse + sparsity_scale * penalty + aux_coeff * auxk``; ``x [B, D]`` raw activations.
+
+        ``mse`` is the squared error summed over ``D`` and averaged over the batch, on
+        normalised activations.
+        """
+        xn = self.normalize(x)
+        f, pre, extra = self.train_acts(xn, hp)
+        x_hat = self.decode_normalized(f)
+        mse = jnp.square(xn - x_hat).sum(-1).mean()
+        sparsity = self.penalty(f, pre, xn, hp)
+        auxk = self.auxk_loss(xn - x_hat, pre, hp)
+        total = mse + sparsity_scale * sparsity + hp.aux_coeff * auxk + extra.get("extra_loss", 0.0)
+        aux = {"mse": mse, "sparsity": sparsity, "auxk": auxk, "l0": (f != 0).sum(-1).mean(),
+               "fired": (f != 0).any(0), "f": f, **{k: v for k, v in extra.items() if k != "extra_loss"}}
+        return total, aux
+
+    def auxk_loss(self, err: jax.Array, pre: jax.Array, hp: Hparams) -> jax.Array:
+        """AuxK (Gao et al. 2024): reconstruct the residual from the top ``aux_k`` dead latents.
+
+        Normalised by the residual's squared norm; 0 when no latent is dead.
+        """
+        dead = self.buffers["fired_ago"] >= hp.dead_tokens  # [F]
+        acts = jnp.where(dead, jax.nn.relu(pre), 0.0)
+        k_max = min(self.d_sae, 512)
+        z = _topk_rows(acts, jnp.minimum(hp.aux_k, dead.sum()), k_max)
+        err = jax.lax.stop_gradient(err)
+        e_hat = z @ self.params["W_dec"]
+        denom = jnp.square(err).sum(-1).mean() + 1e-12
+        return jnp.where(dead.any(), jnp.square(err - e_hat).sum(-1).mean() / denom, 0.0)
+
+    def update_buffers(self, aux: dict) -> "SAE":
+        """After an optimiser step: count tokens since each latent fired."""
+        n = aux["f"].shape[0]
+        fired_ago = jnp.where(aux["fired"], 0, self.buffers["fired_ago"] + n)
+        return self.replace(buffers={**self.buffers, "fired_ago": fired_ago})
+
+
+@struct.dataclass
+class ReLUSAE(SAE):
+    """Standard SAE: ``f = ReLU(W_e (x - b_d) + b_e)``, L1 penalty (``hp.p`` = 1)."""
+
+    family: ClassVar[str] = "relu"
+
+    def penalty(self, f, pre, xn, hp):
+        return hp.sparsity_coeff * lp_penalty(f, jnp.ones_like(hp.p)).mean()
+
+
+@struct.dataclass
+class PAnnealSAE(SAE):
+    """ReLU SAE with the ``sum_i f_i^p`` penalty; the trainer steps ``p`` and rescales lambda."""
+
+    family: ClassVar[str] = "panneal"
+
+    def penalty(self, f, pre, xn, hp):
+        return hp.sparsity_coeff * lp_penalty(f, hp.p).mean()
+
+
+@struct.dataclass
+class TopKSAE(SAE):
+    """``f = TopK_k(ReLU(pre))`` with ``k`` a buffer (traced; ``<= k_max``); no sparsity penalty."""
+
+    family: ClassVar[str] = "topk"
+
+    def activate(self, pre):
+        return _topk_rows(jax.nn.relu(pre.reshape(-1, pre.shape[-1])), self.buffers["k"], self.k_max).reshape(pre.shape)
+
+
+@struct.dataclass
+class BatchTopKSAE(SAE):
+    """Keeps the ``k * B`` largest activations of a batch in training; at inference a
+    JumpReLU with the scalar ``threshold`` (running mean of the smallest kept activation)."""
+
+    family: ClassVar[str] = "batchtopk"
+
+    def activate(self, pre):
+        relu = jax.nn.relu(pre)
+        return jnp.where(relu > self.buffers["threshold"], relu, 0.0)
+
+    def train_acts(self, xn, hp):
+        pre = self.pre_acts(xn)
+        b, f = pre.shape
+        flat = jax.nn.relu(pre).reshape(1, b * f)
+        kept = _topk_rows(flat, self.buffers["k"] * b, self.k_max * b).reshape(b, f)
+        min_kept = jnp.min(jnp.where(kept > 0, kept, jnp.inf))
+        return kept, pre, {"min_kept": min_kept}
+
+    def update_buffers(self, aux):
+        new = super().update_buffers(aux)
+        old = self.buffers["threshold"]
+        seen = jnp.isfinite(aux["min_kept"])
+        thr = jnp.where(old < 0, aux["min_kept"], 0.99 * old + 0.01 * aux["min_kept"])
+        return new.replace(buffers={**new.buffers, "threshold": jnp.where(seen, thr, old)})
+
+
+@struct.dataclass
+class JumpReLUSAE(SAE):
+    """``f = pre * H(pre - theta)``, ``theta = exp(log_threshold)``; L0 penalty via straight-through estimators."""
+
+    family: ClassVar[str] = "jumprelu"
+
+    def threshold(self):
+        return jnp.exp(self.params["log_threshold"])
+
+    def activate(self, pre):
+        return jnp.where(pre > self.threshold(), pre, 0.0)
+
+    def train_acts(self, xn, hp):
+        pre = self.pre_acts(xn)
+        return jumprelu(pre, self.threshold(), hp.bandwidth), pre, {}
+
+    def penalty(self, f, pre, xn, hp):
+        l0 = step_fn(pre, self.threshold(), hp.bandwidth).sum(-1).mean()
+        return hp.sparsity_coeff * l0
+
+
+@struct.dataclass
+class GatedSAE(SAE):
+    """Gated SAE (Rajamanoharan et al. 2024): gate ``H(pi_gate > 0)``, magnitude ``ReLU(W_mag x + b_mag)``
+    with ``W_mag = W_enc * exp(r_mag)``; penalty ``L1(ReLU(pi_gate))`` plus the auxiliary
+    reconstruction of ``ReLU(pi_gate)`` through the frozen decoder."""
+
+    family: ClassVar[str] = "gated"
+
+    def _paths(self, xn):
+        p = self.params
+        centred = xn - p["b_dec"]
+        pi_gate = centred @ p["W_enc"] + p["b_enc"]
+        mag = jax.nn.relu(centred @ (p["W_enc"] * jnp.exp(p["r_mag"])) + p["b_mag"])
+        return pi_gate, mag
+
+    def encode(self, x):
+        pi_gate, mag = self._paths(self.normalize(x))
+        return jnp.where(pi_gate > 0, mag, 0.0)
+
+    def train_acts(self, xn, hp):
+        pi_gate, mag = self._paths(xn)
+        frozen = jax.lax.stop_gradient(self.params)
+        x_gate = jax.nn.relu(pi_gate) @ frozen["W_dec"] + frozen["b_dec"]
+        gate_aux = jnp.square(xn - x_gate).sum(-1).mean()
+        return jnp.where(pi_gate > 0, mag, 0.0), pi_gate, {"extra_loss": gate_aux, "gate_aux": gate_aux}
+
+    def penalty(self, f, pre, xn, hp):
+        return hp.sparsity_coeff * jax.nn.relu(pre).sum(-1).mean()
+
+
+FAMILIES: dict[str, type[SAE]] = {c.family: c for c in (ReLUSAE, PAnnealSAE, TopKSAE, BatchTopKSAE, JumpReLUSAE, GatedSAE)}
+
+
+def get_family(name: str) -> type[SAE]:
+    if name not in FAMILIES:
+        raise ValueError(f"unknown SAE family {name!r}; choose one of {sorted(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def init_sae(family: str, key: jax.Array, d_in: int, d_sae: int, *, k: int = 0, k_max: int | None = None,
+             input_scale: float = 1.0, b_dec: jax.Array | None = None, threshold: float = 1e-3) -> SAE:
+    """A fresh SAE: unit-norm random decoder rows, encoder = decoder transpose, zero biases.
+
+    ``k``: active latents for ``topk``/``batchtopk`` (``k_max`` defaults to ``k``).
+    ``threshold``: JumpReLU's initial threshold. ``b_dec``: initial decoder bias (normalised units).
+    """
+    cls = get_family(family)
+    if d_in <= 0 or d_sae <= 0:
+        raise ValueError(f"d_in and d_sae must be positive, got {d_in}, {d_sae}")
+    if family in ("topk", "batchtopk"):
+        k_max = k if k_max is None else k_max
+        if not 0 < k <= k_max <= d_sae:
+            raise ValueError(f"{family}: need 0 < k <= k_max <= d_sae, got k={k}, k_max={k_max}, d_sae={d_sae}")
+    w = jax.random.normal(key, (d_sae, d_in), jnp.float32)
+    w = w / jnp.linalg.norm(w, axis=-1, keepdims=True)
+    params = {"W_enc": w.T, "b_enc": jnp.zeros(d_sae), "W_dec": w,
+              "b_dec": jnp.zeros(d_in) if b_dec is None else jnp.asarray(b_dec, jnp.float32)}
+    buffers = {"input_scale": jnp.asarray(input_scale, jnp.float32), "fired_ago": jnp.zeros(d_sae, jnp.int32)}
+    if family == "jumprelu":
+        params["log_threshold"] = jnp.full(d_sae, jnp.log(threshold), jnp.float32)
+    if family == "gated":
+        params["r_mag"] = jnp.zeros(d_sae)
+        params["b_mag"] = jnp.zeros(d_sae)
+    if family in ("topk", "batchtopk"):
+        buffers["k"] = jnp.asarray(k, jnp.int32)
+    if family == "batchtopk":
+        buffers["threshold"] = jnp.asarray(-1.0, jnp.float32)
+    return cls(params=params, buffers=buffers, k_max=int(k_max or 0))
