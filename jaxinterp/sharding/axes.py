@@ -120,6 +120,7 @@ _SAE = [
     (r"(^|/)(b_enc|encoder/bias|threshold|log_threshold|b_gate|b_mag|r_mag)$", ("latents",)),
     (r"(^|/)(W_dec|w_dec|dec|decoder)(/kernel)?$", ("latents", "embed")),
     (r"(^|/)(b_dec|decoder/bias)$", ("embed",)),
+    (r"(^|/)fired_ago$", ("latents",)),
 ]
 
 # Adapters are small and replicated (FSDP base + replicated adapters).
@@ -151,8 +152,10 @@ def path_str(path: Sequence[Any]) -> str:
     return "/".join(parts)
 
 
-def _axes_for_path(table_name: str, path: str, ndim: int) -> Axes:
+def _axes_for_path(table_name: str, path: str, ndim: int, strict: bool = True) -> Axes:
     table = PARAM_AXES[table_name]
+    if ndim == 0:
+        return ()
     for pattern, axes in table:
         if re.search(pattern, path):
             if len(axes) != ndim:
@@ -161,21 +164,29 @@ def _axes_for_path(table_name: str, path: str, ndim: int) -> Axes:
                     f"names {len(axes)}: {axes}. Fix the row in jaxinterp/sharding/axes.py."
                 )
             return tuple(axes)
+    if not strict:
+        return (None,) * ndim
     raise KeyError(
         f"sharding table {table_name!r} has no row for parameter {path!r} (rank {ndim}); add one to "
         f"PARAM_AXES[{table_name!r}] in jaxinterp/sharding/axes.py. Rows: {[p for p, _ in table]}"
     )
 
 
-def param_axes(table_name: str, params: Any) -> Any:
+def param_axes(table_name: str, params: Any, strict: bool = True) -> Any:
     """Pytree of logical-axis tuples matching ``params`` (arrays or ShapeDtypeStructs).
 
-    ``table_name`` is a model family (``model.family``) or ``"sae"`` / ``"lora"``.
+    ``table_name`` is a model family (``model.family``) or ``"sae"`` / ``"lora"``. Scalars
+    are replicated. ``strict=False`` replicates leaves no row matches (for whole training
+    states: step counters, schedules, hyperparameters) instead of raising.
     """
     if table_name not in PARAM_AXES:
         raise KeyError(f"no sharding table {table_name!r}; tables: {sorted(PARAM_AXES)}")
     return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: _axes_for_path(table_name, path_str(path), len(leaf.shape)), params)
+        lambda path, leaf: _axes_for_path(table_name, path_str(path), len(jnp_shape(leaf)), strict), params)
+
+
+def jnp_shape(leaf: Any) -> tuple:
+    return tuple(getattr(leaf, "shape", ()))
 
 
 # ----------------------------------------------------------------------------- activations

@@ -40,24 +40,28 @@ def _is_axes(x) -> bool:
     return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
 
 
-def param_specs(table: str, params: Any, rules: Rules | str, mesh: Optional[Mesh] = None) -> Any:
+def param_specs(table: str, params: Any, rules: Rules | str, mesh: Optional[Mesh] = None,
+                strict: bool = True) -> Any:
     """PartitionSpecs for ``params`` (pure rule without ``mesh``; fitted to shapes with it)."""
     rules = load_rules(rules)
-    axes = param_axes(table, params)
+    axes = param_axes(table, params, strict)
     mshape = dict(mesh.shape) if mesh is not None else None
     return jax.tree_util.tree_map(
-        lambda ax, leaf: resolve_spec(ax, rules.params, leaf.shape if mesh is not None else None, mshape),
+        lambda ax, leaf: resolve_spec(ax, rules.params, np.shape(leaf) if mesh is not None else None, mshape),
         axes, params, is_leaf=_is_axes)
 
 
-def param_shardings(table: str, params: Any, mesh: Mesh, rules: Rules | str) -> Any:
-    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), param_specs(table, params, rules, mesh),
+def param_shardings(table: str, params: Any, mesh: Mesh, rules: Rules | str, strict: bool = True) -> Any:
+    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), param_specs(table, params, rules, mesh, strict),
                                   is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
-def shard_tree(tree: Any, table: str, mesh: Mesh, rules: Rules | str) -> Any:
-    """``device_put`` every leaf of a parameter tree (model, SAE, adapters) by its logical axes."""
-    return jax.device_put(tree, param_shardings(table, tree, mesh, rules))
+def shard_tree(tree: Any, table: str, mesh: Mesh, rules: Rules | str, strict: bool = True) -> Any:
+    """``device_put`` every leaf of a parameter tree (model, SAE, adapters) by its logical axes.
+
+    ``strict=False`` for whole training states: leaves no table row names are replicated.
+    """
+    return jax.device_put(tree, param_shardings(table, tree, mesh, rules, strict))
 
 
 def shard_model(model: Model, mesh: Mesh, rules: Rules | str) -> Model:

@@ -1,0 +1,129 @@
+"""SAE and LoRA train steps on the mesh equal the single-device steps."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import jaxinterp as ji
+from jaxinterp import lora
+from jaxinterp import sharding as jsh
+from jaxinterp.models.gpt2 import GPT2Config
+
+MESHES = [(8, 1), (4, 2), (2, 4), (1, 8)]
+IDS = [f"{a}x{b}" for a, b in MESHES]
+
+
+def _assert_trees_close(a, b, atol=1e-5):
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_leaves(b)):
+        np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), atol=atol, rtol=0,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+# ----------------------------------------------------------------------------- SAE
+
+sae = pytest.importorskip("jaxinterp.sae")
+
+
+@pytest.fixture(scope="module")
+def sae_setup():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 64, 32)).astype(np.float32)  # 3 batches of [B=64, D=32]
+    cfg = sae.SAETrainConfig(family="relu", d_in=32, d_sae=128, steps=3, batch_size=64, lr=1e-3,
+                             lr_warmup_steps=0, sparsity_coeff=1e-2)
+    state = sae.unstack(sae.init_state(cfg, [{}], x.reshape(-1, 32)), 0)
+    step = functools.partial(sae.sae_step, cfg=cfg)
+    ref = state
+    for i in range(3):
+        ref, _ = jax.jit(step)(ref, jnp.asarray(x[i]))
+    return cfg, state, x, step, ref
+
+
+@pytest.mark.parametrize("shape", MESHES, ids=IDS)
+def test_sae_steps_match_single_device(sae_setup, shape):
+    """Batch over the data axis, latents (encoder columns, decoder rows, Adam moments) over tensor."""
+    cfg, state, x, step, ref = sae_setup
+    mesh = jsh.make_mesh({"data": shape[0], "fsdp": 1, "tensor": shape[1]})
+    shardings = jsh.param_shardings("sae", state, mesh, "tp", strict=False)
+    batch = NamedSharding(mesh, jsh.activation_spec(("batch", "embed"), x.shape[1:], mesh, jsh.load_rules("tp")))
+    train = jsh.make_train_step(step, shardings, batch, donate=False)
+    st = jax.device_put(state, shardings)
+    for i in range(3):
+        st, metrics = train(st, x[i])
+    w_enc = st.sae.params["W_enc"]
+    assert w_enc.sharding.spec == (P(None, "tensor") if shape[1] > 1 else P())
+    assert {s.data.shape for s in w_enc.addressable_shards} == {(32, 128 // shape[1])}
+    _assert_trees_close(st.sae.params, ref.sae.params)
+    _assert_trees_close(st.opt, ref.opt)
+
+
+def test_sae_step_fsdp_tp(sae_setup):
+    cfg, state, x, step, ref = sae_setup
+    mesh = jsh.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    shardings = jsh.param_shardings("sae", state, mesh, "fsdp_tp", strict=False)
+    batch = NamedSharding(mesh, P(("data", "fsdp")))
+    train = jsh.make_train_step(step, shardings, batch, donate=False)
+    st = jax.device_put(state, shardings)
+    for i in range(3):
+        st, _ = train(st, x[i])
+    assert st.sae.params["W_dec"].sharding.spec == P("tensor", "fsdp")
+    _assert_trees_close(st.sae.params, ref.sae.params)
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+
+@pytest.fixture(scope="module")
+def lora_setup():
+    model = ji.init(GPT2Config.tiny(n_layers=2, d_model=64, n_heads=4, d_mlp=128, vocab_size=256), 4)
+    lm = lora.init(model, lora.LoraConfig(rank=4, alpha=8.0), key=1)
+    tokens = np.random.default_rng(2).integers(0, 256, (8, 12)).astype(np.int32)
+    opt = optax.sgd(0.5, momentum=0.9)
+
+    def loss_fn(adapters, base, tokens):
+        logits = lora.run(lora.combine(adapters, base), tokens[:, :-1], mode="unmerged").logits
+        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+    def step(state, tokens):
+        adapters, base, opt_state = state
+        loss, grads = jax.value_and_grad(loss_fn)(adapters, base, tokens)
+        updates, opt_state = opt.update(grads, opt_state, adapters)
+        return (optax.apply_updates(adapters, updates), base, opt_state), loss
+
+    adapters, base = lora.split(lm)
+    ref = (adapters, base, opt.init(adapters))
+    losses = []
+    for _ in range(3):
+        ref, loss = jax.jit(step)(ref, tokens)
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+    return adapters, base, opt, step, tokens, ref, losses
+
+
+@pytest.mark.parametrize("shape", MESHES, ids=IDS)
+def test_lora_steps_match_single_device(lora_setup, shape):
+    """FSDP x TP base (frozen) + replicated adapters; batch over fsdp."""
+    adapters, base, opt, step, tokens, ref, losses = lora_setup
+    mesh = jsh.make_mesh({"data": 1, "fsdp": shape[0], "tensor": shape[1]})
+    base_sh = jsh.param_shardings("gpt2", base.params, mesh, "fsdp_tp")
+    ad_sh = jsh.param_shardings("lora", adapters, mesh, "fsdp_tp")
+    opt_state = opt.init(adapters)
+    opt_sh = jsh.param_shardings("lora", opt_state, mesh, "fsdp_tp", strict=False)
+    state_sh = (ad_sh, base.replace(params=base_sh), opt_sh)
+    batch = NamedSharding(mesh, jsh.activation_spec(("batch", "seq"), tokens.shape, mesh, jsh.load_rules("fsdp_tp")))
+    train = jsh.make_train_step(step, state_sh, batch, donate=False)
+    state = jax.device_put((adapters, base, opt_state), state_sh)
+    for i in range(3):
+        state, loss = train(state, tokens)
+        np.testing.assert_allclose(float(loss), losses[i], atol=1e-5)
+    for leaf in jax.tree_util.tree_leaves(state[0]):
+        assert leaf.sharding.is_fully_replicated
+    if shape[0] > 1:
+        assert state[1].params["h_0"]["mlp"]["c_fc"]["kernel"].sharding.spec[0] == "fsdp"
+    _assert_trees_close(state[0], ref[0])
