@@ -23,6 +23,15 @@ N d_state, V vocab):
   blocks.{i}.resid_post               [B, T, D]   resid_pre + mixer_out
   final_norm                          [B, T, D]   norm_f output (HF's last hidden state)
 
+HF parity: Hugging Face's ``MambaModel`` records ``hidden_states`` after every block and then
+after ``norm_f`` with no embedding entry, so ``blocks.{i}.resid_post`` equals HF's
+``hidden_states[i]`` for every layer (the last one included) and ``final_norm`` equals
+``hidden_states[n_layers]`` (transformer ports are shifted by one: their index 0 is the embedding).
+
+Intervening on ``ssm_state`` changes the readout ``y_t = C_t . h_t`` at the patched steps; the
+recurrence itself is not re-run from the patched state (to change what later steps remember,
+intervene on ``delta``, ``B`` or ``ssm_in``).
+
 The recurrence is h_t = exp(delta_t A) * h_{t-1} + delta_t B_t u_t with A = -exp(A_log)
 ``[Di, N]``; see ``scan.py``. Sites hold the activation dtype except ``resid_pre``,
 ``resid_post`` and ``final_norm``, which are float32 when ``residual_in_fp32``.

@@ -53,6 +53,12 @@ def tokens_for(vocab, batch, seq, seed=0):
     return np.random.default_rng(seed).integers(0, vocab, size=(batch, seq))
 
 
+def run(model, tokens, capture=None, interventions=None):
+    """``model.run`` as one compiled program (much cheaper than op-by-op dispatch on a busy CPU)."""
+    fn = jax.jit(lambda m, t, iv: m.run(t, capture=capture, interventions=iv))
+    return fn(model, jnp.asarray(tokens), interventions)
+
+
 def hf_run(hf, tokens):
     """HF forward with hooks on every module whose inputs/outputs are named sites."""
     got = {}
@@ -98,7 +104,7 @@ def test_mamba_matches_hf(tmp_path, shape, batch, seq):
     hf, model = make(tmp_path, **kw)
     tokens = tokens_for(kw["vocab_size"], batch, seq, seed=seq)
     ref, hooked = hf_run(hf, tokens)
-    out = model.run(tokens, capture="all")
+    out = run(model, tokens, capture="all")
     c = out.cache
     n, di, r, ns = model.config.n_layers, model.config.d_inner, model.config.dt_rank, model.config.d_state
     assert max_err(out.logits, ref.logits) < TOL
@@ -128,7 +134,7 @@ def test_logits_without_capture_match_hf(tmp_path):
     hf, model = make(tmp_path, **kw)
     tokens = tokens_for(kw["vocab_size"], 2, 11)
     ref, _ = hf_run(hf, tokens)
-    assert max_err(model.run(tokens).logits, ref.logits) < TOL
+    assert max_err(run(model, tokens).logits, ref.logits) < TOL
     jitted = jax.jit(lambda m, t: m.run(t, capture="blocks.*.resid_post"))(model, jnp.asarray(tokens))
     assert max_err(jitted.logits, ref.logits) < TOL
     assert max_err(jitted.cache["blocks.1.resid_post"], ref.hidden_states[1]) < TOL
@@ -181,14 +187,17 @@ def test_associative_and_sequential_models_agree(tmp_path):
     runs = {}
     for scan, chunk in [("associative", None), ("associative", 4), ("sequential", None)]:
         m = model.replace(config=dataclasses.replace(model.config, scan=scan, scan_chunk=chunk))
-        runs[scan, chunk] = (m.run(tokens, capture="all"), m.run(tokens, capture="blocks.*.mixer_out"))
-    ref_all, _ = runs["associative", None]
-    for key, (all_sites, light) in runs.items():
-        assert max_err(all_sites.logits, ref_all.logits) < 1e-5, key
-        assert max_err(light.logits, ref_all.logits) < 1e-5, key
-        for site in ref_all.cache:
-            assert max_err(all_sites.cache[site], ref_all.cache[site]) < 1e-5, (key, site)
-        assert max_err(light.cache["blocks.1.mixer_out"], ref_all.cache["blocks.1.mixer_out"]) < 1e-5, key
+        runs[scan, chunk] = run(m, tokens, capture="all")
+    ref = runs["associative", None]
+    for key, out in runs.items():
+        assert max_err(out.logits, ref.logits) < 1e-5, key
+        for site in ref.cache:
+            assert max_err(out.cache[site], ref.cache[site]) < 1e-5, (key, site)
+    # The state-free sequential path (one [B, Di, N] carry, no per-step states) agrees as well.
+    seq = model.replace(config=dataclasses.replace(model.config, scan="sequential"))
+    light = run(seq, tokens, capture="blocks.*.mixer_out")
+    assert max_err(light.logits, ref.logits) < 1e-5
+    assert max_err(light.cache["blocks.1.mixer_out"], ref.cache["blocks.1.mixer_out"]) < 1e-5
 
 
 def test_ssm_state_equals_numpy_recurrence(tmp_path):
@@ -197,7 +206,7 @@ def test_ssm_state_equals_numpy_recurrence(tmp_path):
     tokens = tokens_for(kw["vocab_size"], 2, 9)
     layer = 1
     m = f"blocks.{layer}.mixer"
-    out = model.run(tokens, capture=f"{m}.*")
+    out = run(model, tokens, capture=f"{m}.*")
     c = {k.rsplit(".", 1)[1]: np.asarray(v) for k, v in out.cache.items()}
     mixer = hf.backbone.layers[layer].mixer
     A = -np.exp(mixer.A_log.detach().numpy().astype(np.float64))  # from HF's tensors, not ours
@@ -217,12 +226,12 @@ def test_patching_ssm_state_changes_downstream_as_computed(tmp_path):
     hf, model = make(tmp_path, **kw)
     tokens = tokens_for(kw["vocab_size"], 2, 10)
     site, pos = "blocks.0.mixer.ssm_state", 6
-    clean = model.run(tokens, capture=["blocks.0.*", "blocks.0.mixer.*"])
+    clean = run(model, tokens, capture=["blocks.0.*", "blocks.0.mixer.*"])
     c = {k: np.asarray(v, np.float64) for k, v in clean.cache.items()}
     new_states = c[site].copy()
     new_states[:, pos] = np.random.default_rng(3).normal(size=new_states[:, pos].shape)
     mask = ji.positions_mask(tokens.shape[1], [pos], batch=2)
-    patched = model.run(tokens, capture=["blocks.0.resid_post", "blocks.0.mixer.gated", site],
+    patched = run(model, tokens, capture=["blocks.0.resid_post", "blocks.0.mixer.gated", site],
                         interventions={site: ji.Patch(jnp.asarray(new_states, jnp.float32), mask)})
     assert max_err(patched.cache[site], new_states) < 1e-6
     # Direct computation from HF's weights: y = C.h + D u, gated = y * SiLU(z), resid += out_proj(gated).
@@ -238,14 +247,14 @@ def test_patching_ssm_state_changes_downstream_as_computed(tmp_path):
     np.testing.assert_array_equal(np.asarray(patched.logits)[:, :pos], np.asarray(clean.logits)[:, :pos])
     assert max_err(patched.logits[:, pos], clean.logits[:, pos]) > 1e-3
     # Downstream of block 0 the model sees exactly the directly computed residual stream.
-    via_resid = model.run(tokens, interventions={"blocks.0.resid_post": ji.Patch(jnp.asarray(resid, jnp.float32))})
+    via_resid = run(model, tokens, interventions={"blocks.0.resid_post": ji.Patch(jnp.asarray(resid, jnp.float32))})
     assert max_err(patched.logits, via_resid.logits) < 1e-5
 
 
 def test_zero_state_ablation_leaves_only_skip(tmp_path):
     _, model = make(tmp_path, **SHAPES["d32s4auto"])
     tokens = tokens_for(61, 1, 8)
-    out = model.run(tokens, capture="blocks.1.mixer.*", interventions={"blocks.1.mixer.ssm_state": ji.ZeroAblate()})
+    out = run(model, tokens, capture="blocks.1.mixer.*", interventions={"blocks.1.mixer.ssm_state": ji.ZeroAblate()})
     D = np.asarray(model.params["layers_1"]["mixer"]["D"])
     c = out.cache
     assert np.all(np.asarray(c["blocks.1.mixer.ssm_state"]) == 0)
@@ -270,7 +279,8 @@ def test_grad_through_both_scans_agrees_with_finite_difference(tmp_path):
     direction = np.random.default_rng(1).normal(size=vec.shape).astype(np.float32)
     direction /= np.linalg.norm(direction)
     eps = 1e-2
-    fd = (loss(model, vec + eps * direction) - loss(model, vec - eps * direction)) / (2 * eps)
+    loss_j = jax.jit(loss)
+    fd = (loss_j(model, vec + eps * direction) - loss_j(model, vec - eps * direction)) / (2 * eps)
     assert abs(float(fd) - float(grads["associative"] @ direction)) < 1e-3 * max(1.0, abs(float(fd)))
 
 
@@ -290,7 +300,7 @@ def test_sites_visited_equal_model_sites(tmp_path):
     model.module.apply({"params": model.params}, tokens, ctx)
     assert tuple(ctx.visited) == tuple(s for s in model.sites if not s.endswith(".ssm_state"))
     # Layouts as documented.
-    out = model.run(tokens, capture="all")
+    out = run(model, tokens, capture="all")
     b, t, d, di, n = 2, 5, cfg.d_model, cfg.d_inner, cfg.d_state
     expect = {"embed": (b, t, d), "final_norm": (b, t, d), "resid_pre": (b, t, d), "norm": (b, t, d),
               "mixer_out": (b, t, d), "resid_post": (b, t, d), "B": (b, t, n), "C": (b, t, n),
@@ -356,17 +366,20 @@ def test_roundtrip_export(tmp_path, shape):
     hf_b = transformers.MambaForCausalLM.from_pretrained(tmp_path / "b").eval()
     tokens = tokens_for(kw["vocab_size"], 2, 9)
     ref, _ = hf_run(hf_b, tokens)
-    assert max_err(model.run(tokens).logits, ref.logits) < TOL
+    assert max_err(run(model, tokens).logits, ref.logits) < TOL
     assert ji.load(tmp_path / "b").config == model.config
 
 
 def test_init_runs_and_exports(tmp_path):
-    model = ji.init(MambaConfig.tiny(vocab_size=50, d_model=32), key=0)
+    cfg = MambaConfig.tiny(vocab_size=50, d_model=32)
+    model = jax.jit(lambda key: ji.init(cfg, key))(jax.random.PRNGKey(0))
+    a_log = np.asarray(model.params["layers_0"]["mixer"]["A_log"])
+    assert np.allclose(np.exp(a_log), np.arange(1, cfg.d_state + 1))  # S4D-real init, A = -[1..N]
     ji.save_pretrained(model, tmp_path)
     hf = transformers.MambaForCausalLM.from_pretrained(tmp_path).eval()
     tokens = tokens_for(50, 1, 6)
     ref, _ = hf_run(hf, tokens)
-    assert max_err(model.run(tokens).logits, ref.logits) < TOL
+    assert max_err(run(model, tokens).logits, ref.logits) < TOL
 
 
 def test_bfloat16_load(tmp_path):
@@ -374,10 +387,10 @@ def test_bfloat16_load(tmp_path):
     _, model = make(tmp_path, **kw)
     bf = ji.load(tmp_path, dtype="bfloat16")
     tokens = tokens_for(kw["vocab_size"], 1, 8)
-    out = bf.run(tokens, capture=["blocks.0.mixer.ssm_out", "blocks.1.resid_post"])
+    out = run(bf, tokens, capture=["blocks.0.mixer.ssm_out", "blocks.1.resid_post"])
     assert out.cache["blocks.0.mixer.ssm_out"].dtype == jnp.bfloat16
     assert out.cache["blocks.1.resid_post"].dtype == jnp.float32  # residual_in_fp32
-    ref = np.asarray(model.run(tokens).logits)
+    ref = np.asarray(run(model, tokens).logits)
     assert max_err(np.asarray(out.logits, np.float32), ref) < 0.05 * np.abs(ref).max()
 
 
