@@ -28,11 +28,9 @@ def _assert_trees_close(a, b, atol=1e-5):
 
 # ----------------------------------------------------------------------------- SAE
 
-sae = pytest.importorskip("jaxinterp.sae")
-
-
 @pytest.fixture(scope="module")
 def sae_setup():
+    sae = pytest.importorskip("jaxinterp.sae")
     rng = np.random.default_rng(0)
     x = rng.normal(size=(3, 64, 32)).astype(np.float32)  # 3 batches of [B=64, D=32]
     cfg = sae.SAETrainConfig(family="relu", d_in=32, d_sae=128, steps=3, batch_size=64, lr=1e-3,
