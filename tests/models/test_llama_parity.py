@@ -234,3 +234,35 @@ def test_kv_head_ablation_removes_its_query_group(o_bias):
     ablated = run(model, tokens, ablate)
     np.testing.assert_allclose(ablated["blocks.0.attn_out"], clean["blocks.0.attn_out"] - per_head[:, :, 2:].sum(2),
                                atol=1e-5)
+
+
+# Abridged config.json files of public checkpoints (written by transformers 4.x: top-level rope_theta,
+# rope_scaling null, pretraining_tp), parsed without downloading anything.
+_TINYLLAMA = {"architectures": ["LlamaForCausalLM"], "attention_bias": False, "bos_token_id": 1, "eos_token_id": 2,
+              "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 5632,
+              "max_position_embeddings": 2048, "model_type": "llama", "num_attention_heads": 32,
+              "num_hidden_layers": 22, "num_key_value_heads": 4, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+              "rope_scaling": None, "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+              "transformers_version": "4.35.0", "use_cache": True, "vocab_size": 32000}
+_MISTRAL = {"architectures": ["MistralForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+            "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336,
+            "max_position_embeddings": 32768, "model_type": "mistral", "num_attention_heads": 32,
+            "num_hidden_layers": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_theta": 10000.0,
+            "sliding_window": 4096, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
+            "vocab_size": 32000}
+_QWEN2 = {"architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+          "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 896, "initializer_range": 0.02,
+          "intermediate_size": 4864, "max_position_embeddings": 32768, "max_window_layers": 24, "model_type": "qwen2",
+          "num_attention_heads": 14, "num_hidden_layers": 24, "num_key_value_heads": 2, "rms_norm_eps": 1e-06,
+          "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+          "use_cache": True, "use_sliding_window": False, "vocab_size": 151936}
+
+
+@pytest.mark.parametrize("config,preset", [(_TINYLLAMA, "tinyllama_1b"), (_MISTRAL, "mistral_7b"),
+                                           (_QWEN2, "qwen2_0_5b")])
+def test_public_configs_parse_to_presets(config, preset):
+    assert LlamaConfig.from_hf(config) == getattr(LlamaConfig, preset)()
+    # ... and transformers reads our export of it back to the same architecture.
+    exported = getattr(LlamaConfig, preset)().to_hf()
+    hf_cfg = transformers.AutoConfig.for_model(**exported)
+    assert LlamaConfig.from_hf({k: v for k, v in hf_cfg.to_dict().items() if k in exported}) == LlamaConfig.from_hf(config)
