@@ -434,3 +434,27 @@ def test_loads_backbone_only_checkpoint(checkpoint):
     stripped = {k.removeprefix("backbone.").replace("embeddings.", "embedding."): v for k, v in tensors.items()}
     a, b = convert.from_hf(cfg, tensors), convert.from_hf(cfg, stripped)
     assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda x, y: np.array_equal(x, y), a, b))
+
+
+def test_sequential_scan_does_not_materialise_states_unless_asked(tmp_path):
+    """With scan="sequential" the compiled program holds no [B, T, Di, N] array unless ssm_state is asked for."""
+    _, model = make(tmp_path, **SHAPES["d32s4auto"])
+    model = model.replace(config=dataclasses.replace(model.config, scan="sequential"))
+    tokens = jnp.asarray(tokens_for(61, 2, 11))
+    states_shape = f"f32[2,11,{model.config.d_inner},{model.config.d_state}]"
+
+    def hlo(capture):
+        fn = jax.jit(lambda m, t: m.run(t, capture=capture).logits)
+        return fn.lower(model, tokens).compile().as_text()
+
+    assert states_shape not in hlo("blocks.*.resid_post")
+    assert states_shape in hlo("blocks.0.mixer.ssm_state")
+
+
+def test_logits_at_selects_positions(tmp_path):
+    _, model = make(tmp_path, **SHAPES["d48s16r5"])
+    tokens = jnp.asarray(tokens_for(77, 2, 9))
+    full = run(model, tokens).logits
+    some = jax.jit(lambda m, t: m.run(t, logits_at=jnp.array([2, 8])).logits)(model, tokens)
+    assert some.shape == (2, 2, 77)
+    assert max_err(some, full[:, [2, 8]]) < 1e-6
