@@ -1,0 +1,156 @@
+"""ELM objective: target distribution vs a direct numpy computation, batch alignment, gradients
+only into LoRA parameters, guided sampling vs a plain loop, training + checkpoint resume."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxinterp as ji
+from jaxinterp import elm, lora
+from jaxinterp.models.gpt2 import GPT2Config
+
+CFG = GPT2Config.tiny(vocab_size=61, max_seq_len=64, n_layers=2)
+ECFG = elm.ElmConfig.tiny(eta=3.0, top_k=10, lr=1e-2, steps=4, batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def base():
+    return ji.init(CFG, 0)
+
+
+def _np_log_softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def test_target_matches_numpy():
+    rng = np.random.default_rng(0)
+    b, t, v = 2, 6, 30
+    base_l, exp_l, nov_l = (rng.normal(size=(b, t, v)) * 3 for _ in range(3))
+    valid = np.ones((b, t), bool)
+    valid[1, 4:] = False
+    eta, temp, k = 5.0, 1.2, 7
+    got = np.asarray(elm.elm_target_logprobs(base_l, exp_l, nov_l, valid, eta=eta, temperature=temp, top_k=k))
+    for i in range(b):
+        n = int(valid[i].sum())
+        etas = np.linspace(1.0, eta, n)   # the reference's torch.linspace(start, end, n_tokens)
+        for j in range(n):
+            edit = (_np_log_softmax(base_l[i, j] / temp)
+                    - etas[j] * (_np_log_softmax(exp_l[i, j] / temp) - _np_log_softmax(nov_l[i, j] / temp)))
+            keep = np.argsort(edit)[-k:]
+            ref = np.full(v, -np.inf)
+            ref[keep] = _np_log_softmax(edit[keep])
+            np.testing.assert_allclose(np.exp(got[i, j]), np.exp(ref), atol=1e-6)
+            assert np.isneginf(got[i, j][np.isneginf(ref)]).all()
+
+
+def _batch(seed=0, b=2):
+    rng = np.random.default_rng(seed)
+    erase = [[0] + list(rng.integers(3, 61, int(n))) for n in rng.integers(5, 9, b)]
+    retain = [[0] + list(rng.integers(3, 61, int(n))) for n in rng.integers(5, 9, b)]
+    fluency = [e + list(rng.integers(3, 61, 4)) for e in erase]
+    return elm.make_elm_batch(erase, [0, 5, 6, 7], [0, 8, 9], retain, fluency, [len(e) for e in erase],
+                              erase_len=10, retain_len=10, fluency_len=14, pad_id=1)
+
+
+def test_batch_alignment(base):
+    batch = _batch()
+    got = np.asarray(elm.aligned_logits(base, batch["expert"], batch["expert_index"]))
+    for i in range(2):
+        n = int(batch["erase_valid"][i].sum())
+        x = batch["erase"][i, :n]
+        direct = np.asarray(base.run(np.concatenate([[0, 5, 6, 7], x[1:]])[None]).logits[0])  # c+ then x
+        np.testing.assert_allclose(got[i, :n], direct[3:3 + n], atol=1e-5)
+    m = batch["fluency_mask"]
+    for i in range(2):  # positions whose next token is one of the 4 appended tokens
+        start = int(batch["erase_valid"][i].sum())
+        assert list(np.nonzero(m[i])[0]) == list(range(start - 1, start + 3))
+
+
+@pytest.mark.parametrize("term", ["erase", "retain", "fluency"])
+def test_gradients_only_into_lora(base, term):
+    lm = lora.init(base, lora.LoraConfig(rank=2, dropout=0.0), key=1)
+    w = {k: {"A": v["A"], "B": v["B"] + 0.05} for k, v in lm.lora.weights.items()}
+    adapters = lm.lora.replace(w)
+    batch = {k: jnp.asarray(v) for k, v in _batch().items()}
+    key = jax.random.PRNGKey(0)
+
+    def f(adapters, student_base, teacher):
+        return elm.elm_losses(adapters, student_base, batch, key, ECFG, teacher=teacher)[term]
+
+    g_ad, g_base, g_teacher = jax.grad(f, argnums=(0, 1, 2))(adapters, base, base)
+    for leaf in jax.tree_util.tree_leaves((g_base, g_teacher)):
+        assert not np.any(np.asarray(leaf))
+    assert all(float(jnp.abs(g).sum()) > 0 for g in jax.tree_util.tree_leaves(g_ad))
+    # the training step differentiates the adapters only: its gradient tree is the adapter tree
+    grads = jax.grad(lambda a: elm.elm_loss(a, base, batch, key, ECFG)[0])(adapters)
+    assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(adapters)
+
+
+def test_guided_generate_matches_loop(base):
+    rng = np.random.default_rng(1)
+    prompts = [[0] + list(rng.integers(3, 61, n)) for n in (4, 6)]
+    cplus, cminus = [0, 5, 6], [0, 8]
+    n_new, g = 5, 2.0
+    buf, _ = elm.pad_batch(prompts, 12, pad_id=1)
+    ebuf, _ = elm.pad_batch([cplus + p[1:] for p in prompts], 14, pad_id=1)
+    nbuf, _ = elm.pad_batch([cminus + p[1:] for p in prompts], 14, pad_id=1)
+    lens = np.array([len(p) for p in prompts])
+    key = jax.random.PRNGKey(3)
+    fn = lambda t: base.run(t).logits
+    got = np.asarray(elm.guided_generate(fn, jnp.asarray(buf), jnp.asarray(lens), n_new, key, guidance=g,
+                                         expert=jnp.asarray(ebuf), expert_lens=jnp.asarray(lens + 2),
+                                         novice=jnp.asarray(nbuf), novice_lens=jnp.asarray(lens + 1)))
+    # plain loop: unpadded sequences, one row at a time, the same per-step keys
+    lp = lambda seq: _np_log_softmax(np.asarray(base.run(np.asarray(seq)[None]).logits[0, -1], np.float64))
+    for i, p in enumerate(prompts):
+        seq = list(p)
+        for s in range(n_new):
+            guided = lp(seq) - g * (lp(cplus + seq[1:]) - lp(cminus + seq[1:]))
+            logits_all = np.stack([guided if r == i else np.zeros_like(guided) for r in range(2)])
+            tok = int(jax.random.categorical(jax.random.fold_in(key, s), jnp.asarray(logits_all, jnp.float32))[i])
+            seq.append(tok)
+        assert seq[len(p):] == list(got[i])
+
+
+def test_train_step_learns_and_resumes(base, tmp_path):
+    lm = lora.init(base, lora.LoraConfig(rank=2), key=0)
+    data = {k: np.asarray(v) for k, v in _batch().items()}
+    erase_only = elm.ElmConfig.tiny(eta=3.0, top_k=10, retain_weight=0.0, fluency_weight=0.0)
+    _, hist = elm.train(lm, lambda a, b, batch, k: elm.elm_loss(a, b, batch, k, erase_only), lambda s: data,
+                        steps=5, optimizer=optax.adam(1e-2), key=jax.random.PRNGKey(0), progress=False)
+    assert hist[-1]["erase"] < hist[0]["erase"] - 0.05
+    loss_fn = lambda a, b, batch, k: elm.elm_loss(a, b, batch, k, ECFG)
+    opt = optax.adamw(ECFG.lr)
+    key = jax.random.PRNGKey(0)
+    trained, hist = elm.train(lm, loss_fn, lambda s: data, steps=6, optimizer=opt, key=key, progress=False)
+    # 3 steps, stop, resume to 6 from the checkpoint == 6 straight steps (bit for bit)
+    elm.train(lm, loss_fn, lambda s: data, steps=3, optimizer=opt, key=key, progress=False,
+              checkpoint_dir=tmp_path / "ckpt", save_every=3)
+    resumed, hist2 = elm.train(lm, loss_fn, lambda s: data, steps=6, optimizer=opt, key=key, progress=False,
+                               checkpoint_dir=tmp_path / "ckpt", save_every=3)
+    assert len(hist2) == 3
+    for a, b in zip(jax.tree_util.tree_leaves(trained.lora), jax.tree_util.tree_leaves(resumed.lora)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_data_parallel_mesh_matches_single_device(base):
+    lm = lora.init(base, lora.LoraConfig(rank=2), key=0)
+    data = {k: np.asarray(v) for k, v in _batch().items()}
+    loss_fn = lambda a, b, batch, k: elm.elm_loss(a, b, batch, k, ECFG)
+    opt = optax.adamw(ECFG.lr)
+    mesh = elm.data_mesh()
+    a, _ = elm.train(lm, loss_fn, lambda s: data, steps=2, optimizer=opt, key=jax.random.PRNGKey(0), progress=False)
+    b, _ = elm.train(lm, loss_fn, lambda s: data, steps=2, optimizer=opt, key=jax.random.PRNGKey(0), progress=False,
+                     mesh=mesh)
+    for x, y in zip(jax.tree_util.tree_leaves(a.lora), jax.tree_util.tree_leaves(b.lora)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="temperature"):
+        elm.ElmConfig(temperature=0)
+    with pytest.raises(ValueError, match="lora_mode"):
+        elm.ElmConfig(lora_mode="fast")
