@@ -127,10 +127,12 @@ def is_initialized() -> bool:
 def initialize(config: Optional[DistributedConfig] = None, *, auto: bool = False) -> bool:
     """Join the other processes; returns True when running multi-process.
 
-    With nothing configured this is a no-op (one process) unless ``auto=True``, which lets
-    JAX detect a Cloud TPU slice or a SLURM/Open MPI job by itself.
+    With nothing configured this is a no-op (one process) unless ``auto=True`` (or the
+    environment sets ``JAXINTERP_DISTRIBUTED=auto``, as ``tpu_configs/launch_tpu.sh`` does),
+    which lets JAX detect a Cloud TPU slice or a SLURM/Open MPI job by itself.
     """
     config = config_from() if config is None else config
+    auto = auto or os.environ.get("JAXINTERP_DISTRIBUTED") == "auto"
     if is_initialized():
         return jax.process_count() > 1
     if config.single_process or (config.num_processes is None and config.coordinator is None and not auto):
