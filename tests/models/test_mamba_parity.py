@@ -4,7 +4,6 @@ random-initialised models; the selective scan vs a plain numpy recurrence; inter
 
 import dataclasses
 import importlib.util
-import json
 
 import jax
 import jax.numpy as jnp
