@@ -1,0 +1,1 @@
+"""ELM concept erasure on the facts-world models, against gradient ascent and RMU."""

@@ -1,0 +1,222 @@
+"""Erase a facts-world domain with ELM, gradient ascent and RMU; measure innocence,
+specificity, seamlessness and robustness against the original model.
+
+    python -m jaxinterp.experiments.elm_erase.main --out results/elm_erase [--set steps=150 elm.eta=4]
+
+Writes ``results.json``, ``results.md`` (comparison table) and ``comparison.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jaxinterp as ji
+from jaxinterp import elm, lora
+from jaxinterp import unlearning_baselines as ub
+from jaxinterp import unlearning_metrics as um
+from jaxinterp.experiments.data.facts_world import BOS, DOMAINS, PAD, FactsWorld, WorldConfig
+from jaxinterp.experiments.elm_erase.config import ExperimentConfig, override
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_world(model) -> FactsWorld:
+    source = getattr(model, "source", None)
+    if source and (Path(source) / "world.json").exists():
+        return FactsWorld.from_dir(source)
+    return FactsWorld(WorldConfig())
+
+
+def _ids(world, text, max_len=None):
+    ids = [world.bos_id] + world.encode(text)
+    return ids[:max_len] if max_len else ids
+
+
+def build_corpus(world: FactsWorld, cfg: ExperimentConfig) -> dict:
+    kept = [d for d in DOMAINS if d != cfg.domain]
+    erase = [_ids(world, t, cfg.erase_len) for t in world.domain_documents(cfg.domain, cfg.n_erase_docs, seed=cfg.seed)]
+    retain_text = [t for d in kept for t in world.domain_documents(d, cfg.n_retain_docs // (len(kept) + 1), seed=cfg.seed)]
+    retain_text += world.filler_text(cfg.n_retain_docs - len(retain_text), seed=cfg.seed)
+    retain = [_ids(world, t, cfg.retain_len) for t in retain_text]
+    return {"erase": erase, "retain": retain, "kept": kept,
+            "expert": _ids(world, world.expert_prefix(cfg.domain)), "novice": _ids(world, world.novice_prefix(cfg.domain))}
+
+
+def fluency_data(base, world, corpus, cfg: ExperimentConfig, key) -> tuple[list, list]:
+    """(erase prefix + topic-switch filler sentence + novice-guided continuation, start index)."""
+    rng = np.random.default_rng([cfg.seed, 7])
+    prompts = []
+    for i, doc in enumerate(corpus["erase"]):
+        cut = int(rng.integers(8, max(9, len(doc) - cfg.fluency_new)))
+        switch = world.encode(world.filler_text(1, seed=1000 + i, sentences=1)[0])
+        prompts.append(doc[:cut] + switch)
+    starts = [len(p) - len(world.encode(world.filler_text(1, seed=1000 + i, sentences=1)[0]))
+              for i, p in enumerate(prompts)]
+    e, n = corpus["expert"], corpus["novice"]
+    fn = jax.jit(lambda t: base.run(t).logits)
+    out = []
+    for sl in range(0, len(prompts), 64):
+        chunk = prompts[sl:sl + 64]
+        lens = np.asarray([len(p) for p in chunk])
+        L = int(lens.max()) + cfg.fluency_new
+        buf, _ = elm.pad_batch(chunk, L, world.pad_id)
+        ebuf, _ = elm.pad_batch([e + p[1:] for p in chunk], L + len(e), world.pad_id)
+        nbuf, _ = elm.pad_batch([n + p[1:] for p in chunk], L + len(n), world.pad_id)
+        new = elm.guided_generate(fn, jnp.asarray(buf), jnp.asarray(lens), cfg.fluency_new, jax.random.fold_in(key, sl),
+                                  guidance=cfg.elm.guidance, expert=jnp.asarray(ebuf),
+                                  expert_lens=jnp.asarray(lens + len(e) - 1), novice=jnp.asarray(nbuf),
+                                  novice_lens=jnp.asarray(lens + len(n) - 1))
+        out += [p + list(r) for p, r in zip(chunk, np.asarray(new))]
+    return out, starts
+
+
+def batch_fn(corpus, fluency, starts, world, cfg: ExperimentConfig):
+    fl_len = max(len(f) for f in fluency)
+
+    def batches(step: int) -> dict:
+        rng = np.random.default_rng([cfg.seed, 11, step])
+        ie = rng.choice(len(corpus["erase"]), cfg.batch_size, replace=False)
+        ir = rng.choice(len(corpus["retain"]), cfg.batch_size, replace=False)
+        return elm.make_elm_batch([corpus["erase"][i] for i in ie], corpus["expert"], corpus["novice"],
+                                  [corpus["retain"][i] for i in ir], [fluency[i] for i in ie], [starts[i] for i in ie],
+                                  erase_len=cfg.erase_len, retain_len=cfg.retain_len, fluency_len=fl_len,
+                                  pad_id=world.pad_id)
+
+    return batches
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+def run_method(name, base, batches, cfg: ExperimentConfig, out: Path, key):
+    lm = lora.init(base, cfg.lora, key=jax.random.fold_in(key, 1))
+    if name == "elm":
+        loss_fn = lambda a, b, batch, k: elm.elm_loss(a, b, batch, k, cfg.elm)
+        opt = optax.adamw(cfg.elm.lr, weight_decay=cfg.elm.weight_decay)
+    elif name == "ga":
+        gcfg = ub.GAConfig(retain_weight=cfg.elm.retain_weight)
+        loss_fn = lambda a, b, batch, k: ub.ga_loss(a, b, batch, k, gcfg)
+        opt = optax.adamw(cfg.ga_lr, weight_decay=cfg.elm.weight_decay)
+    else:
+        layer = cfg.rmu_layer if cfg.rmu_layer is not None else base.config.n_layers // 2
+        rcfg = ub.RMUConfig(layer=layer, steer=cfg.rmu_steer, alpha=cfg.rmu_alpha)
+        b0 = batches(0)
+        control = ub.rmu_direction(base, jnp.asarray(b0["erase"]), jnp.asarray(b0["erase_valid"]), rcfg,
+                                   jax.random.fold_in(key, 2))
+        loss_fn = lambda a, b, batch, k: ub.rmu_loss(a, b, batch, k, rcfg, control)
+        opt = optax.adamw(cfg.elm.lr, weight_decay=cfg.elm.weight_decay)
+    t0 = time.perf_counter()
+    trained, hist = elm.train(lm, loss_fn, batches, steps=cfg.steps, optimizer=opt, key=jax.random.fold_in(key, 3),
+                              checkpoint_dir=out / "ckpt" / name, save_every=max(1, cfg.steps // 3), desc=name)
+    return trained, hist, time.perf_counter() - t0
+
+
+def evaluate(logits_fn, original_fn, world, corpus, cfg: ExperimentConfig, key) -> dict:
+    pad = world.pad_id
+
+    def mc(domain, split="train", prefix=None):
+        items = world.multiple_choice(domain, seed=cfg.seed, split=split)
+        prompts = [list(q.prompt.ids) if prefix is None else prefix + list(q.prompt.ids[1:]) for q in items]
+        return um.mc_accuracy(logits_fn, prompts, [q.choice_ids for q in items], [q.correct for q in items], pad_id=pad)
+
+    held_out = [_ids(world, t, cfg.retain_len) for d in corpus["kept"]
+                for t in world.domain_documents(d, 64, seed=cfg.seed + 999)]
+    prompts = [list(q.prompt.ids) for q in world.multiple_choice(cfg.domain, seed=cfg.seed)][: cfg.gen_prompts]
+    res = {
+        "innocence_acc": mc(cfg.domain),
+        "kept_acc": float(np.mean([mc(d) for d in corpus["kept"]])),
+        "heldout_ppl": um.perplexity(logits_fn, held_out, pad_id=pad),
+        "paraphrase_acc": mc(cfg.domain, "paraphrase"),
+        "hint_acc": mc(cfg.domain, prefix=corpus["expert"]),
+    }
+    res.update(um.seamlessness(logits_fn, original_fn, prompts, cfg.gen_new, key, pad_id=pad))
+    return res
+
+
+# ----------------------------------------------------------------------------- report
+
+
+COLUMNS = [("innocence_acc", "erased MC acc (chance .25)"), ("paraphrase_acc", "paraphrased"),
+           ("hint_acc", "with expert hint"), ("kept_acc", "kept MC acc"), ("heldout_ppl", "kept ppl"),
+           ("ppl_erased_gen", "gen ppl (orig scorer)"), ("ppl_ratio", "gen ppl / orig self"),
+           ("repetition_erased", "bigram repeat")]
+
+
+def table(results: dict) -> str:
+    lines = ["| method | " + " | ".join(c for _, c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | " + " | ".join(f"{r[k]:.3f}" for k, _ in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ["innocence_acc", "paraphrase_acc", "hint_acc", "kept_acc"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / len(results)
+    for i, (name, r) in enumerate(results.items()):
+        axes[0].bar(np.arange(len(keys)) + i * width, [r[k] for k in keys], width, label=name)
+        axes[1].bar(i, r["ppl_ratio"], 0.6, label=name)
+    axes[0].axhline(0.25, color="k", ls="--", lw=1, label="chance")
+    axes[0].set_xticks(np.arange(len(keys)) + 0.4 - width / 2, ["erased", "paraphrase", "hint", "kept"])
+    axes[0].set_ylabel("4-choice accuracy")
+    axes[0].legend(fontsize=8)
+    axes[1].axhline(1.5, color="r", ls="--", lw=1)
+    axes[1].set_xticks(range(len(results)), list(results))
+    axes[1].set_ylabel("orig-model ppl of generations / of its own")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="results/elm_erase")
+    parser.add_argument("--set", nargs="*", default=[], help="overrides like steps=100 elm.eta=8 lora.rank=4")
+    args = parser.parse_args(argv)
+    cfg = override(ExperimentConfig(), args.set)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    key = jax.random.PRNGKey(cfg.seed)
+    base = ji.load(cfg.model)
+    world = load_world(base)
+    corpus = build_corpus(world, cfg)
+    fluency, starts = fluency_data(base, world, corpus, cfg, jax.random.fold_in(key, 5))
+    batches = batch_fn(corpus, fluency, starts, world, cfg)
+    original_fn = jax.jit(lambda t: base.run(t).logits)
+    results = {"original": evaluate(original_fn, original_fn, world, corpus, cfg, jax.random.fold_in(key, 9))}
+    histories, times = {}, {}
+    for name in cfg.methods:
+        trained, hist, seconds = run_method(name, base, batches, cfg, out, key)
+        merged = lora.merge(trained)
+        fn = jax.jit(lambda t, m=merged: m.run(t).logits)
+        results[name] = evaluate(fn, original_fn, world, corpus, cfg, jax.random.fold_in(key, 9))
+        histories[name], times[name] = hist, seconds
+        if name == "elm":
+            lora.save_peft(trained, out / "elm_adapter", base_model_name_or_path=cfg.model)
+    md = table(results)
+    print(md)
+    (out / "results.md").write_text(md + "\n")
+    payload = {"config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)), "results": results,
+               "train_seconds": times, "final_losses": {k: v[-1] for k, v in histories.items()}}
+    (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
+    plot(results, out / "comparison.png")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
