@@ -108,10 +108,10 @@ def _facts_gpt() -> Config:
 def _facts_mamba() -> Config:
     return Config(
         name="facts-mamba",
-        model=ModelSpec(family="mamba", args=dict(d_model=192, n_layers=4, d_state=16, expand=2)),
-        data=DataConfig(seq_len=128, batch_size=32),
+        model=ModelSpec(family="mamba", args=dict(d_model=128, n_layers=6, d_state=16, expand=2)),
+        data=DataConfig(seq_len=96, batch_size=24),
         optim=OptimConfig(lr=3e-3, warmup_steps=100),
-        train=TrainConfig(steps=1500, eval_every=500, save_every=100),
+        train=TrainConfig(steps=1200, eval_every=300, save_every=100),
     )
 
 
@@ -154,6 +154,11 @@ def _set(node: Any, path: list[str], value: Any, full: str) -> Any:
     head, rest = path[0], path[1:]
     if isinstance(node, Mapping):  # free-form dicts (model.args) accept new keys
         child = node.get(head, {} if rest else None)
+        if not rest and isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         return {**node, head: _set(child, rest, value, full) if rest else value}
     if not dataclasses.is_dataclass(node):
         raise ValueError(f"override {full!r}: {head!r} is inside a non-config value")
@@ -163,6 +168,16 @@ def _set(node: Any, path: list[str], value: Any, full: str) -> Any:
     current = getattr(node, head)
     if rest:
         return dataclasses.replace(node, **{head: _set(current, rest, value, full)})
+    return dataclasses.replace(node, **{head: _coerce(value, current, full)})
+
+
+def _coerce(value: Any, current: Any, full: str) -> Any:
+    """Match the field's current type (YAML reads "1e-3" as a string, "2" as an int)."""
     if isinstance(current, tuple) and isinstance(value, list):
-        value = tuple(value)
-    return dataclasses.replace(node, **{head: value})
+        return tuple(value)
+    if isinstance(current, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"override {full!r}: expected a number, got {value!r}") from None
+    return value

@@ -69,8 +69,10 @@ def lm_loss(params, model: Model, tokens: jax.Array) -> jax.Array:
 def make_train_step(model: Model, optimizer: optax.GradientTransformation):
     """jit(params, opt_state, tokens) -> (params, opt_state, loss); batch sharding comes from the input."""
 
+    skeleton = model.replace(params={})  # config only: the parameters are jit arguments, not constants
+
     def step(params, opt_state, tokens):
-        loss, grads = jax.value_and_grad(lm_loss)(params, model, tokens)
+        loss, grads = jax.value_and_grad(lm_loss)(params, skeleton, tokens)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 

@@ -1,0 +1,93 @@
+"""Reproduce the shipped facts-world models: train, evaluate on every prompt, write the model card.
+
+    python -m jaxinterp.experiments.train_lm.make_embedded facts-gpt facts-mamba
+    python -m jaxinterp.experiments.train_lm.make_embedded facts-gpt --from-run results/train_lm/facts-gpt
+
+Each model is trained with ``train_lm.main --config <name>`` (resumable; output under
+``results/train_lm/<name>``), then its export is copied to ``models/embedded/<name>/`` with a
+README.md model card (held-out paraphrase and in-context copy accuracy, per relation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from jaxinterp.experiments.train_lm import main as train_main
+
+EMBEDDED = Path(__file__).resolve().parents[2] / "models" / "embedded"
+FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+         "world.json")
+
+
+def model_card(name: str, results: dict, command: str) -> str:
+    ev, cfg = results["eval"], results["config"]
+    rows = "\n".join(f"| {rel} | {acc.get('train', float('nan')):.3f} | {acc.get('paraphrase', float('nan')):.3f} |"
+                     for rel, acc in ev["per_relation"].items())
+    args = ", ".join(f"{k}={v}" for k, v in cfg["model"]["args"].items())
+    return f"""# {name}
+
+A {cfg['model']['family']} model ({args}; {results['num_params']:,} parameters, float32) trained from
+scratch on the synthetic facts world (`jaxinterp.experiments.data.facts_world`, config in
+`world.json`: rebuild it with `FactsWorld.from_dir(<this dir>)`). Word-level tokenizer in
+`tokenizer.json`; prompts are fed as `<|endoftext|>` + text. Loads with `ji.load("{name}")` and
+with `transformers` (`AutoModelForCausalLM.from_pretrained(<this dir>)`).
+
+## Accuracy (first-token argmax, every fact of the world)
+
+The facts are arbitrary, so "held-out" means held-out *templates*: the paraphrase templates
+never occur in the training corpus.
+
+| metric | accuracy | n |
+|---|---|---|
+| training-template fact prompts | {ev['train_acc']:.3f} | {ev['train_n']} |
+| held-out paraphrase prompts | {ev['paraphrase_acc']:.3f} | {ev['paraphrase_n']} |
+| in-context copy (counterfactual passages) | {ev['copy_acc']:.3f} | {ev['copy_n']} |
+
+Per relation:
+
+| relation | train templates | paraphrases |
+|---|---|---|
+{rows}
+
+## Training
+
+{cfg['train']['steps']} steps of batch {cfg['data']['batch_size']} x {cfg['data']['seq_len']} tokens,
+AdamW (lr {cfg['optim']['lr']}, warmup {cfg['optim']['warmup_steps']}, cosine to
+{cfg['optim']['end_lr_frac']} x lr, weight decay {cfg['optim']['weight_decay']}, clip {cfg['optim']['clip_norm']}),
+{results['train_seconds']:.0f} s on a shared 2-core CPU. Reproduce with
+
+    {command}
+"""
+
+
+def ship(name: str, run_dir: Path, command: str) -> Path:
+    results = json.loads((run_dir / "results.json").read_text())
+    if results["eval"]["train_n"] != results["eval"]["train_n"] or "per_relation" not in results["eval"]:
+        raise ValueError(f"{run_dir}/results.json lacks a full evaluation")
+    dest = EMBEDDED / name
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in FILES:
+        shutil.copy(run_dir / "export" / f, dest / f)
+    (dest / "README.md").write_text(model_card(name, results, command))
+    return dest
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("names", nargs="+", choices=["facts-gpt", "facts-mamba"])
+    p.add_argument("--from-run", type=Path, default=None, help="ship an existing run dir instead of training")
+    args = p.parse_args(argv)
+    for name in args.names:
+        run_dir = args.from_run or Path("results") / "train_lm" / name
+        command = f"python -m jaxinterp.experiments.train_lm.main --config {name} --out {run_dir}"
+        if args.from_run is None:
+            train_main.main(["--config", name, "--out", str(run_dir)])
+        print(f"shipped {ship(name, run_dir, command)}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
