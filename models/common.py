@@ -40,6 +40,43 @@ def check_activation(name: str) -> str:
     return name
 
 
+# ----------------------------------------------------------------------------- rotary config
+
+_ROPE_KEYS = {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
+
+def read_rope(model_type: str, d: Mapping[str, Any], *, default_theta: float = 10000.0,
+              default_factor: float = 1.0, legacy_theta: str = "rope_theta",
+              legacy_factor: str = "partial_rotary_factor") -> tuple[float, float]:
+    """(rope_theta, partial_rotary_factor) from an HF config, refusing non-default rope types.
+
+    Accepts the transformers-5 ``rope_parameters`` dict, the older ``rope_scaling`` dict (``None``
+    or the default type), and top-level legacy fields (``rope_theta``, or NeoX's
+    ``rotary_emb_base``/``rotary_pct`` passed as ``legacy_theta``/``legacy_factor``).
+    """
+    params = d.get("rope_scaling") or d.get("rope_parameters") or {}
+    if not isinstance(params, Mapping):
+        raise ConversionError(f"{model_type}: rope parameters must be a mapping, got {params!r}")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        raise ConversionError(
+            f"{model_type}: rope type {rope_type!r} (scaled rotary such as llama3/yarn/dynamic/linear) is not "
+            f"supported; supported rope types: ['default']"
+        )
+    unknown = sorted(set(params) - _ROPE_KEYS)
+    if unknown:
+        raise ConversionError(
+            f"{model_type}: rope parameters {unknown} are not handled (per-layer-type or scaled rotary); "
+            f"handled keys: {sorted(_ROPE_KEYS)}"
+        )
+    theta = params.get("rope_theta")
+    if theta is None:
+        theta = d.get(legacy_theta, default_theta)
+    factor = params.get("partial_rotary_factor")
+    if factor is None:
+        factor = d.get(legacy_factor, default_factor)
+    return float(theta), float(factor)
+
+
 # ----------------------------------------------------------------------------- norms
 
 
@@ -211,6 +248,19 @@ def params_from_hf(model_type: str, entries: Iterable[Entry], param_shapes: Any,
     for e in entries:
         _set(params, e.path, e.to_flax(renamed[e.hf]))
     return params
+
+
+def drop_tied_copy(model_type: str, tensors: dict, head: str, embed: str) -> None:
+    """Drop an explicitly written copy of tied output embeddings, refusing one that differs."""
+    if head not in tensors:
+        return
+    if embed in tensors and tensors[head].shape == tensors[embed].shape and np.array_equal(tensors[head], tensors[embed]):
+        del tensors[head]
+        return
+    raise ConversionError(
+        f"{model_type}: config ties the embeddings (tie_word_embeddings=true) but the checkpoint holds a "
+        f"different {head!r}; set tie_word_embeddings=false to load it as a separate unembedding"
+    )
 
 
 def params_to_hf(entries: Iterable[Entry], params: Any) -> dict[str, np.ndarray]:

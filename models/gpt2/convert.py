@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jaxinterp.models.common import Entry, param_shapes, params_from_hf, params_to_hf
+from jaxinterp.models.common import Entry, drop_tied_copy, param_shapes, params_from_hf, params_to_hf
 from jaxinterp.sites import SiteContext
 from .config import GPT2Config
 from .model import GPT2, site_names
@@ -30,7 +30,7 @@ def entries(cfg: GPT2Config) -> list[Entry]:
 def from_hf(cfg: GPT2Config, tensors):
     tensors = dict(tensors)
     if cfg.tie_embeddings:
-        tensors.pop("lm_head.weight", None)  # some exports write the tied copy explicitly
+        drop_tied_copy("gpt2", tensors, "lm_head.weight", "transformer.wte.weight")
     shapes = param_shapes(GPT2(cfg), lambda: SiteContext(site_names(cfg)))
     return params_from_hf("gpt2", entries(cfg), shapes, tensors, _IGNORABLE, rename=_canonical)
 

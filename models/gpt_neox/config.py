@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 from jaxinterp.hf import ConversionError, check_config_fields
 from jaxinterp.models.common import check_activation
-from jaxinterp.models.llama.config import read_rope
+from jaxinterp.models.common import read_rope
 
 _HANDLED = {
     "vocab_size", "max_position_embeddings", "hidden_size", "num_hidden_layers", "num_attention_heads",

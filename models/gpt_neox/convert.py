@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from jaxinterp.hf import ConversionError
 from jaxinterp.models.common import Entry, param_shapes, params_from_hf, params_to_hf
-from jaxinterp.models.llama.convert import drop_tied_copy
+from jaxinterp.models.common import drop_tied_copy
 from jaxinterp.sites import SiteContext
 from .config import GPTNeoXConfig
 from .model import GPTNeoX, site_names

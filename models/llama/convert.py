@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import numpy as np
-
-from jaxinterp.hf import ConversionError
-from jaxinterp.models.common import Entry, param_shapes, params_from_hf, params_to_hf
+from jaxinterp.models.common import Entry, drop_tied_copy, param_shapes, params_from_hf, params_to_hf
 from jaxinterp.sites import SiteContext
 from .config import LlamaConfig
 from .model import Llama, site_names
 
 # Rotary caches written by some old exports; they are recomputed from the config.
 _IGNORABLE = (".rotary_emb.inv_freq",)
-
 
 def entries(cfg: LlamaConfig) -> list[Entry]:
     out = [Entry("model.embed_tokens.weight", ("embed_tokens",))]
@@ -32,27 +28,12 @@ def entries(cfg: LlamaConfig) -> list[Entry]:
         out.append(Entry("lm_head.weight", ("lm_head", "kernel"), "T"))
     return out
 
-
-def drop_tied_copy(model_type: str, tensors: dict, head: str, embed: str) -> None:
-    """Drop an explicitly written copy of tied output embeddings, refusing one that differs."""
-    if head not in tensors:
-        return
-    if embed in tensors and tensors[head].shape == tensors[embed].shape and np.array_equal(tensors[head], tensors[embed]):
-        del tensors[head]
-        return
-    raise ConversionError(
-        f"{model_type}: config ties the embeddings (tie_word_embeddings=true) but the checkpoint holds a "
-        f"different {head!r}; set tie_word_embeddings=false to load it as a separate unembedding"
-    )
-
-
 def from_hf(cfg: LlamaConfig, tensors):
     tensors = dict(tensors)
     if cfg.tie_embeddings:
         drop_tied_copy(cfg.variant, tensors, "lm_head.weight", "model.embed_tokens.weight")
     shapes = param_shapes(Llama(cfg), lambda: SiteContext(site_names(cfg)))
     return params_from_hf(cfg.variant, entries(cfg), shapes, tensors, _IGNORABLE)
-
 
 def to_hf(cfg: LlamaConfig, params):
     return params_to_hf(entries(cfg), params)
