@@ -90,3 +90,29 @@ def test_data_parallel_patching_needs_no_gather(model, tokens):
     hlo = forward.lower(sharded, jsh.place_tokens(tokens, mesh, "dp"), ivs).compile().as_text()
     assert "all-gather" not in hlo and "all-reduce" not in hlo and "all-to-all" not in hlo
     assert "collective-permute" not in hlo
+
+
+def _port_configs():
+    out = []
+    for name, fam in sorted(ji.families().items()):
+        presets = [n for n in vars(fam.config_cls) if n == "tiny" or n.endswith("_tiny")]
+        out += [(name, p) for p in presets]
+    return out
+
+
+@pytest.mark.parametrize("shape", [(4, 2), (2, 4)], ids=["4x2", "2x4"])
+@pytest.mark.parametrize("port", _port_configs(), ids=[f"{f}-{p}" for f, p in _port_configs()])
+def test_every_port_forward_and_captures_match_single_device(port, shape):
+    family, preset = port
+    config = getattr(ji.get_family(family).config_cls, preset)()
+    model = ji.init(config, 5)
+    tokens = np.random.default_rng(6).integers(0, config.vocab_size, (8, 8)).astype(np.int32)
+    capture = ["embed", "blocks.*.resid_post", "final_norm"] + [s for s in model.sites if s.startswith("blocks.0.")
+                                                               and not s.endswith("ssm_state")]
+    ref = model.run(tokens, capture=capture)
+    mesh = _mesh("fsdp_tp", *shape)
+    out = jsh.sharded_run(jsh.shard_model(model, mesh, "fsdp_tp"), tokens, mesh, "fsdp_tp", capture=capture)
+    np.testing.assert_allclose(np.asarray(out.logits), np.asarray(ref.logits), atol=1e-5, rtol=0)
+    for site in ref.cache:
+        np.testing.assert_allclose(np.asarray(out.cache[site]), np.asarray(ref.cache[site]), atol=1e-5, rtol=0,
+                                   err_msg=site)

@@ -30,6 +30,35 @@ GPT2_GOLDEN = {
 }
 
 
+_EMB = {"dp": P(), "fsdp": P(None, "fsdp"), "tp": P("tensor"), "fsdp_tp": P("tensor", "fsdp")}  # [vocab, embed]
+_IN = {"dp": P(), "fsdp": P("fsdp"), "tp": P(None, "tensor"), "fsdp_tp": P("fsdp", "tensor")}  # [embed, heads|mlp]
+_OUT = {"dp": P(), "fsdp": P(None, "fsdp"), "tp": P("tensor"), "fsdp_tp": P("tensor", "fsdp")}  # [heads|mlp, embed]
+_NORM = {"dp": P(), "fsdp": P("fsdp"), "tp": P(), "fsdp_tp": P("fsdp")}
+
+OTHER_GOLDEN = {
+    ("llama", "llama_tiny"): {
+        "embed_tokens": _EMB, "layers_0/self_attn/q_proj/kernel": _IN, "layers_0/self_attn/k_proj/kernel": _IN,
+        "layers_0/self_attn/o_proj/kernel": _OUT, "layers_0/mlp/gate_proj/kernel": _IN,
+        "layers_0/mlp/down_proj/kernel": _OUT, "norm/scale": _NORM,
+    },
+    ("gpt_neox", "tiny"): {
+        "embed_in": _EMB, "layers_1/attention/query_key_value/kernel": _IN, "layers_1/attention/dense/kernel": _OUT,
+        "layers_1/mlp/dense_h_to_4h/kernel": _IN, "layers_1/mlp/dense_4h_to_h/kernel": _OUT,
+        "embed_out/kernel": _IN, "final_layer_norm/bias": _NORM,
+    },
+    ("mamba", "tiny"): {
+        "embeddings": _EMB,
+        "layers_0/mixer/in_proj/kernel": _IN,  # [embed, d_inner]
+        "layers_0/mixer/out_proj/kernel": {"dp": P(), "fsdp": P("fsdp"), "tp": P("tensor"), "fsdp_tp": P("tensor", "fsdp")},
+        "layers_0/mixer/A_log": {"dp": P(), "fsdp": P("fsdp"), "tp": P("tensor"), "fsdp_tp": P("tensor")},
+        "layers_0/mixer/conv1d/kernel": {"dp": P(), "fsdp": P(None, "fsdp"), "tp": P(None, "tensor"),
+                                         "fsdp_tp": P(None, "tensor")},
+        "layers_0/mixer/x_proj/kernel": {"dp": P(), "fsdp": P("fsdp"), "tp": P("tensor"), "fsdp_tp": P("tensor")},
+        "norm_f/scale": _NORM,
+    },
+}
+
+
 def _flat_specs(family, params, rules):
     specs = jsh.param_specs(family, params, rules)
     leaves = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, P))[0]
@@ -53,6 +82,17 @@ def test_gpt2_golden_specs(rules):
 
     specs = _flat_specs("gpt2", _shapes(GPT2Config.tiny(tie_embeddings=False)), rules)
     for path, golden in GPT2_GOLDEN.items():
+        assert specs[path] == golden[rules], (path, specs[path], golden[rules])
+
+
+@pytest.mark.parametrize("rules", RULES)
+@pytest.mark.parametrize("port", list(OTHER_GOLDEN), ids=[f for f, _ in OTHER_GOLDEN])
+def test_other_ports_golden_specs(port, rules):
+    family, preset = port
+    fam = ji.get_family(family)
+    specs = _flat_specs(family, _shapes(getattr(fam.config_cls, preset)()), rules)
+    for path, golden in OTHER_GOLDEN[port].items():
+        assert path in specs, (path, sorted(specs)[:10])
         assert specs[path] == golden[rules], (path, specs[path], golden[rules])
 
 
