@@ -73,6 +73,13 @@ def site_names(cfg: MambaConfig) -> tuple[str, ...]:
 # [1e-3, 0.1]) so that ``ji.init`` gives a trainable model; loading ignores them.
 
 
+def _scan_method(cfg: MambaConfig) -> str:
+    """Resolve ``scan="auto"``: the sequential scan is much faster on CPU, the associative one on accelerators."""
+    if cfg.scan != "auto":
+        return cfg.scan
+    return "sequential" if jax.default_backend() == "cpu" else "associative"
+
+
 def _a_log_init(key, shape, dtype=jnp.float32):
     d_inner, n = shape
     return jnp.log(jnp.broadcast_to(jnp.arange(1, n + 1, dtype=jnp.float32), (d_inner, n))).astype(dtype)
@@ -142,10 +149,10 @@ class Mixer(nn.Module):
     def _scan(self, sites, name, u, delta, a, b_mat, c_mat):
         cfg = self.cfg
         if sites.wants(name):
-            states = ssm_states(u, delta, a, b_mat, method=cfg.scan, chunk=cfg.scan_chunk)  # [B, T, Di, N]
+            states = ssm_states(u, delta, a, b_mat, method=_scan_method(cfg), chunk=cfg.scan_chunk)  # [B, T, Di, N]
             states = sites(name, states.astype(u.dtype))
             return readout(states, c_mat)
-        return ssm_outputs(u, delta, a, b_mat, c_mat, method=cfg.scan, chunk=cfg.scan_chunk)
+        return ssm_outputs(u, delta, a, b_mat, c_mat, method=_scan_method(cfg), chunk=cfg.scan_chunk)
 
 
 class Block(nn.Module):
