@@ -165,15 +165,17 @@ class WorldConfig:
       p_filler: probability of a filler sentence between two facts of a document.
       facts_per_doc: (min, max) fact sentences per document.
       passage_sentences: (min, max) sentences per in-context passage.
+      passage_questions: answered questions after a training passage (about distinct sentences).
     """
 
     seed: int = 0
     entities_per_domain: int = 16
     p_tagged: float = 0.3
-    p_passage: float = 0.35
+    p_passage: float = 0.4
     p_filler: float = 0.3
     facts_per_doc: tuple[int, int] = (3, 8)
     passage_sentences: tuple[int, int] = (2, 5)
+    passage_questions: int = 3
 
     def __post_init__(self):
         if not 2 <= self.entities_per_domain <= 150:
@@ -185,6 +187,8 @@ class WorldConfig:
             lo, hi = getattr(self, name)
             if not 1 <= lo <= hi:
                 raise ValueError(f"WorldConfig.{name} must be (min, max) with 1 <= min <= max, got {(lo, hi)}")
+        if self.passage_questions < 1:
+            raise ValueError(f"WorldConfig.passage_questions must be >= 1, got {self.passage_questions}")
         if self.passage_sentences[1] > 8:
             raise ValueError("WorldConfig.passage_sentences max must be <= 8 (distinct facts per passage)")
         object.__setattr__(self, "facts_per_doc", tuple(self.facts_per_doc))
@@ -545,8 +549,7 @@ class FactsWorld:
     def sample_document(self, rng: np.random.Generator) -> str:
         """One training document drawn with ``rng`` (the corpus mix of ``WorldConfig``)."""
         if rng.random() < self.config.p_passage:
-            p = self._passage(rng, counterfactual=None)
-            return p.text + f" {p.answer} ."
+            return self._passage_document(rng)
         domain = DOMAINS[rng.integers(len(DOMAINS))]
         tag = None
         if rng.random() < self.config.p_tagged:
@@ -570,9 +573,21 @@ class FactsWorld:
     def context_passages(self, n: int, seed: int = 0, counterfactual: bool = True) -> list[ContextPassage]:
         """Passages whose question must be answered by copying (``counterfactual``: answer != true fact)."""
         rng = np.random.default_rng([self.config.seed, 7, seed])
-        return [self._passage(rng, counterfactual) for _ in range(n)]
+        return [self._passage(rng, *self._passage_parts(rng, counterfactual)) for _ in range(n)]
 
-    def _passage(self, rng, counterfactual: bool | None) -> ContextPassage:
+    def _passage_document(self, rng) -> str:
+        """A training passage followed by up to ``passage_questions`` answered questions."""
+        pairs, objs, q = self._passage_parts(rng, counterfactual=None)
+        text = self._passage(rng, pairs, objs, q).text + f" {objs[q]} ."
+        others = [i for i in rng.permutation(len(pairs)) if i != q][: self.config.passage_questions - 1]
+        for i in others:
+            e, r = pairs[i]
+            rel = self._rel[r]
+            question = rel.templates[rng.integers(len(rel.templates))].format(e.name)
+            text += f" {QUESTION_WORD} {question} {objs[i]} ."
+        return text
+
+    def _passage_parts(self, rng, counterfactual: bool | None):
         lo, hi = self.config.passage_sentences
         k = int(rng.integers(lo, hi + 1))
         pairs = self._passage_pairs(rng, k)
@@ -585,6 +600,10 @@ class FactsWorld:
         if counterfactual:
             options = [o for o in self._rel[r_q].objects if o != e_q.attributes[r_q]]
             objs[q] = str(options[rng.integers(len(options))])
+        return pairs, objs, q
+
+    def _passage(self, rng, pairs, objs, q) -> ContextPassage:
+        e_q, r_q = pairs[q]
         ids = [self.bos_id] + self.encode(PASSAGE_WORD)
         spans, answer_pos = [], -1
         for i, ((e, r), o) in enumerate(zip(pairs, objs)):
