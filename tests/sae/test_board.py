@@ -1,0 +1,67 @@
+"""Board-game metrics: a dictionary whose latents are exactly the board squares scores 1.0."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxinterp.experiments.data import othello
+from jaxinterp.sae import init_sae
+from jaxinterp.sae.board import board_reconstruction, coverage, f1_matrix
+from jaxinterp.sae.metrics import latent_acts
+
+
+def _board_data(seed, n_games=40):
+    cfg = othello.OthelloConfig(size=6)
+    games = othello.random_games(cfg, n_games, seed=seed, full_only=True)
+    props = othello.mine_theirs_blank_masked(games).reshape(-1, cfg.n_squares * 3)  # [N, 108]
+    return props
+
+
+def test_square_dictionary_has_perfect_coverage_and_reconstruction():
+    train, test = _board_data(0), _board_data(1)
+    p = train.shape[1]
+    # activations that linearly encode the board; an SAE whose latents read exactly one property each
+    sae = init_sae("relu", jax.random.PRNGKey(0), p, p)
+    eye = jnp.eye(p)
+    sae = sae.replace(params={"W_enc": eye, "b_enc": jnp.zeros(p), "W_dec": eye, "b_dec": jnp.zeros(p)})
+    a_train, a_test = latent_acts(sae, train), latent_acts(sae, test)
+    cov = coverage(a_test, test)
+    rec = board_reconstruction(a_train, train, a_test, test)
+    assert cov["coverage"] == pytest.approx(1.0) and rec["reconstruction"] == pytest.approx(1.0)
+    assert rec["n_labelled"] == int(train.any(0).sum())  # every live property got its latent
+
+
+def test_random_dictionary_scores_low_and_f1_matches_direct_count():
+    train, test = _board_data(0), _board_data(1)
+    acts = np.random.default_rng(0).random((len(test), 50)).astype(np.float32)
+    assert coverage(acts, test)["coverage"] < 0.7
+    assert board_reconstruction(np.random.default_rng(1).random((len(train), 50)), train, acts, test)[
+        "reconstruction"] == 0.0  # no random latent reaches precision 0.95
+    on = acts > 0.5
+    f1 = f1_matrix(on, test > 0)
+    i, j = 7, 12  # property 12: "mine" on square 4
+    assert test[:, j].sum() > 0
+    tp = np.sum(on[:, i] & (test[:, j] > 0))
+    prec, rec = tp / on[:, i].sum(), tp / (test[:, j] > 0).sum()
+    assert f1[i, j] == pytest.approx(2 * prec * rec / (prec + rec), rel=1e-6)
+
+
+def test_threshold_rule_and_min_firings():
+    # one latent fires at 1.0 exactly on property 0 (12 times) and weakly (0.05) on property 1 (5 times)
+    props = np.zeros((40, 2), bool)
+    props[:12, 0] = True
+    props[12:17, 1] = True
+    acts = np.zeros((40, 1), np.float32)
+    acts[:12, 0] = 1.0
+    acts[12:17, 0] = 0.05
+    cov = coverage(acts, props)
+    # threshold 0: precision 12/17 on property 0; threshold >= 0.1: perfect on property 0
+    assert cov["per_threshold"][0] == pytest.approx((2 * 12 / 29 + 2 * 5 / 22) / 2)
+    assert cov["per_threshold"][1] == pytest.approx(0.5)
+    rec = board_reconstruction(acts, props, acts, props)
+    assert rec["per_threshold"][0] == 0.0 and rec["per_threshold"][1] == pytest.approx(2 * 12 / (12 + 17))
+    few = board_reconstruction(acts[:, :], props, acts, props, min_firings=13)
+    assert few["reconstruction"] == 0.0
+    with pytest.raises(ValueError, match="same N"):
+        coverage(acts[:3], props)
