@@ -1,0 +1,142 @@
+"""ROME: the rank-one algebra, edits on tiny random GPT-2 / Mamba models, CounterFact metrics."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxinterp as ji
+from jaxinterp.models.gpt2 import GPT2Config
+from jaxinterp.rome import (
+    EditRequest,
+    RomeConfig,
+    counterfact_scores,
+    edit,
+    edit_target,
+    key_covariances,
+    rank_one_update,
+    target_logprobs,
+)
+
+V = 97
+
+
+@pytest.fixture(scope="module")
+def gpt():
+    # Scaled-up init: a default-init tiny model barely routes information between positions.
+    m = ji.init(GPT2Config.tiny(n_layers=2, vocab_size=V), 0)
+    return m.replace(params=jax.tree_util.tree_map(lambda p: p * 3.0 if p.ndim == 2 else p, m.params))
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return [np.random.default_rng(i).integers(0, V, (8, 16)) for i in range(4)]
+
+
+def test_rank_one_update_algebra(rng):
+    f, d = 12, 5
+    w = jnp.asarray(rng.normal(size=(f, d)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=d), jnp.float32)
+    a = rng.normal(size=(f, f))
+    cov = a @ a.T + np.eye(f)
+    k = jnp.asarray(rng.normal(size=f), jnp.float32)
+    v = jnp.asarray(rng.normal(size=d), jnp.float32)
+    new = rank_one_update(w, b, cov, k, v)
+    np.testing.assert_allclose(k @ new + b, v, atol=1e-4)
+    # Keys C^-1-orthogonal to k* keep their value; the update has rank one.
+    u = np.linalg.solve(cov, np.asarray(k))
+    other = rng.normal(size=f)
+    other -= (other @ u) / (u @ u) * u
+    np.testing.assert_allclose(other @ np.asarray(new), other @ np.asarray(w), atol=1e-4)
+    assert np.linalg.matrix_rank(np.asarray(new - w), tol=1e-4) == 1
+
+
+def _request(prompt, subject_last, target):
+    return EditRequest(prompts=(tuple(prompt),), subject_last=(subject_last,), target_new=(target,))
+
+
+def test_edit_gpt2_makes_target_argmax_and_keeps_original(gpt, corpus):
+    layer = 0
+    cov = key_covariances(gpt, [layer], corpus)[layer]
+    assert cov.shape == (gpt.config.d_mlp, gpt.config.d_mlp)
+    prompt = [5, 17, 23, 40, 8]
+    before = np.asarray(ji.run(gpt, np.asarray(prompt)[None]).logits[0, -1])
+    target = 49  # ranked 11th of 97 before the edit
+    old_kernel = np.asarray(gpt.params["h_0"]["mlp"]["c_proj"]["kernel"]).copy()
+    neighbour = np.asarray([6, 30, 2, 41, 9])[None]
+    top_neighbour = int(jnp.argmax(ji.run(gpt, neighbour).logits[0, -1]))
+    assert int(np.argsort(-before).tolist().index(target)) >= 10
+    res = edit(gpt, _request(prompt, 2, target), layer, cov, config=RomeConfig())
+    after = ji.run(res.model, np.asarray(prompt)[None], capture="blocks.0.mlp_out")
+    assert int(jnp.argmax(after.logits[0, -1])) == target
+    assert int(jnp.argmax(ji.run(res.model, neighbour).logits[0, -1])) == top_neighbour
+    # With only the bare context, k* is the prompt's key and the edited layer maps it to v*.
+    np.testing.assert_allclose(after.cache["blocks.0.mlp_out"][0, 2], res.v_star, atol=1e-4)
+    # The original model is untouched; only the edited kernel changed.
+    np.testing.assert_array_equal(np.asarray(gpt.params["h_0"]["mlp"]["c_proj"]["kernel"]), old_kernel)
+    np.testing.assert_array_equal(np.asarray(ji.run(gpt, np.asarray(prompt)[None]).logits[0, -1]), before)
+    changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), gpt.params, res.model.params)
+    assert sum(jax.tree_util.tree_leaves(changed)) == 1
+    assert len(res.losses) >= 1 and res.losses[-1] < res.losses[0]
+
+
+def test_edit_averages_key_over_contexts(gpt, corpus):
+    layer = 1
+    cov = key_covariances(gpt, [layer], corpus)[layer]
+    prompt = [3, 9, 27, 11]
+    contexts = [(), (50, 51), (60, 61, 62)]
+    res = edit(gpt, _request(prompt, 1, 7), layer, cov, contexts=contexts)
+    keys = []
+    for ctx in contexts:
+        toks = np.asarray(list(ctx) + prompt)[None]
+        keys.append(ji.run(gpt, toks, capture="blocks.1.mlp.post").cache["blocks.1.mlp.post"][0, len(ctx) + 1])
+    k_star = np.mean(np.stack(keys), 0)
+    np.testing.assert_allclose(res.k_star, k_star, atol=1e-5)
+    w = res.model.params["h_1"]["mlp"]["c_proj"]
+    np.testing.assert_allclose(k_star @ np.asarray(w["kernel"]) + np.asarray(w["bias"]), res.v_star, atol=1e-3)
+
+
+def test_edit_mamba_targets():
+    from jaxinterp.models.mamba import MambaConfig
+
+    mamba = ji.init(MambaConfig.tiny(n_layers=2, vocab_size=V), 0)
+    corpus = [np.random.default_rng(9).integers(0, V, (4, 12))]
+    prompt = [4, 8, 15, 16, 23]
+    cfg = RomeConfig(steps=5)
+    for name in ("out_proj", "in_proj_x", "in_proj_z"):
+        t = edit_target(mamba, 1, name)
+        cov = key_covariances(mamba, [1], corpus, target=name)[1]
+        res = edit(mamba, _request(prompt, 2, 11), 1, cov, config=RomeConfig(steps=5, target=name))
+        out = ji.run(res.model, np.asarray(prompt)[None], capture=t.value_site).cache[t.value_site]
+        np.testing.assert_allclose(out[0, 2], res.v_star, atol=1e-4, err_msg=name)
+    assert cfg.steps == 5
+
+
+def test_target_logprobs_and_counterfact_scores(gpt):
+    prompts = [[1, 2, 3], [4, 5, 6, 7]]
+    targets = [[9], [10, 11]]
+    lp = target_logprobs(gpt, prompts, targets)
+    for i, p in enumerate(prompts):
+        for j, t in enumerate(targets):
+            seq = np.asarray(p + t)[None]
+            logp = jax.nn.log_softmax(ji.run(gpt, seq).logits[0], -1)
+            ref = sum(float(logp[len(p) - 1 + k, t[k]]) for k in range(len(t)))
+            assert lp[i, j] == pytest.approx(ref, abs=1e-4)
+    rec = {"prompts": [prompts[0]], "paraphrase_prompts": prompts, "neighborhood_prompts": [prompts[1]],
+           "target_true": [9], "target_new": [10]}
+    scores = counterfact_scores(gpt, [rec])
+    lp2 = target_logprobs(gpt, prompts, [[9], [10]])
+    assert scores["efficacy"] == 100.0 * float(lp2[0, 1] > lp2[0, 0])
+    assert scores["paraphrase"] == pytest.approx(100.0 * float(np.mean(lp2[:, 1] > lp2[:, 0])))
+    assert scores["neighborhood"] == 100.0 * float(lp2[1, 0] > lp2[1, 1])
+
+
+def test_bad_inputs(gpt):
+    with pytest.raises(ValueError, match="unknown ROME target 'attn'"):
+        edit_target(gpt, 0, "attn")
+    with pytest.raises(ValueError, match="out of range"):
+        edit_target(gpt, 5)
+    with pytest.raises(ValueError, match="subject_last"):
+        EditRequest(prompts=((1, 2),), subject_last=(4,), target_new=(3,))
+    with pytest.raises(ValueError, match="lr must be positive"):
+        RomeConfig(lr=0)
