@@ -1,0 +1,59 @@
+"""Configuration of the SAE board-game experiment (frozen, keyword-only, with presets)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BoardgameConfig:
+    """SAEs of every family on one residual-stream site of othello-gpt and of its random-init twin.
+
+    Grids: ``l1_coeffs`` (relu, panneal and gated share them), ``topk_ks`` (topk and
+    batchtopk), ``jumprelu_coeffs``.
+    """
+
+    model: str = "othello-gpt"
+    layer: int = 2  # blocks.{layer}.resid_post (the middle of a 4-layer model)
+    random_seed: int = 1  # seed of the random-init control
+    expansion: int = 4
+    n_train_games: int = 3000
+    n_test_games: int = 500
+    n_label_games: int = 1000  # training games used to label latents for board reconstruction
+    n_ce_games: int = 200
+    steps: int = 1500
+    batch_size: int = 512
+    lr: float = 1e-3
+    l1_coeffs: tuple[float, ...] = (0.5, 1.5, 4.0)
+    topk_ks: tuple[int, ...] = (4, 10, 24)
+    jumprelu_coeffs: tuple[float, ...] = (0.05, 0.2, 0.8)
+    p_end: float = 0.2
+    anneal_frac: float = 0.2  # p-annealing starts after this fraction of the steps
+    families: tuple[str, ...] = ("relu", "panneal", "topk", "batchtopk", "jumprelu", "gated")
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("expansion", "n_train_games", "n_test_games", "n_label_games", "n_ce_games", "steps",
+                     "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"BoardgameConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.n_label_games > self.n_train_games:
+            raise ValueError(f"n_label_games ({self.n_label_games}) must be <= n_train_games ({self.n_train_games})")
+        if not 0 <= self.anneal_frac < 1:
+            raise ValueError(f"anneal_frac must lie in [0, 1), got {self.anneal_frac}")
+        from jaxinterp.sae import FAMILIES
+
+        bad = sorted(set(self.families) - set(FAMILIES))
+        if bad:
+            raise ValueError(f"unknown families {bad}; choose from {sorted(FAMILIES)}")
+
+    @classmethod
+    def default(cls, **kw) -> "BoardgameConfig":
+        return cls(**kw)
+
+    @classmethod
+    def smoke(cls, **kw) -> "BoardgameConfig":
+        """Seconds-long check of the pipeline."""
+        defaults = dict(n_train_games=64, n_test_games=32, n_label_games=32, n_ce_games=8, steps=20, batch_size=128,
+                        l1_coeffs=(1.0,), topk_ks=(8,), jumprelu_coeffs=(0.1,))
+        return cls(**{**defaults, **kw})
