@@ -51,7 +51,7 @@ def setup(args):
     from jaxinterp.experiments.train_lm.main import make_optimizer, make_train_step
     import jaxinterp as ji
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.torch_threads)
     hf_cfg = transformers.GPT2Config(vocab_size=args.vocab, n_positions=args.seq, n_embd=args.d_model,
                                      n_layer=args.layers, n_head=args.heads, resid_pdrop=0.0, embd_pdrop=0.0,
                                      attn_pdrop=0.0, attn_implementation="sdpa")
@@ -77,6 +77,7 @@ def main(argv=None) -> dict:
     p.add_argument("--seq", type=int, default=96)
     p.add_argument("--steps", type=int, default=5, help="steps per timed round")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1)
     args = p.parse_args(argv)
     import torch
 
@@ -101,6 +102,7 @@ def main(argv=None) -> dict:
     loss.block_until_ready()
     compile_s = time.perf_counter() - t0
     torch_first_s = _timed(torch_step)
+    torch_step()  # warm-up (allocator, optimizer state)
 
     jax_times, torch_times = [], []
     for _ in range(args.rounds):

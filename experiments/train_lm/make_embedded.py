@@ -16,6 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from jaxinterp.experiments.data.facts_world import FactsWorld
 from jaxinterp.experiments.train_lm import main as train_main
 
 EMBEDDED = Path(__file__).resolve().parents[2] / "models" / "embedded"
@@ -66,8 +67,9 @@ AdamW (lr {cfg['optim']['lr']}, warmup {cfg['optim']['warmup_steps']}, cosine to
 
 def ship(name: str, run_dir: Path, command: str) -> Path:
     results = json.loads((run_dir / "results.json").read_text())
-    if results["eval"]["train_n"] != results["eval"]["train_n"] or "per_relation" not in results["eval"]:
-        raise ValueError(f"{run_dir}/results.json lacks a full evaluation")
+    world = FactsWorld.from_dir(run_dir / "export")
+    if results["eval"]["train_n"] != len(world.fact_prompts("train")):
+        raise ValueError(f"{run_dir}/results.json holds a sampled evaluation; the card needs every prompt")
     dest = EMBEDDED / name
     dest.mkdir(parents=True, exist_ok=True)
     for f in FILES:
@@ -83,7 +85,9 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     for name in args.names:
         run_dir = args.from_run or Path("results") / "train_lm" / name
-        command = f"python -m jaxinterp.experiments.train_lm.main --config {name} --out {run_dir}"
+        command = (f"python -m jaxinterp.experiments.train_lm.main --config {name} --out results/train_lm/{name}\n"
+                   f"    # or, training and shipping in one go:\n"
+                   f"    python -m jaxinterp.experiments.train_lm.make_embedded {name}")
         if args.from_run is None:
             train_main.main(["--config", name, "--out", str(run_dir)])
         print(f"shipped {ship(name, run_dir, command)}")
