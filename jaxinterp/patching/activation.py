@@ -76,11 +76,11 @@ def _last_logits(model, tokens, interventions):
 
 
 @functools.partial(jax.jit, static_argnames=("names", "metric", "per", "chunk"))
-def _activation_jit(model, clean_tokens, corrupt_tokens, corrupt_ivs, *, names, metric, per, chunk):
+def _activation_jit(model, clean_tokens, corrupt_tokens, corrupt_ivs, metric_args, *, names, metric, per, chunk):
     clean = run(model, clean_tokens, capture=list(names), logits_at=-1)
     corrupt_ivs = dict(corrupt_ivs)
-    m_clean = metric(clean.logits[:, -1])
-    m_corrupt = metric(_last_logits(model, corrupt_tokens, corrupt_ivs))
+    m_clean = metric(clean.logits[:, -1], *metric_args)
+    m_corrupt = metric(_last_logits(model, corrupt_tokens, corrupt_ivs), *metric_args)
     effects = {}
     for name in names:
         value = clean.cache[name]
@@ -88,7 +88,7 @@ def _activation_jit(model, clean_tokens, corrupt_tokens, corrupt_ivs, *, names, 
 
         def one(mask, name=name, value=value):
             ivs = {**corrupt_ivs, name: [*_as_list(corrupt_ivs.get(name)), Patch(value, mask=mask)]}
-            return metric(_last_logits(model, corrupt_tokens, ivs))
+            return metric(_last_logits(model, corrupt_tokens, ivs), *metric_args)
 
         out = jax.lax.map(one, masks, batch_size=chunk)
         effects[name] = out.reshape(value.shape[1:3]) if per == "head" else (out[0] if per == "site" else out)
@@ -103,7 +103,7 @@ def _as_list(v) -> list:
 
 def activation_patching(model: Model, clean_tokens, corrupt_tokens, sites, metric: Callable[[jax.Array], jax.Array],
                         *, per: str = "position", corrupt_interventions: Optional[Mapping[str, Any]] = None,
-                        chunk: int = 16) -> PatchingResult:
+                        metric_args: tuple = (), chunk: int = 16) -> PatchingResult:
     """Clean -> corrupted interchange at every cell of every site (one compiled program).
 
     Args:
@@ -114,6 +114,8 @@ def activation_patching(model: Model, clean_tokens, corrupt_tokens, sites, metri
       per: ``"position"``, ``"head"`` or ``"site"``.
       corrupt_interventions: applied to the corrupted run (e.g. noise on ``embed``); keys
         must be concrete site names.
+      metric_args: arrays passed to ``metric`` after the logits (e.g. per-row answer ids),
+        traced inputs, so changing them does not recompile.
     """
     names = tuple(_check(model, sites, per))
     clean_tokens, corrupt_tokens = jnp.asarray(clean_tokens), jnp.asarray(corrupt_tokens)
@@ -121,7 +123,8 @@ def activation_patching(model: Model, clean_tokens, corrupt_tokens, sites, metri
         raise ValueError(f"clean and corrupted tokens must have the same shape, got {clean_tokens.shape} and "
                          f"{corrupt_tokens.shape}")
     effects, m_clean, m_corrupt = _activation_jit(model, clean_tokens, corrupt_tokens, dict(corrupt_interventions or {}),
-                                                  names=names, metric=metric, per=per, chunk=chunk)
+                                                  tuple(metric_args), names=names, metric=metric, per=per,
+                                                  chunk=chunk)
     return PatchingResult({k: np.asarray(v) for k, v in effects.items()}, float(m_clean), float(m_corrupt), per)
 
 
@@ -135,24 +138,25 @@ def _reduce_cells(x: jax.Array, per: str) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("names", "metric", "per"))
-def _attribution_jit(model, clean_tokens, corrupt_tokens, corrupt_ivs, *, names, metric, per):
+def _attribution_jit(model, clean_tokens, corrupt_tokens, corrupt_ivs, metric_args, *, names, metric, per):
     clean = run(model, clean_tokens, capture=list(names), logits_at=-1)
-    m_clean = metric(clean.logits[:, -1])
-    value, acts, grads = site_grads(model, corrupt_tokens, list(names), lambda out: metric(out.logits[:, -1]),
+    m_clean = metric(clean.logits[:, -1], *metric_args)
+    value, acts, grads = site_grads(model, corrupt_tokens, list(names),
+                                    lambda out: metric(out.logits[:, -1], *metric_args),
                                     interventions=dict(corrupt_ivs))
     effects = {n: value + _reduce_cells(grads[n] * (clean.cache[n] - acts[n]), per) for n in names}
     return effects, m_clean, value
 
 
 def attribution_patching(model: Model, clean_tokens, corrupt_tokens, sites, metric: Callable[[jax.Array], jax.Array],
-                         *, per: str = "position", corrupt_interventions: Optional[Mapping[str, Any]] = None
-                         ) -> PatchingResult:
+                         *, per: str = "position", corrupt_interventions: Optional[Mapping[str, Any]] = None,
+                         metric_args: tuple = ()) -> PatchingResult:
     """First-order (gradient x activation difference) estimate of ``activation_patching``.
 
     Same arguments and result layout; one clean forward, one corrupted forward + backward.
     """
     names = tuple(_check(model, sites, per))
     effects, m_clean, m_corrupt = _attribution_jit(model, jnp.asarray(clean_tokens), jnp.asarray(corrupt_tokens),
-                                                   dict(corrupt_interventions or {}), names=names, metric=metric,
-                                                   per=per)
+                                                   dict(corrupt_interventions or {}), tuple(metric_args),
+                                                   names=names, metric=metric, per=per)
     return PatchingResult({k: np.asarray(v) for k, v in effects.items()}, float(m_clean), float(m_corrupt), per)

@@ -1,0 +1,384 @@
+"""Causal tracing on a facts-world model: per-fact tables, AIE per token class, severed /
+path-blocked traces, knockout, and attribution-vs-activation patching.
+
+    python -m jaxinterp.experiments.causal_trace.main                         # facts-gpt
+    python -m jaxinterp.experiments.causal_trace.main --mamba                 # facts-mamba, alt-subject
+    python -m jaxinterp.experiments.causal_trace.main --model DIR --set n_facts=8 --out results/ct
+
+Writes ``results.json`` (every number) and PNGs (per-fact heatmaps, AIE heatmaps, knockout
+curves) to the output directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+import jaxinterp as ji
+from jaxinterp.experiments.causal_trace.config import TraceExperimentConfig
+from jaxinterp.patching import (
+    TOKEN_CLASSES,
+    TraceConfig,
+    average_indirect_effect,
+    embedding_sigma,
+    trace_batch,
+)
+from jaxinterp.patching.activation import activation_patching, attribution_patching
+from jaxinterp.patching.knockout import attention_knockout, mean_ablation_knockout, site_means
+
+GPT_KINDS = ("resid_post", "mlp_out", "attn_out")
+GPT_FREEZE = ("mlp_out", "attn_out")
+MAMBA_KINDS = ("resid_post", "mixer_out", "mixer.ssm_out", "mixer.gate")
+MAMBA_FREEZE = ("mixer.ssm_out", "mixer.gate", "mixer_out")
+
+
+def load_world_model(source: str):
+    """The model and its facts world (``world.json`` next to the weights)."""
+    from jaxinterp.experiments.data.facts_world import FactsWorld
+
+    model = ji.load(source)
+    path = Path(getattr(model, "source", source))
+    if not (path / "world.json").exists():
+        raise SystemExit(f"error: {source!r} has no world.json; causal tracing here needs a facts-world model "
+                         f"(embedded: {ji.embedded_models()})")
+    return model, FactsWorld.from_dir(path)
+
+
+def kinds_for(model) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    if model.family == "mamba":
+        return MAMBA_KINDS, MAMBA_FREEZE
+    return GPT_KINDS, GPT_FREEZE
+
+
+# ----------------------------------------------------------------------------- fact selection
+
+
+@jax.jit
+def _top(model, tokens):
+    return jnp.argmax(ji.run(model, tokens, logits_at=-1).logits[:, -1], axis=-1)
+
+
+def select_facts(model, world, cfg: TraceExperimentConfig) -> list:
+    """Known facts (argmax = true object) of the most common prompt lengths, in a seeded order."""
+    prompts = world.fact_prompts("train")
+    order = np.random.default_rng(cfg.seed).permutation(len(prompts))[: max(8 * cfg.n_facts, 64)]
+    cands = [prompts[i] for i in order]
+    by_len: dict[int, list] = {}
+    for p in cands:
+        by_len.setdefault(len(p.ids), []).append(p)
+    known = []
+    for n, group in by_len.items():
+        top = np.asarray(_top(model, jnp.asarray([p.ids for p in group])))
+        known += [p for p, t in zip(group, top) if t == p.answer_id or not cfg.known_only]
+    lengths = [n for n, _ in Counter(len(p.ids) for p in known).most_common(cfg.max_lengths)]
+    chosen = [p for p in known if len(p.ids) in lengths][: cfg.n_facts]
+    if not chosen:
+        raise SystemExit("error: the model knows none of the sampled facts (argmax != true object)")
+    return chosen
+
+
+def alt_subjects_for(world, prompt, n: int, rng) -> list[list[int]]:
+    """Other subjects with the same number of tokens (the Mamba paper's corruption)."""
+    width = prompt.subject_span[1] - prompt.subject_span[0]
+    pool = [e.name for e in world.entities if len(e.name.split()) == width and e.name != prompt.subject]
+    picks = rng.permutation(len(pool))[:n]
+    return [world.encode(pool[i]) for i in picks]
+
+
+# ----------------------------------------------------------------------------- tracing
+
+
+def _groups(facts) -> dict[int, list]:
+    out: dict[int, list] = {}
+    for f in facts:
+        out.setdefault(len(f.ids), []).append(f)
+    return out
+
+
+def run_traces(model, world, facts, cfg: TraceExperimentConfig, sigma: float, window: int) -> dict:
+    """``{name: [TraceResult]}`` for every kind and every severed / path-blocked variant."""
+    kinds, freezes = kinds_for(model)
+    jobs = [(k, None) for k in kinds] + [("resid_post", f) for f in freezes]
+    rng = np.random.default_rng(cfg.seed)
+    alts = {id(f): alt_subjects_for(world, f, cfg.n_samples, rng) for f in facts} if cfg.corruption == "alt" else None
+    out: dict[str, list] = {}
+    tc = TraceConfig(n_samples=cfg.n_samples, noise_multiplier=cfg.noise_multiplier, window=window,
+                     engine=cfg.engine, position_buckets=cfg.position_buckets)
+    for kind, freeze in tqdm(jobs, desc="trace kinds"):
+        name = kind if freeze is None else f"{kind}|freeze={freeze}"
+        results = []
+        for n, group in _groups(facts).items():
+            group_alts = None
+            if alts is not None:
+                m = min(len(alts[id(f)]) for f in group)
+                group_alts = [alts[id(f)][:m] for f in group]
+            res = trace_batch(model, np.asarray([f.ids for f in group]), [f.subject_span for f in group], kind=kind,
+                              sigma=None if alts else sigma, alt_subjects=group_alts, freeze=freeze, config=tc,
+                              answers=[f.answer_id for f in group])
+            results += res
+        out[name] = results
+    return out
+
+
+def _fact_order(facts) -> list:
+    groups = _groups(facts)
+    return [f for n in groups for f in groups[n]]
+
+
+# ----------------------------------------------------------------------------- knockout
+
+
+def run_knockout(model, world, facts, window: int) -> dict:
+    """Answer probability vs window centre, blocking subject / last-subject / other sources."""
+    curves: dict[str, list] = {"subject": [], "last_subject": [], "other": []}
+    means = None
+    if model.family == "mamba":
+        docs = [[world.bos_id] + world.encode(d)[:63] for d in world.documents(8, seed=1)]
+        width = min(len(d) for d in docs)
+        means = site_means(model, np.asarray([d[:width] for d in docs]), "mixer.in_x")
+    for f in tqdm(facts, desc="knockout"):
+        b, e = f.subject_span
+        t = len(f.ids)
+        sources = {"subject": list(range(b, e)), "last_subject": [e - 1],
+                   "other": [i for i in range(t - 1) if not b <= i < e]}
+        for name, src in sources.items():
+            if not src:
+                continue
+            if model.family == "mamba":
+                res = mean_ablation_knockout(model, np.asarray(f.ids)[None], src, means=means, window=window,
+                                             answer=f.answer_id)
+            else:
+                res = attention_knockout(model, np.asarray(f.ids)[None], src, window=window, answer=f.answer_id)
+            curves[name].append(res.relative_change)
+    return {k: np.mean(v, 0).tolist() for k, v in curves.items() if v}
+
+
+# ----------------------------------------------------------------------------- attribution
+
+
+def logit_diff(logits, good, bad):
+    """Mean over rows of logit[good] - logit[bad]."""
+    rows = jnp.arange(logits.shape[0])
+    return (logits[rows, good] - logits[rows, bad]).mean()
+
+
+def run_attribution(model, world, facts, cfg: TraceExperimentConfig) -> dict:
+    """Pearson r between activation patching and attribution patching (alt-subject pairs)."""
+    kinds, _ = kinds_for(model)
+    sites = ["blocks.*.resid_pre"] + [f"blocks.*.{k}" for k in kinds[1:2]]
+    if model.family != "mamba":
+        sites.append("blocks.*.attn_out")
+    rng = np.random.default_rng(cfg.seed + 1)
+    act_all, att_all = [], []
+    groups = _groups(facts[: cfg.n_attribution])
+    for n, group in groups.items():
+        clean = np.asarray([f.ids for f in group])
+        corrupt = clean.copy()
+        for i, f in enumerate(group):
+            alt = alt_subjects_for(world, f, 1, rng)
+            if alt:
+                corrupt[i, f.subject_span[0]:f.subject_span[1]] = alt[0]
+        bad = np.asarray(_top(model, jnp.asarray(corrupt)))
+        good = np.asarray([f.answer_id for f in group])
+        args = (jnp.asarray(good), jnp.asarray(bad))
+        act = activation_patching(model, clean, corrupt, sites, logit_diff, metric_args=args)
+        att = attribution_patching(model, clean, corrupt, sites, logit_diff, metric_args=args)
+        for k in act.effects:
+            act_all.append(np.asarray(act.effects[k]) - act.corrupt)
+            att_all.append(np.asarray(att.effects[k]) - att.corrupt)
+    a, b = np.concatenate(act_all), np.concatenate(att_all)
+    r = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
+    return {"pearson_r": r, "n_cells": int(a.size), "sites": sites, "activation": a.tolist(), "attribution": b.tolist()}
+
+
+# ----------------------------------------------------------------------------- summary & plots
+
+
+def summarize(aie: dict, n_layers: int) -> dict:
+    """Peak AIE (class, layer, value) per kind plus the ROME-paper comparisons."""
+    out = {}
+    for name, a in aie.items():
+        best = (None, None, -np.inf)
+        for cls, row in a["classes"].items():
+            if row is None:
+                continue
+            l = int(np.argmax(row))
+            if row[l] > best[2]:
+                best = (cls, l, float(row[l]))
+        out[name] = {"peak_class": best[0], "peak_layer": best[1], "peak_aie": best[2],
+                     "p_clean": a["p_clean"], "p_corrupt": a["p_corrupt"]}
+        for cls in ("last_subject", "last"):
+            row = a["classes"].get(cls)
+            if row is not None:
+                out[name][f"{cls}_peak_layer"] = int(np.argmax(row))
+                out[name][f"{cls}_peak_aie"] = float(np.max(row))
+    return out
+
+
+def table(summary: dict) -> str:
+    rows = [f"{'kind':<32} {'peak class':<17} {'layer':>5} {'AIE':>7} {'last-subj AIE@l':>16} {'last AIE@l':>12}"]
+    for name, s in summary.items():
+        ls = f"{s.get('last_subject_peak_aie', float('nan')):.3f}@{s.get('last_subject_peak_layer', '-')}"
+        lt = f"{s.get('last_peak_aie', float('nan')):.3f}@{s.get('last_peak_layer', '-')}"
+        rows.append(f"{name:<32} {str(s['peak_class']):<17} {str(s['peak_layer']):>5} {s['peak_aie']:>7.3f} "
+                    f"{ls:>16} {lt:>12}")
+    return "\n".join(rows)
+
+
+_CMAPS = {"resid_post": "Purples", "mlp_out": "Greens", "attn_out": "Reds", "mixer_out": "Greens",
+          "mixer.ssm_out": "Blues", "mixer.gate": "Oranges"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_fact(world, fact, traces: dict, png: Path) -> None:
+    """ROME-style heatmaps: tokens x layers, one panel per kind (subject tokens starred)."""
+    plt = _plt()
+    names = list(traces)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 0.35 * len(fact.ids) + 1.6), squeeze=False)
+    labels = [world.decode([t]) + ("*" if fact.subject_span[0] <= i < fact.subject_span[1] else "")
+              for i, t in enumerate(fact.ids)]
+    for ax, name in zip(axes[0], names):
+        r = traces[name]
+        im = ax.imshow(r.probs, cmap=_CMAPS.get(name.split("|")[0], "Purples"), aspect="auto",
+                       vmin=min(r.p_corrupt, r.probs.min()), vmax=max(r.p_clean, r.probs.max()))
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        ax.set_xlabel("layer")
+        ax.set_title(f"{name}\nclean {r.p_clean:.2f} / corrupt {r.p_corrupt:.2f}", fontsize=8)
+        fig.colorbar(im, ax=ax, fraction=0.05)
+    fig.suptitle(f"{fact.text} -> {fact.answer}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+def plot_aie(aie: dict, png: Path) -> None:
+    plt = _plt()
+    names = list(aie)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.8), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        rows = [aie[name]["classes"][c] for c in TOKEN_CLASSES]
+        width = len(next(r for r in rows if r is not None))
+        grid = np.array([r if r is not None else [np.nan] * width for r in rows])
+        im = ax.imshow(grid, cmap=_CMAPS.get(name.split("|")[0], "Purples"), aspect="auto")
+        ax.set_yticks(range(len(TOKEN_CLASSES)), [c.replace("_", " ") for c in TOKEN_CLASSES], fontsize=7)
+        ax.set_xlabel("layer")
+        ax.set_title(f"AIE: {name}", fontsize=8)
+        fig.colorbar(im, ax=ax, fraction=0.05)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+def plot_knockout(curves: dict, title: str, png: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3))
+    for name, c in curves.items():
+        ax.plot(range(len(c)), 100 * np.asarray(c), marker="o", label=name)
+    ax.axhline(0, color="gray", lw=0.5)
+    ax.set_xlabel("window centre (layer)")
+    ax.set_ylabel("% change in p(answer)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def run(cfg: TraceExperimentConfig) -> dict:
+    t0 = time.time()
+    model, world = load_world_model(cfg.model)
+    n_layers = model.config.n_layers
+    window = cfg.window or min(10, max(1, n_layers // 2))
+    out = Path(cfg.out or Path("results") / "causal_trace" / Path(str(cfg.model)).name)
+    out.mkdir(parents=True, exist_ok=True)
+    facts = _fact_order(select_facts(model, world, cfg))
+    sigma = embedding_sigma(model, [world.encode(e.name) for e in world.entities])
+    traces = run_traces(model, world, facts, cfg, sigma, window)
+    aie = {name: average_indirect_effect(rs) for name, rs in traces.items()}
+    summary = summarize(aie, n_layers)
+    knock = run_knockout(model, world, facts, window)
+    attribution = run_attribution(model, world, facts, cfg)
+    for i, fact in enumerate(facts[: cfg.n_examples]):
+        plot_fact(world, fact, {k: v[i] for k, v in traces.items() if "|" not in k}, out / f"fact_{i}.png")
+    plot_aie(aie, out / "aie.png")
+    what = "attention knockout" if model.family != "mamba" else "mean-ablation knockout (mixer.in_x)"
+    plot_knockout(knock, f"{cfg.model}: {what}, window {window}", out / "knockout.png")
+    results = {
+        "experiment": "causal_trace", "model": str(cfg.model), "family": model.family, "n_layers": n_layers,
+        "config": dataclasses.asdict(cfg), "window": window, "sigma": sigma, "n_facts": len(facts),
+        "summary": summary, "aie": aie, "knockout": knock,
+        "attribution_vs_activation": {k: v for k, v in attribution.items() if k in ("pearson_r", "n_cells", "sites")},
+        "attribution_cells": {"activation": attribution["activation"], "attribution": attribution["attribution"]},
+        "facts": [{"text": f.text, "answer": f.answer, "subject": f.subject, "ids": list(f.ids),
+                   "traces": {k: v[i].to_dict() for k, v in traces.items()}} for i, f in enumerate(facts)],
+        "seconds": time.time() - t0,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(table(summary))
+    print(f"attribution vs activation patching: r = {attribution['pearson_r']:.3f} over {attribution['n_cells']} cells")
+    print(f"wrote {out / 'results.json'} and PNGs in {out}")
+    return results
+
+
+def parse_overrides(pairs: Sequence[str], base: TraceExperimentConfig) -> TraceExperimentConfig:
+    """``key=value`` overrides (values parsed as JSON where possible)."""
+    fields = {f.name for f in dataclasses.fields(base)}
+    kw = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in fields:
+            raise SystemExit(f"error: unknown setting {key!r}; settings: {sorted(fields)}")
+        try:
+            kw[key] = json.loads(value)
+        except json.JSONDecodeError:
+            kw[key] = value
+    return dataclasses.replace(base, **kw)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="any ji.load source of a facts-world model (default facts-gpt)")
+    p.add_argument("--mamba", action="store_true", help="facts-mamba with alt-subject corruption")
+    p.add_argument("--out", default=None, help="output directory (default results/causal_trace/<model>)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. n_facts=8")
+
+
+def config_from_args(args: argparse.Namespace) -> TraceExperimentConfig:
+    base = TraceExperimentConfig.mamba() if args.mamba else TraceExperimentConfig.gpt()
+    cfg = parse_overrides(args.set, base)
+    if args.model:
+        cfg = dataclasses.replace(cfg, model=args.model)
+    if args.out:
+        cfg = dataclasses.replace(cfg, out=args.out)
+    return cfg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(p)
+    run(config_from_args(p.parse_args(argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
