@@ -171,18 +171,19 @@ class SAE:
         """Sparsity (and family-specific auxiliary) terms, mean over the batch, *unweighted by warmup*."""
         return jnp.zeros(())
 
-    def loss(self, x: jax.Array, hp: Hparams, sparsity_scale: jax.Array = 1.0) -> tuple[jax.Array, dict]:
+    def loss(self, x: jax.Array, hp: Hparams, sparsity_scale: jax.Array = 1.0,
+             use_auxk: bool = True) -> tuple[jax.Array, dict]:
         """``mse + sparsity_scale * penalty + aux_coeff * auxk``; ``x [B, D]`` raw activations.
 
         ``mse`` is the squared error summed over ``D`` and averaged over the batch, on
-        normalised activations.
+        normalised activations. ``use_auxk=False`` (static) skips the AuxK term entirely.
         """
         xn = self.normalize(x)
         f, pre, extra = self.train_acts(xn, hp)
         x_hat = self.decode_normalized(f)
         mse = jnp.square(xn - x_hat).sum(-1).mean()
         sparsity = self.penalty(f, pre, xn, hp)
-        auxk = self.auxk_loss(xn - x_hat, pre, hp)
+        auxk = self.auxk_loss(xn - x_hat, pre, hp) if use_auxk else jnp.zeros(())
         total = mse + sparsity_scale * sparsity + hp.aux_coeff * auxk + extra.get("extra_loss", 0.0)
         aux = {"mse": mse, "sparsity": sparsity, "auxk": auxk, "l0": (f != 0).sum(-1).mean(),
                "fired": (f != 0).any(0), "f": f, **{k: v for k, v in extra.items() if k != "extra_loss"}}

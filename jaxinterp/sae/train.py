@@ -94,6 +94,11 @@ class SAETrainConfig:
             return self.aux_coeff
         return 1 / 32 if self.family in ("topk", "batchtopk") else 0.0
 
+    @property
+    def uses_auxk(self) -> bool:
+        """AuxK is compiled in when the base config's weight is non-zero (set it to grid over aux_coeff)."""
+        return self.default_aux_coeff > 0
+
     @classmethod
     def karvonen_othello(cls, family: str = "panneal", **kw) -> "SAETrainConfig":
         """The paper's Othello layer-5 recipe (d 512, dictionary 4096, batch 8192)."""
@@ -154,6 +159,9 @@ def init_state(cfg: SAETrainConfig, grid: Sequence[Mapping[str, Any]], sample: n
     if sample.ndim != 2 or sample.shape[1] != cfg.d_in:
         raise ValueError(f"sample must be [N, d_in={cfg.d_in}], got {sample.shape}")
     members = [_member_config(cfg, o) for o in grid]
+    if any(m.uses_auxk for m in members) and not cfg.uses_auxk:
+        raise ValueError(f"{cfg.family}: the grid sets aux_coeff > 0 but the base config's aux_coeff is 0, so AuxK "
+                         f"is not compiled in; give the base config a non-zero aux_coeff")
     k_max = max(m.k for m in members) if cfg.family in ("topk", "batchtopk") else 0
     scale = input_scale_for(sample)
     b_dec = sample.mean(0) * scale if cfg.init_b_dec_mean else None
@@ -225,7 +233,7 @@ def sae_step(state: TrainState, x: jax.Array, cfg: SAETrainConfig) -> tuple[Trai
     scale = _sparsity_scale(cfg, t)
 
     def loss_fn(params):
-        return sae.replace(params=params).loss(x, state.hp, scale)
+        return sae.replace(params=params).loss(x, state.hp, scale, use_auxk=cfg.uses_auxk)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(sae.params)
     if cfg.unit_norm_decoder:
