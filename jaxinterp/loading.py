@@ -93,10 +93,21 @@ def _download(repo_id: str) -> Path:
         ) from err
 
 
-def load(source: str | os.PathLike, dtype: str = "float32") -> Model:
-    """Load a model from an embedded name, a local HF directory, or a hub id."""
+def load(source: str | os.PathLike, dtype: str = "float32", *, mesh=None, rules=None) -> Model:
+    """Load a model from an embedded name, a local HF directory, or a hub id.
+
+    With ``mesh`` (a ``jax.sharding.Mesh``) every parameter is placed sharded by ``rules``
+    (a rule-set name from ``tpu_configs/rules`` or a ``jaxinterp.sharding.Rules``; default
+    ``"fsdp_tp"``), each device reading only its slices (``jaxinterp.sharding.load_sharded``).
+    """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    if mesh is not None:
+        from jaxinterp.sharding import load_sharded
+
+        return load_sharded(source, mesh, "fsdp_tp" if rules is None else rules, dtype)
+    if rules is not None:
+        raise ValueError("rules given without a mesh; pass mesh=jaxinterp.sharding.make_mesh(...) as well")
     path = _resolve_source(source)
     hf_config, tensors = read_hf_dir(path)
     model_type = hf_config.get("model_type")

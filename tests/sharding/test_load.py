@@ -71,3 +71,13 @@ def test_sharded_load_in_bfloat16_matches_plain_load(checkpoint):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
     with pytest.raises(ValueError, match="dtype must be one of"):
         jsh.load_sharded(checkpoint, mesh, "fsdp_tp", dtype="int8")
+
+
+def test_ji_load_with_a_mesh_places_sharded(checkpoint):
+    mesh = jsh.make_mesh({"data": 1, "fsdp": 2, "tensor": 4})
+    model = ji.load(checkpoint, mesh=mesh, rules="tp")
+    kernel = model.params["h_0"]["mlp"]["c_fc"]["kernel"]  # [embed, mlp]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "tensor")
+    assert len(jsh.per_device_bytes(model.params)) == 8
+    with pytest.raises(ValueError, match="rules given without a mesh"):
+        ji.load(checkpoint, rules="tp")
