@@ -21,7 +21,7 @@ class TrainOthelloConfig:
     n_train_games: int = 50_000
     n_eval_games: int = 2_000
     batch_size: int = 64
-    steps: int = 4_000
+    steps: int = 3_000
     lr: float = 2e-3
     warmup_steps: int = 200
     weight_decay: float = 0.01

@@ -108,19 +108,19 @@ def linear_probe_accuracy(feats: np.ndarray, states: np.ndarray, steps: int, see
     params = {"w": jnp.zeros((x_tr.shape[1], s, 3)), "b": jnp.zeros((s, 3))}
     opt = optax.adam(1e-2)
 
-    def loss(p):
-        logits = jnp.einsum("nd,dsc->nsc", x_tr, p["w"]) + p["b"]
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y_tr).mean()
+    def loss(p, x, y):
+        logits = jnp.einsum("nd,dsc->nsc", x, p["w"]) + p["b"]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
     @jax.jit
-    def step(p, st):
-        g_ = jax.grad(loss)(p)
+    def step(p, st, x, y):
+        g_ = jax.grad(loss)(p, x, y)
         up, st = opt.update(g_, st)
         return optax.apply_updates(p, up), st
 
     st = opt.init(params)
     for _ in range(steps):
-        params, st = step(params, st)
+        params, st = step(params, st, x_tr, y_tr)
     pred = (jnp.einsum("nd,dsc->nsc", x_te, params["w"]) + params["b"]).argmax(-1)
     return float((pred == y_te).mean())
 
@@ -168,10 +168,11 @@ def main(argv=None) -> dict:
     eval_games = othello.random_games(board, cfg.n_eval_games, seed=cfg.seed + 10_000, full_only=True)
     print(f"generated {cfg.n_train_games + cfg.n_eval_games} games in {time.time() - t0:.1f}s")
     model, losses = train(cfg, othello.square_to_token(board, train_games.squares))
+    out = Path(args.out)
+    ji.save_pretrained(model, out)  # before evaluation, so a failed evaluation loses no training
     metrics = {"config": dataclasses.asdict(cfg), "final_loss": losses[-1][1], "train_seconds": time.time() - t0,
                "trained": evaluate(model, cfg, eval_games),
                "random_init": evaluate(ji.init(model_config(cfg), cfg.seed + 1), cfg, eval_games)}
-    out = Path(args.out)
     write_model_dir(model, cfg, out, metrics)
     print(json.dumps({k: v for k, v in metrics.items() if k != "config"}, indent=1))
     return metrics
