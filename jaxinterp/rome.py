@@ -360,12 +360,11 @@ def edit(model: Model, request: EditRequest, layer: int, cov, *, contexts: Seque
     """Apply one ROME edit at ``layer``; returns the edited model (a new pytree) and the vectors.
 
     ``cov``: ``E[k k^T]`` of the target's inputs at ``layer`` (``key_covariances``);
-    ``contexts``: token prefixes for the templates (include ``()`` for the bare prompt).
+    ``contexts``: token prefixes for the templates, used as given (include ``()`` or the bare
+    prefix, e.g. ``(bos,)``, for the untemplated prompt); the first one is the bare prompt.
     """
     target = edit_target(model, layer, config.target)
     contexts = [tuple(c) for c in contexts] or [()]
-    if () not in contexts:
-        contexts = [()] + contexts
     k_prompts, k_idx = _with_contexts(request.prompts[:1], request.subject_last[:1], contexts)
     k_star = compute_key(model, target, k_prompts, k_idx)
     v_star, v_init, losses = compute_value(model, target, request, contexts, config)
@@ -421,11 +420,13 @@ def _logprob_batch(model, tokens, pos, tgt, mask):
 
 def target_logprobs(model: Model, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> np.ndarray:
     """``log P(target | prompt)`` (summed over the target's tokens) for every prompt x target: ``[P, N]``."""
+    n = len(prompts)
+    prompts = list(prompts) + [list(prompts[0])] * (-n % 8)  # rows padded to a multiple of 8: few compiles
     out = np.zeros((len(prompts), len(targets)))
     kmax = max(len(t) for t in targets)
     for j, tgt in enumerate(targets):
         seqs = [list(p) + list(tgt[:-1]) for p in prompts]
-        tokens = _pad(seqs)
+        tokens = _clip_len(model, _pad(seqs))
         pos = np.array([[min(len(p) - 1 + i, tokens.shape[1] - 1) for i in range(kmax)] for p in prompts])
         ids = np.zeros((len(prompts), kmax), np.int64)
         ids[:, : len(tgt)] = tgt
@@ -433,7 +434,7 @@ def target_logprobs(model: Model, prompts: Sequence[Sequence[int]], targets: Seq
         mask[:, : len(tgt)] = 1
         out[:, j] = np.asarray(_logprob_batch(model, jnp.asarray(tokens), jnp.asarray(pos), jnp.asarray(ids),
                                               jnp.asarray(mask)))
-    return out
+    return out[:n]
 
 
 def counterfact_scores(model: Model, records: Sequence[Mapping[str, Any]]) -> dict:

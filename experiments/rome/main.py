@@ -1,0 +1,149 @@
+"""ROME on a facts-world model: a layer sweep of single edits scored on a synthetic CounterFact.
+
+    python -m jaxinterp.experiments.rome.main                              # facts-gpt, every layer
+    python -m jaxinterp.experiments.rome.main --mamba --set target=in_proj_z
+    python -m jaxinterp.experiments.rome.main --model DIR --set n_edits=4 layers=[1,2] --out results/rome_x
+
+Writes ``results.json`` (every score of every edit) and ``layer_sweep.png`` (efficacy,
+paraphrase, neighbourhood and their harmonic mean per edited layer, unedited model dashed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from jaxinterp.experiments.causal_trace.main import load_world_model, parse_overrides
+from jaxinterp.experiments.data.facts_world import PAD
+from jaxinterp.experiments.rome.config import RomeExperimentConfig
+from jaxinterp.rome import EditRequest, RomeConfig, counterfact_scores, edit, key_covariances, sample_contexts
+
+METRICS = ("efficacy", "paraphrase", "neighborhood", "score")
+
+
+def corpus_batches(world, cfg: RomeExperimentConfig, batch: int = 16):
+    """World documents as ``[batch, corpus_len]`` token arrays (PAD-filled)."""
+    pad = world.tokenizer.token_to_id(PAD)
+    docs = world.documents(cfg.corpus_docs, seed=cfg.seed + 7)
+    rows = np.full((len(docs), cfg.corpus_len), pad, np.int64)
+    for i, d in enumerate(docs):
+        ids = [world.bos_id] + world.encode(d)
+        rows[i, : min(len(ids), cfg.corpus_len)] = ids[: cfg.corpus_len]
+    return [rows[i:i + batch] for i in range(0, len(rows), batch)], pad
+
+
+def make_contexts(model, world, cfg: RomeExperimentConfig) -> list[tuple[int, ...]]:
+    """``(bos,)`` plus sampled prefixes ``bos + tokens + "."`` (ROME's context templates)."""
+    dot = world.encode(".")
+    out = [(world.bos_id,)]
+    for i, length in enumerate(cfg.context_lengths):
+        out += sample_contexts(model, [world.bos_id], cfg.n_contexts, length, seed=cfg.seed + i, suffix=dot)
+    return out
+
+
+def request_of(record) -> EditRequest:
+    """Rewrite prompt = the record's first prompt without its bos (contexts supply it)."""
+    p = record.prompts[0]
+    return EditRequest(prompts=(tuple(p.ids[1:]),), subject_last=(p.subject_span[1] - 2,),
+                       target_new=(record.target_new_id,))
+
+
+def eval_record(record) -> dict:
+    ids = lambda ps: [list(p.ids) for p in ps]  # noqa: E731
+    return {"prompts": ids(record.prompts), "paraphrase_prompts": ids(record.paraphrase_prompts),
+            "neighborhood_prompts": ids(record.neighborhood_prompts),
+            "target_true": [record.target_true_id], "target_new": [record.target_new_id]}
+
+
+def sweep(model, world, records, cfg: RomeExperimentConfig) -> dict:
+    layers = cfg.layers if cfg.layers is not None else tuple(range(model.config.n_layers))
+    batches, pad = corpus_batches(world, cfg)
+    covs = key_covariances(model, layers, batches, target=cfg.target, pad_id=pad)
+    contexts = make_contexts(model, world, cfg)
+    rc = RomeConfig(target=cfg.target, lr=cfg.lr, steps=cfg.steps, kl_weight=cfg.kl_weight,
+                    weight_decay=cfg.weight_decay, clamp=cfg.clamp)
+    per_layer = {}
+    for layer in tqdm(layers, desc="layers"):
+        edits = []
+        for rec in tqdm(records, desc=f"edits @ layer {layer}", leave=False):
+            res = edit(model, request_of(rec), layer, covs[layer], contexts=contexts, config=rc)
+            scores = counterfact_scores(res.model, [eval_record(rec)])
+            edits.append({"subject": rec.subject, "relation": rec.relation, "target_true": rec.target_true,
+                          "target_new": rec.target_new, "losses": list(res.losses), **scores})
+        per_layer[layer] = {"mean": {m: float(np.nanmean([e[m] for e in edits])) for m in METRICS}, "edits": edits}
+    return per_layer
+
+
+def plot(per_layer: dict, baseline: dict, title: str, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = sorted(per_layer)
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for m, c in zip(METRICS, ("tab:blue", "tab:orange", "tab:green", "black")):
+        ax.plot(layers, [per_layer[l]["mean"][m] for l in layers], marker="o", color=c, label=m)
+        ax.axhline(baseline[m], color=c, ls="--", lw=0.8)
+    ax.set_xlabel("edited layer")
+    ax.set_ylabel("%")
+    ax.set_ylim(-2, 102)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+def run(cfg: RomeExperimentConfig) -> dict:
+    t0 = time.time()
+    model, world = load_world_model(cfg.model)
+    out = Path(cfg.out or Path("results") / "rome" / Path(str(cfg.model)).name)
+    out.mkdir(parents=True, exist_ok=True)
+    records = world.counterfact(cfg.n_edits, seed=cfg.seed)
+    baseline = counterfact_scores(model, [eval_record(r) for r in records])
+    per_layer = sweep(model, world, records, cfg)
+    best = max(per_layer, key=lambda l: per_layer[l]["mean"]["score"])
+    target = cfg.target or ("mlp" if model.family == "gpt2" else "out_proj")
+    plot(per_layer, baseline, f"{cfg.model}: ROME on {target} (dashed: unedited)", out / "layer_sweep.png")
+    results = {"experiment": "rome", "model": str(cfg.model), "family": model.family, "target": target,
+               "config": dataclasses.asdict(cfg), "unedited": baseline, "best_layer": best,
+               "per_layer": {str(l): v for l, v in per_layer.items()}, "seconds": time.time() - t0}
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(f"{'layer':>5} " + " ".join(f"{m:>12}" for m in METRICS))
+    print(f"{'none':>5} " + " ".join(f"{baseline[m]:>12.1f}" for m in METRICS))
+    for l in sorted(per_layer):
+        print(f"{l:>5} " + " ".join(f"{per_layer[l]['mean'][m]:>12.1f}" for m in METRICS))
+    print(f"wrote {out / 'results.json'} and {out / 'layer_sweep.png'}")
+    return results
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="any ji.load source of a facts-world model (default facts-gpt)")
+    p.add_argument("--mamba", action="store_true", help="facts-mamba (out_proj by default)")
+    p.add_argument("--out", default=None, help="output directory (default results/rome/<model>)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. n_edits=4")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(p)
+    args = p.parse_args(argv)
+    cfg = parse_overrides(args.set, RomeExperimentConfig.mamba() if args.mamba else RomeExperimentConfig.gpt())
+    if args.model:
+        cfg = dataclasses.replace(cfg, model=args.model)
+    if args.out:
+        cfg = dataclasses.replace(cfg, out=args.out)
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
