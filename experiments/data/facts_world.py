@@ -166,6 +166,8 @@ class WorldConfig:
       facts_per_doc: (min, max) fact sentences per document.
       passage_sentences: (min, max) sentences per in-context passage.
       passage_questions: answered questions after a training passage (about distinct sentences).
+      passage_same_template: questions reuse the template of the sentence they ask about
+        (extractive QA); otherwise a random train template of the relation.
     """
 
     seed: int = 0
@@ -176,6 +178,7 @@ class WorldConfig:
     facts_per_doc: tuple[int, int] = (3, 8)
     passage_sentences: tuple[int, int] = (2, 5)
     passage_questions: int = 3
+    passage_same_template: bool = False
 
     def __post_init__(self):
         if not 2 <= self.entities_per_domain <= 150:
@@ -577,13 +580,13 @@ class FactsWorld:
 
     def _passage_document(self, rng) -> str:
         """A training passage followed by up to ``passage_questions`` answered questions."""
-        pairs, objs, q = self._passage_parts(rng, counterfactual=None)
-        text = self._passage(rng, pairs, objs, q).text + f" {objs[q]} ."
+        pairs, objs, q, tmpl = self._passage_parts(rng, counterfactual=None)
+        text = self._passage(rng, pairs, objs, q, tmpl).text + f" {objs[q]} ."
         others = [i for i in rng.permutation(len(pairs)) if i != q][: self.config.passage_questions - 1]
         for i in others:
             e, r = pairs[i]
             rel = self._rel[r]
-            question = rel.templates[rng.integers(len(rel.templates))].format(e.name)
+            question = rel.templates[self._question_template(rng, rel, tmpl[i])].format(e.name)
             text += f" {QUESTION_WORD} {question} {objs[i]} ."
         return text
 
@@ -600,20 +603,26 @@ class FactsWorld:
         if counterfactual:
             options = [o for o in self._rel[r_q].objects if o != e_q.attributes[r_q]]
             objs[q] = str(options[rng.integers(len(options))])
-        return pairs, objs, q
+        tmpl = [int(rng.integers(len(self._rel[r].templates))) for _, r in pairs]
+        return pairs, objs, q, tmpl
 
-    def _passage(self, rng, pairs, objs, q) -> ContextPassage:
+    def _question_template(self, rng, rel: Relation, sentence_template: int) -> int:
+        if self.config.passage_same_template:
+            return sentence_template
+        return int(rng.integers(len(rel.templates)))
+
+    def _passage(self, rng, pairs, objs, q, tmpl) -> ContextPassage:
         e_q, r_q = pairs[q]
         ids = [self.bos_id] + self.encode(PASSAGE_WORD)
         spans, answer_pos = [], -1
         for i, ((e, r), o) in enumerate(zip(pairs, objs)):
             start = len(ids)
-            ids += self.encode(self._fact_sentence(rng, e, r, o))  # "... <obj> ."
+            ids += self.encode(self._rel[r].templates[tmpl[i]].format(e.name) + f" {o} .")  # "... <obj> ."
             spans.append((start, len(ids) - 1))
             if i == q:
                 answer_pos = len(ids) - 2
         rel = self._rel[r_q]
-        question = self.prompt(e_q.name, r_q, int(rng.integers(len(rel.templates))), answer=objs[q])
+        question = self.prompt(e_q.name, r_q, self._question_template(rng, rel, tmpl[q]), answer=objs[q])
         offset = len(ids) + len(self.encode(QUESTION_WORD))
         ids += self.encode(QUESTION_WORD) + list(question.ids[1:])
         span = (question.subject_span[0] - 1 + offset, question.subject_span[1] - 1 + offset)
