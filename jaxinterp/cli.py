@@ -1,6 +1,7 @@
 """The ``jaxinterp`` command line (the main job).
 
-    jaxinterp                          # = jaxinterp run: the default experiment on facts-gpt
+    jaxinterp                          # = jaxinterp run: the default experiment (causal tracing) on facts-gpt
+    jaxinterp trace --mamba            # causal tracing of facts-mamba (alt-subject corruption)
     jaxinterp run --model facts-mamba --out results/mamba
     jaxinterp recall --model path/to/hf_dir --n 64
     jaxinterp models                   # the embedded models
@@ -31,7 +32,7 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {}
-DEFAULT_RUN = "recall"  # what `jaxinterp` / `jaxinterp run` runs
+DEFAULT_RUN = "trace"  # what `jaxinterp` / `jaxinterp run` runs
 
 
 def register(name: str, command: Command) -> Command:
@@ -120,8 +121,24 @@ def _models_main(args: argparse.Namespace) -> int:
     return 0
 
 
+# trace --------------------------------------------------------------------------------------------
+def _trace_arguments(p: argparse.ArgumentParser) -> None:
+    from jaxinterp.experiments.causal_trace.main import add_arguments
+
+    add_arguments(p)
+
+
+def _trace_main(args: argparse.Namespace) -> int:
+    from jaxinterp.experiments.causal_trace.main import config_from_args, run
+
+    run(config_from_args(args))
+    return 0
+
+
 register("recall", Command("fact-recall accuracy of a facts-world model (train / paraphrase / in-context)",
                            _recall_arguments, _recall_main))
+register("trace", Command("causal tracing (ROME) of known facts: AIE tables, heatmaps, knockout, attribution",
+                          _trace_arguments, _trace_main))
 register("models", Command("list the embedded models", lambda p: None, _models_main))
 
 

@@ -83,6 +83,22 @@ class _SuffixSites:
         return x
 
 
+# Sites whose value at token t influences no other position within the same layer.
+_PER_POSITION = ("attn_out", "mlp_out", "resid_mid", "ln2", "mlp.pre", "mlp.post")
+
+
+def _first_layer_token(model, layer, t, kind, clean, bad, n_rows):
+    """Block output at token t of the first restored layer ``[N, D]`` (window kinds)."""
+    block = _STEPPERS[model.family][0]
+    at_t = lambda v, axis: jnp.take(v, t, axis=axis)  # noqa: E731
+    x = at_t(bad[f"blocks.{layer}.resid_pre"], 1)[:, None]  # [N, 1, D]
+    # The attention output at t is the corrupted run's (its inputs are unchanged) unless restored.
+    patches = {f"blocks.{layer}.attn_out": (np.ones(1, bool), at_t(bad[f"blocks.{layer}.attn_out"], 1)[None, :, None])}
+    patches[f"blocks.{layer}.{kind}"] = (np.ones(1, bool), at_t(clean[f"blocks.{layer}.{kind}"], 0)[None, None, None])
+    sites = _SuffixSites(1, n_rows, jnp.ones((1,), bool), {}, patches)
+    return block(model, layer, x, sites)[:, 0]
+
+
 def _cells(kind: str, freeze, window: int, n_layers: int):
     """Per cell layer ``l``: (start layer, restore layers, frozen layers, injected layer or None)."""
     from jaxinterp.patching.causal_trace import layer_window
@@ -91,12 +107,16 @@ def _cells(kind: str, freeze, window: int, n_layers: int):
     for l in range(n_layers):
         restore = set(layer_window(l, window, n_layers))
         frozen = set(range(l + 1, n_layers)) if freeze else set()
+        first = min(restore)
         if kind == "resid_post":
             # The block output at min(restore) is injected directly: start one layer later.
-            first = min(restore)
-            cells.append((first + 1, restore - {first}, frozen, first))
+            cells.append((first + 1, restore - {first}, frozen, ("resid", first)))
+        elif kind in _PER_POSITION:
+            # At the first restored layer only token t changes (its own attention reads the
+            # unchanged corrupted keys/values): one position computed, suffix starts a layer later.
+            cells.append((first + 1, restore - {first}, frozen, ("module", first)))
         else:
-            cells.append((min(restore), restore, frozen, None))
+            cells.append((first, restore, frozen, None))
     return cells
 
 
@@ -107,6 +127,7 @@ def _suffix_probs(model, s0, t, cells, clean, bad, answer, kind, freeze, n_rows)
     onehot = jnp.arange(seq - s0) == t - s0  # [S]
     at_t = lambda v, axis: jnp.take(v, t, axis=axis)  # noqa: E731
     order: list[int] = []
+    first_token: dict = {}  # first restored layer -> its output at token t (shared by cells)
     state = None  # [C, N, S, D]
 
     def enter(j):
@@ -117,11 +138,17 @@ def _suffix_probs(model, s0, t, cells, clean, bad, answer, kind, freeze, n_rows)
         parts = []
         for l in new:
             inject = cells[l][3]
-            if inject is not None:  # corrupted block output with token t restored
-                x = bad[f"blocks.{inject}.resid_post"][:, s0:]
-                x = jnp.where(onehot[None, :, None], at_t(clean[f"blocks.{inject}.resid_post"], 0), x)
-            else:
+            if inject is None:
                 x = bad[f"blocks.{j}.resid_pre"][:, s0:]
+            else:  # corrupted block output with token t's value replaced
+                how, layer = inject
+                if how == "resid":
+                    value = at_t(clean[f"blocks.{layer}.resid_post"], 0)
+                else:
+                    if layer not in first_token:
+                        first_token[layer] = _first_layer_token(model, layer, t, kind, clean, bad, n_rows)
+                    value = first_token[layer][:, None]  # [N, 1, D]
+                x = jnp.where(onehot[None, :, None], value, bad[f"blocks.{layer}.resid_post"][:, s0:])
             parts.append(x[None])
         order.extend(new)
         state = jnp.concatenate(([state] if state is not None else []) + parts, axis=0)
@@ -179,7 +206,7 @@ def incremental_table(model: Model, tokens, corruption, answer, *, kind: str, fr
     top = jnp.argmax(clean.logits[0, -1])
     answer = jnp.where(answer < 0, top, answer)
     p_clean = jax.nn.softmax(clean.logits[0, -1].astype(jnp.float32))[answer]
-    capture = ["blocks.*.resid_pre", "blocks.*.resid_post"] + [f"blocks.*.{s}" for s in kv]
+    capture = ["blocks.*.resid_pre", "blocks.*.resid_post", "blocks.*.attn_out"] + [f"blocks.*.{s}" for s in kv]
     if freeze:
         capture.append(f"blocks.*.{freeze}")
     bad = run(model, corruption.tokens, capture=capture, interventions={"embed": Add(corruption.delta)},

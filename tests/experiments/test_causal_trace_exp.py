@@ -1,0 +1,82 @@
+"""Causal-trace and ROME experiments end to end on a tiny facts-world model (smoke configs)."""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import jaxinterp as ji
+from jaxinterp import cli
+from jaxinterp.experiments.causal_trace.config import TraceExperimentConfig
+from jaxinterp.experiments.causal_trace.main import run as run_trace
+from jaxinterp.experiments.data.facts_world import FactsWorld
+from jaxinterp.experiments.rome.config import RomeExperimentConfig
+from jaxinterp.experiments.rome.main import eval_record
+from jaxinterp.experiments.rome.main import run as run_rome
+from jaxinterp.experiments.train_lm.config import get_config
+from jaxinterp.experiments.train_lm.main import build_model, export
+from jaxinterp.rome import counterfact_scores
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_facts")
+    cfg = get_config("tiny")
+    world = FactsWorld(cfg.data.world)
+    export(build_model(cfg, world, jax.random.PRNGKey(0)), world, path)
+    return path
+
+
+@pytest.mark.slow
+def test_trace_experiment_numbers(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "ct"
+    assert cli.main(["trace", "--model", str(tiny_dir), "--out", str(out), "--set", "n_facts=2", "max_lengths=1",
+                     "n_samples=2", "known_only=false", "n_examples=1", "n_attribution=2"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    for png in ("fact_0.png", "aie.png", "knockout.png"):
+        assert (out / png).stat().st_size > 0
+    assert "attribution vs activation" in capsys.readouterr().out
+    model = ji.load(tiny_dir)
+    facts = res["facts"]
+    assert res["n_facts"] == len(facts) == 2
+    kinds = {"resid_post", "mlp_out", "attn_out", "resid_post|freeze=mlp_out", "resid_post|freeze=attn_out"}
+    assert set(res["aie"]) == kinds
+    for f in facts:  # p_clean is the softmax probability of the true object in a plain forward
+        logits = model.run(np.asarray([f["ids"]])).logits[0, -1]
+        p = float(jax.nn.softmax(logits)[model_answer(f)])
+        assert f["traces"]["resid_post"]["p_clean"] == pytest.approx(p, abs=1e-5)
+    # AIE of the "last" class = mean over facts of (restored p at the last token - p_corrupt).
+    for kind in kinds:
+        rows = [np.asarray(f["traces"][kind]["probs"])[-1] - f["traces"][kind]["p_corrupt"] for f in facts]
+        np.testing.assert_allclose(res["aie"][kind]["classes"]["last"], np.mean(rows, 0), atol=1e-6)
+    r = res["attribution_vs_activation"]["pearson_r"]
+    assert -1.0 <= r <= 1.0 and res["attribution_vs_activation"]["n_cells"] > 0
+
+
+def model_answer(fact):
+    return fact["traces"]["resid_post"]["answer"]
+
+
+@pytest.mark.slow
+def test_rome_experiment_numbers(tiny_dir, tmp_path):
+    cfg = RomeExperimentConfig.smoke(model=str(tiny_dir), out=str(tmp_path / "rome"), layers=(0,))
+    res = run_rome(cfg)
+    saved = json.loads((tmp_path / "rome" / "results.json").read_text())
+    assert saved["per_layer"]["0"]["mean"] == res["per_layer"]["0"]["mean"]
+    assert (tmp_path / "rome" / "layer_sweep.png").stat().st_size > 0
+    model = ji.load(tiny_dir)
+    world = FactsWorld.from_dir(tiny_dir)
+    records = world.counterfact(cfg.n_edits, seed=cfg.seed)
+    assert saved["unedited"] == pytest.approx(counterfact_scores(model, [eval_record(r) for r in records]))
+    for e in saved["per_layer"]["0"]["edits"]:
+        for m in ("efficacy", "paraphrase", "neighborhood"):
+            assert 0.0 <= e[m] <= 100.0
+
+
+def test_configs_validate():
+    with pytest.raises(ValueError, match="corruption must be one of"):
+        TraceExperimentConfig(corruption="swap")
+    assert TraceExperimentConfig.mamba().corruption == "alt"
+    assert dataclasses.replace(RomeExperimentConfig(), layers=[1, 2]).layers == (1, 2)
