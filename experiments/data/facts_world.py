@@ -178,7 +178,7 @@ class WorldConfig:
     facts_per_doc: tuple[int, int] = (3, 8)
     passage_sentences: tuple[int, int] = (2, 5)
     passage_questions: int = 3
-    passage_same_template: bool = False
+    passage_same_template: bool = True
 
     def __post_init__(self):
         if not 2 <= self.entities_per_domain <= 150:
