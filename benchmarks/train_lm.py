@@ -92,7 +92,7 @@ def main(argv=None) -> dict:
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
         torch_opt.step()
         torch_opt.zero_grad(set_to_none=True)
-        return float(out.loss)
+        return float(out.loss.detach())
 
     params = model.params
     opt_state = make_opt_state(cfg, params)
