@@ -15,7 +15,9 @@ One corpus serves causal tracing, ROME, ELM and attention attribution:
   tag (``novice_prefix``: objects are random guesses), so P(text | expert) vs P(text | novice)
   carries signal (ELM).
 - **Context passages**: k fact sentences whose objects are random (often counterfactual),
-  then ``Question :`` and a fact prompt whose answer must be copied from the passage.
+  then ``Question :`` and a fact prompt (by default the same template as the sentence it asks
+  about: extractive QA) whose answer must be copied from the passage. Training passages carry
+  up to ``passage_questions`` answered questions; evaluation passages end at the first one.
 
 Token ids: prompts are fed to models as ``[bos_id] + encode(text)``; every ``ids`` field
 below already includes that leading ``<|endoftext|>`` and every span indexes into ``ids``.
