@@ -121,51 +121,72 @@ def _cells(kind: str, freeze, window: int, n_layers: int):
 
 
 def _suffix_probs(model, s0, t, cells, clean, bad, answer, kind, freeze, n_rows):
-    """Restored scores of the cells ``(t, l)`` for every ``l`` (``t >= s0`` traced); ``[L]``."""
+    """Restored scores of the cells ``(t, l)`` for every ``l`` (``t >= s0`` traced); ``[L]``.
+
+    Each state row is a group of cells whose computation so far is identical (same entry,
+    same restored / frozen layers up to now); a group splits where its cells' next
+    layers differ, so shared prefixes of windows are computed once.
+    """
     block, head, kv = _STEPPERS[model.family]
     n_layers, seq = len(cells), bad["blocks.0.resid_pre"].shape[1]
     onehot = jnp.arange(seq - s0) == t - s0  # [S]
     at_t = lambda v, axis: jnp.take(v, t, axis=axis)  # noqa: E731
-    order: list[int] = []
+    groups: list[list[int]] = []
     first_token: dict = {}  # first restored layer -> its output at token t (shared by cells)
-    state = None  # [C, N, S, D]
+    state = None  # [groups, N, S, D]
+
+    def entry_state(j, inject):
+        if inject is None:
+            return bad[f"blocks.{j}.resid_pre"][:, s0:]
+        how, layer = inject  # corrupted block output with token t's value replaced
+        if how == "resid":
+            value = at_t(clean[f"blocks.{layer}.resid_post"], 0)
+        else:
+            if layer not in first_token:
+                first_token[layer] = _first_layer_token(model, layer, t, kind, clean, bad, n_rows)
+            value = first_token[layer][:, None]  # [N, 1, D]
+        return jnp.where(onehot[None, :, None], value, bad[f"blocks.{layer}.resid_post"][:, s0:])
 
     def enter(j):
         nonlocal state
-        new = [l for l, c in enumerate(cells) if c[0] == j]
-        if not new:
+        by_inject: dict = {}
+        for l, c in enumerate(cells):
+            if c[0] == j:
+                by_inject.setdefault(c[3], []).append(l)
+        if not by_inject:
             return
-        parts = []
-        for l in new:
-            inject = cells[l][3]
-            if inject is None:
-                x = bad[f"blocks.{j}.resid_pre"][:, s0:]
-            else:  # corrupted block output with token t's value replaced
-                how, layer = inject
-                if how == "resid":
-                    value = at_t(clean[f"blocks.{layer}.resid_post"], 0)
-                else:
-                    if layer not in first_token:
-                        first_token[layer] = _first_layer_token(model, layer, t, kind, clean, bad, n_rows)
-                    value = first_token[layer][:, None]  # [N, 1, D]
-                x = jnp.where(onehot[None, :, None], value, bad[f"blocks.{layer}.resid_post"][:, s0:])
-            parts.append(x[None])
-        order.extend(new)
+        parts = [entry_state(j, inject)[None] for inject in by_inject]
+        groups.extend(by_inject.values())
         state = jnp.concatenate(([state] if state is not None else []) + parts, axis=0)
+
+    def split(j):
+        nonlocal state, groups
+        new_groups, src = [], []
+        for row, g in enumerate(groups):
+            parts: dict = {}
+            for l in g:
+                parts.setdefault((j in cells[l][1], j in cells[l][2]), []).append(l)
+            for members in parts.values():
+                new_groups.append(members)
+                src.append(row)
+        if len(new_groups) != len(groups):
+            state = state[np.asarray(src)]
+        groups = new_groups
 
     for j in range(n_layers):
         enter(j)
         if state is None:
             continue
-        c = len(order)
+        split(j)
+        c = len(groups)
         prefix = {f"blocks.{j}.{s}": bad[f"blocks.{j}.{s}"][:, :s0] for s in kv} if s0 > 0 else {}
         patches = {}
-        mask = np.array([j in cells[l][1] for l in order])
+        mask = np.array([j in cells[g[0]][1] for g in groups])
         if mask.any():
             v = at_t(clean[f"blocks.{j}.{kind}"], 0)  # [...]
             patches[f"blocks.{j}.{kind}"] = (mask, v[None, None, None])
         if freeze:
-            fmask = np.array([j in cells[l][2] for l in order])
+            fmask = np.array([j in cells[g[0]][2] for g in groups])
             if fmask.any():
                 v = at_t(bad[f"blocks.{j}.{freeze}"], 1)  # [N, ...]
                 patches[f"blocks.{j}.{freeze}"] = (fmask, v[None, :, None])
@@ -173,9 +194,10 @@ def _suffix_probs(model, s0, t, cells, clean, bad, answer, kind, freeze, n_rows)
         x = state.reshape((c * n_rows,) + state.shape[2:])
         state = block(model, j, x, sites).reshape(state.shape)
     enter(n_layers)
-    logits = head(model, state[:, :, -1])  # [C, N, V]
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., answer].mean(1)  # [C]
-    return probs[np.argsort(order)]
+    logits = head(model, state[:, :, -1])  # [groups, N, V]
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., answer].mean(1)  # [groups]
+    row_of = {l: row for row, g in enumerate(groups) for l in g}
+    return probs[np.asarray([row_of[l] for l in range(n_layers)])]
 
 
 def position_buckets(first: int, seq: int, n_buckets: int) -> list[np.ndarray]:
