@@ -26,9 +26,18 @@ _ROOT = Path(__file__).resolve().parents[2]
 
 
 def _devices_ok() -> bool:
-    import jax
+    """Whether this process has (or will start with) 8 devices, without starting JAX's backend
+    during collection (other test modules may still want to configure it)."""
+    import re
 
-    return jax.device_count() >= N_DEVICES
+    import jax
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized():
+        return jax.device_count() >= N_DEVICES
+    match = re.search(r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
+    requested = max(int(match.group(1)) if match else 1, jax.config.jax_num_cpu_devices)
+    return requested >= N_DEVICES
 
 
 class _ChildOutcome(pytest.Item):
@@ -99,6 +108,7 @@ def _case_outcome(case) -> tuple[str, str]:
     return "passed", ""
 
 
+@pytest.hookimpl(trylast=True)  # after -m / -k deselection, so the child runs only what was selected
 def pytest_collection_modifyitems(session, config, items):
     here = Path(__file__).resolve().parent
     mine = [i for i in items if Path(str(i.fspath)).resolve().parent == here]

@@ -55,6 +55,7 @@ def test_dry_run_refuses_a_model_over_budget(capsys):
         main(["dry-run", "--config", "tpu_configs/cpu-8.yaml", "--model", "gpt2:huge"])
 
 
+@pytest.mark.slow
 def test_patch_sweep_experiment_writes_results(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["patch-sweep", "--config", "tpu_configs/cpu-8.yaml", "--model", "gpt2:tiny", "--prompts", "10",

@@ -62,7 +62,8 @@ def test_sharded_map_pads_and_chunks():
     np.testing.assert_array_equal(out["y"], np.arange(21) * 3.0)
 
 
-@pytest.mark.parametrize("shape", [(8, 1), (2, 4)], ids=["8x1", "2x4"])
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", [(2, 4)], ids=["2x4"])
 def test_patching_tables_over_many_prompts_match_loop(model, shape):
     rng = np.random.default_rng(4)
     n = 11  # not a multiple of the device count
@@ -81,6 +82,7 @@ def test_patching_tables_over_many_prompts_match_loop(model, shape):
         np.testing.assert_allclose(out["clean"][i], clean_logits[answer[i]] - clean_logits[foil[i]], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_causal_trace_tables_match_trace_batch(model):
     from jaxinterp.patching import causal_trace as ct
 
