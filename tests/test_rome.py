@@ -140,3 +140,30 @@ def test_bad_inputs(gpt):
         EditRequest(prompts=((1, 2),), subject_last=(4,), target_new=(3,))
     with pytest.raises(ValueError, match="lr must be positive"):
         RomeConfig(lr=0)
+
+
+def test_rome_on_facts_gpt_new_object_wins_and_neighbour_keeps():
+    """On the shipped facts-gpt: the edited fact's new object becomes the argmax, a known neighbour keeps its object."""
+    if "facts-gpt" not in ji.embedded_models():
+        pytest.skip("facts-gpt is not shipped yet")
+    from jaxinterp.experiments.data.facts_world import FactsWorld
+    from jaxinterp.experiments.rome.main import request_of
+
+    model = ji.load("facts-gpt")
+    world = FactsWorld.from_dir(model.source)
+    top = lambda m, ids: int(jnp.argmax(m.run(np.asarray([ids]), logits_at=-1).logits[0, -1]))  # noqa: E731
+    record = neighbour = None
+    for rec in world.counterfact(40, seed=0):
+        known = [p for p in rec.neighborhood_prompts if top(model, p.ids) == rec.target_true_id]
+        if top(model, rec.prompts[0].ids) == rec.target_true_id and known:
+            record, neighbour = rec, known[0]
+            break
+    assert record is not None, "facts-gpt should know some facts and their neighbours"
+    docs = [[world.bos_id] + world.encode(d)[:47] for d in world.documents(64, seed=3)]
+    width = min(len(d) for d in docs)
+    layer = 1
+    cov = key_covariances(model, [layer], [np.asarray([d[:width] for d in docs])])[layer]
+    res = edit(model, request_of(record), layer, cov, contexts=[(world.bos_id,)])
+    assert top(res.model, record.prompts[0].ids) == record.target_new_id
+    assert top(res.model, neighbour.ids) == record.target_true_id
+    assert top(model, record.prompts[0].ids) == record.target_true_id  # the original is untouched
