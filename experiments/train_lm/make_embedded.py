@@ -82,12 +82,14 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("names", nargs="+", choices=["facts-gpt", "facts-mamba"])
     p.add_argument("--from-run", type=Path, default=None, help="ship an existing run dir instead of training")
+    p.add_argument("--command", default=None, help="the reproducing command(s) for the card (default: the preset's)")
     args = p.parse_args(argv)
     for name in args.names:
         run_dir = args.from_run or Path("results") / "train_lm" / name
         command = (f"python -m jaxinterp.experiments.train_lm.main --config {name} --out results/train_lm/{name}\n"
                    f"    # or, training and shipping in one go:\n"
                    f"    python -m jaxinterp.experiments.train_lm.make_embedded {name}")
+        command = args.command or command
         if args.from_run is None:
             train_main.main(["--config", name, "--out", str(run_dir)])
         print(f"shipped {ship(name, run_dir, command)}")
