@@ -30,7 +30,7 @@ import dataclasses
 import os
 import re
 import subprocess
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 import jax
 import numpy as np

@@ -183,7 +183,6 @@ def _simulate(target, family, config, shapes, rules, args) -> dict:
 def patch_sweep(args) -> int:
     from jaxinterp import distributed
     from jaxinterp import sharding as jsh
-    from jaxinterp.loading import load
     from jaxinterp.model import init
 
     distributed.initialize(distributed.config_from(args))

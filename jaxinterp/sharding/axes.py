@@ -20,7 +20,7 @@ Activation axes are derived from the site name (the suffix after ``blocks.{i}.``
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 

@@ -7,7 +7,6 @@ the same interventions, the same loss. Equality with the single-device result is
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax

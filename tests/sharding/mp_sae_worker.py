@@ -9,7 +9,6 @@ would, finishes, and process 0 writes the final parameters to ``--out``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import functools
