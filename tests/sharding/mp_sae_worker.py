@@ -3,7 +3,8 @@
 Trains a ReLU SAE for ``--steps`` steps on a deterministic activation stream, the batch
 split over processes (data axis) and latents over each process's two devices (tensor axis);
 checkpoints with orbax at ``--save-at``, restores from the checkpoint as a restarted job
-would, finishes, and process 0 writes the final parameters to ``--out``.
+would, finishes, then runs a small patching experiment with its prompts split over both
+processes; process 0 writes the final parameters and the gathered tables to ``--out``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,21 @@ def sae_setup(steps: int):
                              sparsity_coeff=1e-2)
     state = sae.unstack(sae.init_state(cfg, [{}], data(steps).reshape(-1, D)), 0)
     return cfg, state, functools.partial(sae.sae_step, cfg=cfg)
+
+
+def patching_run(mesh) -> dict:
+    """Activation patching of 6 prompt pairs on a tiny GPT-2, prompts split over ``data``."""
+    import jaxinterp as ji
+    from jaxinterp.models.gpt2 import GPT2Config
+
+    model = ji.init(GPT2Config.tiny(n_layers=2, d_model=32, n_heads=4, d_mlp=64, vocab_size=64), 9)
+    rng = np.random.default_rng(10)
+    clean = rng.integers(0, 64, (6, 5)).astype(np.int32)
+    corrupt = clean.copy()
+    corrupt[:, 1] = rng.integers(0, 64, 6)
+    answer, foil = rng.integers(0, 64, (2, 6))
+    return jsh.runner.patching_tables(jsh.shard_model(model, mesh, "dp"), clean, corrupt, answer, foil, mesh, "dp",
+                                      axes=("data",), progress=False)
 
 
 def main(argv=None):
@@ -76,8 +92,11 @@ def main(argv=None):
     assert state.sae.params["W_enc"].sharding.spec == P(None, "tensor")
     state = run(state, args.save_at, args.steps)
     params = distributed.gather(state.sae.params)
+    # a sharded experiment across both processes: prompts split over data, tables gathered
+    tables = patching_run(jsh.make_mesh({"data": 4, "fsdp": 1, "tensor": 1}))
     if jax.process_index() == 0:
-        np.savez(args.out, **{k: np.asarray(v) for k, v in params.items()})
+        np.savez(args.out, **{k: np.asarray(v) for k, v in params.items()},
+                 **{f"patch_{k}": v for k, v in tables.items()})
     print(f"process {jax.process_index()} done", flush=True)
 
 

@@ -1,5 +1,6 @@
 """Two local processes with ``jax.distributed`` train an SAE (with an orbax checkpoint and
-restart in the middle) and end with the parameters of a one-process run."""
+restart in the middle) and end with the parameters of a one-process run; a patching
+experiment with its prompts split over both processes gathers the one-process tables."""
 
 from __future__ import annotations
 
@@ -57,9 +58,15 @@ def test_two_processes_train_sae_like_one(tmp_path):
     assert all(p.returncode == 0 for p in procs), "\n\n".join(l[-3000:] for l in logs)
     assert (tmp_path / "ckpt" / "2").exists()
     got = np.load(tmp_path / "params.npz")
-    assert set(got.files) == set(state.sae.params)
+    assert {f for f in got.files if not f.startswith("patch_")} == set(state.sae.params)
     for name, value in state.sae.params.items():
         np.testing.assert_allclose(got[name], np.asarray(value), atol=1e-5, rtol=0, err_msg=name)
+    # the experiment whose prompts were split over the two processes gathers the same tables
+    from jaxinterp import sharding as jsh
+
+    ref = worker.patching_run(jsh.make_mesh({"data": 1}, jax.devices()[:1]))
+    for key, value in ref.items():
+        np.testing.assert_allclose(got[f"patch_{key}"], value, atol=1e-5, rtol=0, err_msg=key)
 
 
 def test_process_slices_partition_rows():
