@@ -43,10 +43,10 @@ def test_recall_matches_direct_loop(tiny_dir, tmp_path, capsys):
     assert "in-context copy accuracy" in capsys.readouterr().out
 
 
-def test_default_run_on_embedded_model(tmp_path, capsys):
+def test_recall_on_embedded_model_by_default(tmp_path, capsys):
     if "facts-gpt" not in ji.embedded_models():
         pytest.skip("facts-gpt is not shipped yet")
-    assert cli.main(["--out", str(tmp_path), "--n", "16", "--passages", "8"]) == 0
+    assert cli.main(["recall", "--out", str(tmp_path), "--n", "16", "--passages", "8"]) == 0
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["model"] == "facts-gpt" and res["train_n"] == 16
     assert res["train_acc"] >= 0.8  # a trained model, on a small sample
