@@ -26,6 +26,24 @@ from jaxinterp.sites import UnknownSiteError, resolve_sites
 
 __version__ = "0.1.0"
 
+# Subpackages imported on first attribute access (``ji.patching.trace(...)``), so that
+# ``import jaxinterp`` stays fast and pulls in no optional machinery.
+_LAZY_SUBMODULES = (
+    "patching", "rome", "sae", "lora", "elm", "unlearning_baselines", "unlearning_metrics", "sharding",
+    "distributed", "checkpoint", "heads", "grads", "hf", "interventions", "sites", "models", "experiments",
+)
+
+
+def __getattr__(name):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        module = importlib.import_module(f"jaxinterp.{name}")
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'jaxinterp' has no attribute {name!r}")
+
+
 __all__ = [
     "load", "save_pretrained", "embedded_models", "init", "run", "Model", "RunOutput", "families", "get_family",
     "Patch", "ZeroAblate", "MeanAblate", "Add", "Scale", "ProjectOut", "Noise", "Fn", "Compose", "Intervention",
