@@ -21,11 +21,11 @@ class BoardgameConfig:
     n_test_games: int = 500
     n_label_games: int = 1000  # training games used to label latents for board reconstruction
     n_ce_games: int = 200
-    steps: int = 1500
+    steps: int = 800
     batch_size: int = 512
     lr: float = 1e-3
-    l1_coeffs: tuple[float, ...] = (0.5, 1.5, 4.0)
-    topk_ks: tuple[int, ...] = (4, 10, 24)
+    l1_coeffs: tuple[float, ...] = (0.2, 0.6, 2.0)
+    topk_ks: tuple[int, ...] = (6, 16, 40)
     jumprelu_coeffs: tuple[float, ...] = (0.05, 0.2, 0.8)
     p_end: float = 0.2
     anneal_frac: float = 0.2  # p-annealing starts after this fraction of the steps
