@@ -110,3 +110,16 @@ def test_tokens_roundtrip_and_errors():
         o.OthelloConfig(size=5)
     with pytest.raises(ValueError, match="tokens lie in"):
         o.token_to_square(cfg, np.array([cfg.n_moves + 1]))
+
+
+def test_embedded_othello_gpt_predicts_legal_moves():
+    import jaxinterp as ji
+    from jaxinterp.experiments.train_othello.main import legal_move_accuracy
+
+    model = ji.load("othello-gpt")
+    cfg = o.OthelloConfig(size=6)
+    assert model.config.vocab_size == cfg.vocab_size and model.config.max_seq_len == cfg.n_moves - 1
+    games = o.random_games(cfg, 40, seed=12345, full_only=True)
+    assert legal_move_accuracy(model, cfg, games) > 0.85  # model card: 0.913 on 2,000 games
+    control = ji.init(model.config, 1)
+    assert legal_move_accuracy(control, cfg, games) < 0.3
