@@ -96,6 +96,7 @@ def test_edit_averages_key_over_contexts(gpt, corpus):
     np.testing.assert_allclose(k_star @ np.asarray(w["kernel"]) + np.asarray(w["bias"]), res.v_star, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_edit_mamba_targets():
     from jaxinterp.models.mamba import MambaConfig
 
