@@ -154,3 +154,40 @@ def test_config_validation():
         elm.ElmConfig(temperature=0)
     with pytest.raises(ValueError, match="lora_mode"):
         elm.ElmConfig(lora_mode="fast")
+
+
+def test_elm_on_facts_gpt_erases_pathogens_keeps_other_domains(tmp_path):
+    """On the shipped facts-gpt, a short ELM run through the experiment's own pipeline (corpus,
+    guided fluency data, batches, LoRA training) drops the erased domain's 4-choice accuracy
+    well below the original's while the kept domains stay close to theirs."""
+    if "facts-gpt" not in ji.embedded_models():
+        pytest.skip("facts-gpt is not shipped yet")
+    from jaxinterp import unlearning_metrics as um
+    from jaxinterp.experiments.elm_erase import main as exp
+    from jaxinterp.experiments.elm_erase.config import ExperimentConfig
+
+    cfg = ExperimentConfig(methods=("elm",), steps=25, batch_size=8, erase_len=32, retain_len=32, n_erase_docs=32,
+                           n_retain_docs=48, fluency_new=4,
+                           lora=lora.LoraConfig(rank=4, alpha=16.0, dropout=0.0),
+                           elm=elm.ElmConfig.tiny(eta=4.0, lr=4e-3))
+    base = ji.load("facts-gpt")
+    world = exp.load_world(base)
+    key = jax.random.PRNGKey(0)
+    corpus = exp.build_corpus(world, cfg)
+    fluency, starts = exp.fluency_data(base, world, corpus, cfg, jax.random.fold_in(key, 5))
+    trained, hist, _ = exp.run_method("elm", base, exp.batch_fn(corpus, fluency, starts, world, cfg), cfg,
+                                      tmp_path, key)
+    assert np.isfinite(hist[-1]["loss"]) and hist[-1]["erase"] < hist[0]["erase"]
+    merged = lora.merge(trained)
+
+    def acc(model, domain):
+        items = world.multiple_choice(domain)
+        return um.mc_accuracy(jax.jit(lambda t: model.run(t).logits), [list(q.prompt.ids) for q in items],
+                              [q.choice_ids for q in items], [q.correct for q in items], pad_id=world.pad_id)
+
+    before = {d: acc(base, d) for d in ("pathogens", *corpus["kept"])}
+    after = {d: acc(merged, d) for d in before}
+    assert before["pathogens"] > 0.8, "facts-gpt should know its pathogen facts before erasure"
+    assert after["pathogens"] < 0.5 * before["pathogens"], (before, after)
+    for d in corpus["kept"]:
+        assert after[d] >= before[d] - 0.1, (d, before, after)
