@@ -51,7 +51,13 @@ SUPPORTED = tuple(_STEPPERS)
 
 
 def supports(model: Model) -> bool:
-    return model.family in _STEPPERS
+    """Whether the incremental engine handles ``model`` (others fall back to the full engine).
+
+    Conservative: GPT-2 variants with per-layer attention scaling are not covered by its tests.
+    """
+    if model.family not in _STEPPERS:
+        return False
+    return not getattr(model.config, "scale_attn_by_inverse_layer_idx", False)
 
 
 class _SuffixSites:
