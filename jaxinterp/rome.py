@@ -10,9 +10,11 @@ An edit makes ``subject -- relation -> target_new`` by changing one linear map `
    optimised with Adam on mean NLL(target_new | rewrite prompts in every context)
    + ``kl_weight`` * KL(original || edited) of the next token after the subject
    + ``weight_decay`` * ||delta|| / ||v_init||^2, clamped to ``clamp * ||v_init||``;
-4. ``W <- W + u Lambda^T`` with ``u = C^-1 k*`` and ``Lambda = (v* - value(k*)) / <k*, u>``, so
-   the edited map sends ``k*`` exactly to ``v*``. (The reference repo solves this last
-   step with the key of the bare prompt rather than the averaged ``k*``.)
+4. ``W <- W + u Lambda^T`` with ``u = C^-1 k*`` and ``Lambda = (v* - value(k)) / <k, u>``, so
+   the edited map sends ``k`` exactly to ``v*``. As in the reference repo (kmeng01/rome,
+   ``compute_v``), ``k`` is the key of the bare prompt, the prompt ``v*`` was optimised on
+   without a prefix; ``RomeConfig(insert_key="mean")`` uses the averaged ``k*`` instead (the
+   paper's equation).
 
 ``edit`` returns a new ``Model``; the original is untouched. ``counterfact_scores``
 computes efficacy / paraphrase / neighbourhood scores and their harmonic mean.
@@ -138,6 +140,9 @@ def _apply_map(model, target, k):
 # ----------------------------------------------------------------------------- config & request
 
 
+INSERT_KEYS = ("bare", "mean")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RomeConfig:
     """ROME hyper-parameters (defaults: the paper's GPT-2 XL settings).
@@ -149,6 +154,9 @@ class RomeConfig:
       weight_decay: weight of ``||delta|| / ||v_init||^2``.
       clamp: ``||delta|| <= clamp * ||v_init||``.
       cov_ridge: ``C + cov_ridge * mean(diag C) * I`` (keeps ``C`` invertible on small corpora).
+      insert_key: the key the edited map sends exactly to ``v*``: ``"bare"`` (the reference repo:
+        the bare prompt's key, with ``u = C^-1 k*`` from the context-averaged ``k*``) or ``"mean"``
+        (the paper's equation: ``k*`` itself).
     """
 
     target: Optional[str] = None
@@ -159,8 +167,11 @@ class RomeConfig:
     weight_decay: float = 0.5
     clamp: float = 4.0
     cov_ridge: float = 1e-3
+    insert_key: str = "bare"
 
     def __post_init__(self):
+        if self.insert_key not in INSERT_KEYS:
+            raise ValueError(f"RomeConfig.insert_key must be one of {INSERT_KEYS}, got {self.insert_key!r}")
         for name in ("lr", "clamp"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"RomeConfig.{name} must be positive, got {getattr(self, name)}")
@@ -217,6 +228,7 @@ class EditResult:
     v_star: np.ndarray
     v_init: np.ndarray
     losses: tuple[float, ...]
+    k_insert: Optional[np.ndarray] = None  # the key mapped exactly to v* (bare prompt's, or k*)
 
 
 # ----------------------------------------------------------------------------- batching
@@ -320,8 +332,11 @@ def compute_value(model: Model, target: EditTarget, request: EditRequest, contex
     kl_subj = jnp.asarray(kl_subj)
     ref = run(model, kl_tokens).logits[jnp.arange(len(kl_prompts)), kl_subj]
     kl_ref = jax.nn.log_softmax(ref.astype(jnp.float32), -1)
-    first = run(model, jnp.asarray(_clip_len(model, _pad([request.prompts[0]]))), capture=target.value_site)
-    v_init = first.cache[target.value_site][0, request.subject_last[0]]  # [D]
+    # v_init: the value at the subject's last token of the bare prompt (the first context, e.g. bos +
+    # prompt), i.e. the very activation the optimised delta is added to in that prompt.
+    bare, bare_idx = _with_contexts(request.prompts[:1], request.subject_last[:1], contexts[:1])
+    first = run(model, jnp.asarray(_clip_len(model, _pad(bare))), capture=target.value_site)
+    v_init = first.cache[target.value_site][0, bare_idx[0]]  # [D]
     max_norm = config.clamp * jnp.linalg.norm(v_init)
     opt = optax.adam(config.lr)
     delta = jnp.zeros_like(v_init)
@@ -342,11 +357,17 @@ def compute_value(model: Model, target: EditTarget, request: EditRequest, contex
     return v_init + delta, v_init, tuple(losses)
 
 
-def rank_one_update(w, b, cov, k_star, v_star):
-    """``W + u Lambda^T`` with ``u = C^-1 k*``, ``Lambda = (v* - (k* W + b)) / <k*, u>``."""
-    u = jnp.linalg.solve(jnp.asarray(cov, jnp.float32), k_star.astype(jnp.float32))  # [F]
-    current = k_star @ w + (0 if b is None else b)
-    lam = (v_star - current) / jnp.dot(k_star, u)  # [D]
+def rank_one_update(w, b, cov, k_star, v_star, k_insert=None):
+    """``W + u Lambda^T`` with ``u = C^-1 k*``, ``Lambda = (v* - (k W + b)) / <k, u>``.
+
+    ``k = k_insert`` (default ``k*``) is the key the edited map sends exactly to ``v*``; the
+    update direction ``u`` always comes from ``k*``.
+    """
+    k_star = jnp.asarray(k_star, jnp.float32)
+    k = k_star if k_insert is None else jnp.asarray(k_insert, jnp.float32)
+    u = jnp.linalg.solve(jnp.asarray(cov, jnp.float32), k_star)  # [F]
+    current = k @ w + (0 if b is None else b)
+    lam = (v_star - current) / jnp.dot(k, u)  # [D]
     return w + jnp.outer(u, lam).astype(w.dtype)
 
 
@@ -367,17 +388,20 @@ def edit(model: Model, request: EditRequest, layer: int, cov, *, contexts: Seque
     contexts = [tuple(c) for c in contexts] or [()]
     k_prompts, k_idx = _with_contexts(request.prompts[:1], request.subject_last[:1], contexts)
     k_star = compute_key(model, target, k_prompts, k_idx)
+    k_bare = compute_key(model, target, k_prompts[:1], k_idx[:1])  # the bare prompt's key
+    k_insert = k_bare if config.insert_key == "bare" else k_star
     v_star, v_init, losses = compute_value(model, target, request, contexts, config)
     w, b = _weight(model, target)
     cov = _regularise(cov, config.cov_ridge)
     if cov.shape != (w.shape[0], w.shape[0]):
         raise ValueError(f"covariance of shape {cov.shape} does not match the target's input size {w.shape[0]}")
-    new_w = rank_one_update(w, b, cov, k_star, v_star)
+    new_w = rank_one_update(w, b, cov, k_star, v_star, k_insert)
     full = _get(model.params, target.weight)
     if target.cols is not None:
         new_w = full.at[:, target.cols[0]:target.cols[1]].set(new_w)
     edited = model.replace(params=_set(model.params, target.weight, new_w))
-    return EditResult(edited, layer, target, np.asarray(k_star), np.asarray(v_star), np.asarray(v_init), losses)
+    return EditResult(edited, layer, target, np.asarray(k_star), np.asarray(v_star), np.asarray(v_init), losses,
+                      np.asarray(k_insert))
 
 
 # ----------------------------------------------------------------------------- contexts
