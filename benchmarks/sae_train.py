@@ -1,11 +1,20 @@
 """SAE training throughput: jaxinterp (jit) vs a plain PyTorch step, and a vmapped grid vs sequential runs.
 
     python benchmarks/sae_train.py                       # d_in 768, 8x dictionary, batch 4096, float32
-    python benchmarks/sae_train.py --d-in 256 --batch 1024 --steps 5   # quick
+    python benchmarks/sae_train.py --d-in 256 --batch 1024 --reps 3   # quick
 
-Both sides run the same ReLU-L1 step: encode, decode, MSE + L1, Adam, decoder-gradient
-projection and decoder renormalisation. Timings are medians over ``--steps`` steps after
-a warm-up step (compile time reported separately). Prints one JSON object.
+Both sides run the same step per family: encode, decode, MSE (+ L1 for ``relu``), Adam,
+decoder-gradient projection and decoder renormalisation; ``topk`` keeps each row's ``k``
+largest ReLU latents and (unless ``--no-auxk``) adds the AuxK term over dead latents on
+both sides (none are dead in a short benchmark, so AuxK is 0 on both; the JAX step then
+skips it, PyTorch computes the masked top-k like the plain reference it is).
+
+Every variant is compiled / warmed up first (compile time reported separately), then
+``--reps`` rounds run the variants interleaved (one step each per round, the grid and its
+8 sequential single-SAE steps included) so that load changes on a shared machine hit all
+of them alike; medians are reported. FLOPs come from XLA's cost analysis of the compiled
+JAX step, and a plain-matmul calibration (the step's six GEMMs alone, JAX and PyTorch)
+gives the ceiling each side can reach on this machine. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -19,45 +28,81 @@ import time
 import numpy as np
 
 
-def _median_time(fn, steps: int) -> float:
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
-def bench_jax(d_in: int, d_sae: int, batch: int, steps: int, grid: int) -> dict:
+# ----------------------------------------------------------------------------- JAX side
+
+
+def jax_variants(family: str, d_in: int, d_sae: int, batch: int, grid: int, k: int, auxk: bool) -> dict:
+    """``{"single": fn, "sequential": fn, "grid": fn}`` plus compile times and FLOPs."""
     import jax
 
     from jaxinterp.sae import SAETrainConfig, SAETrainer
 
     x = jax.random.normal(jax.random.PRNGKey(0), (batch, d_in))
-    cfg = SAETrainConfig(family="relu", d_in=d_in, d_sae=d_sae, steps=10_000, batch_size=batch,
-                         sparsity_coeff=1e-3, init_b_dec_mean=False)
+    extra = {"k": k, "aux_coeff": (1 / 32 if auxk else 0.0)} if family == "topk" else {"sparsity_coeff": 1e-3}
+    cfg = SAETrainConfig(family=family, d_in=d_in, d_sae=d_sae, steps=10_000, batch_size=batch,
+                         init_b_dec_mean=False, **extra)
     sample = np.asarray(x[:1024])
+    members = [{"seed": i, **({"sparsity_coeff": 1e-3 * (i + 1)} if family == "relu" else {})} for i in range(grid)]
 
-    def timed(trainer):
-        holder = {"s": trainer.init(sample)}
+    def make(trainer, states):
+        holder = {"s": states}
 
         def one():
             holder["s"], m = trainer.step(holder["s"], x)
-            jax.block_until_ready(m)
+            jax.block_until_ready((holder["s"], m))
 
-        t0 = time.perf_counter()
-        one()
-        compile_s = time.perf_counter() - t0
-        return _median_time(one, steps), compile_s
+        return one
 
-    single, single_compile = timed(SAETrainer({"r": (cfg, [{}])}))
-    grid_t, grid_compile = timed(SAETrainer({"r": (cfg, [{"sparsity_coeff": 1e-3 * (i + 1), "seed": i}
-                                                         for i in range(grid)])}))
-    return {"single_step_s": single, "single_compile_s": single_compile, "grid_step_s": grid_t,
-            "grid_compile_s": grid_compile}
+    single_tr = SAETrainer({"r": (cfg, [members[0]])})
+    grid_tr = SAETrainer({"r": (cfg, members)})
+    single = make(single_tr, single_tr.init(sample))
+    seq_fns = [make(single_tr, SAETrainer({"r": (cfg, [m])}).init(sample)) for m in members]
+    grid_fn = make(grid_tr, grid_tr.init(sample))
+
+    def flops(trainer):
+        st = trainer.init(sample)
+        ca = trainer._step.lower(st, x).compile().cost_analysis()
+        ca = ca[0] if isinstance(ca, list) else ca
+        return float(ca.get("flops", float("nan")))
+
+    out = {"fns": {"jax_single": single, "jax_sequential": lambda: [f() for f in seq_fns], "jax_grid": grid_fn},
+           "compile_s": {"single": _timed(single), "grid": _timed(grid_fn)},
+           "flops": {"single": flops(single_tr), "grid": flops(grid_tr)}}
+    for f in seq_fns:  # warm (compiled already: same trainer as `single`)
+        f()
+    return out
 
 
-def bench_torch(d_in: int, d_sae: int, batch: int, steps: int) -> dict:
+def jax_matmul_fn(d_in: int, d_sae: int, batch: int):
+    """The six GEMMs of an SAE step (fwd enc/dec, bwd data + weight grads) and nothing else."""
+    import jax
+
+    ks = jax.random.split(jax.random.PRNGKey(1), 4)
+    x, g = jax.random.normal(ks[0], (batch, d_in)), jax.random.normal(ks[1], (batch, d_sae))
+    we, wd = jax.random.normal(ks[2], (d_in, d_sae)), jax.random.normal(ks[3], (d_sae, d_in))
+
+    @jax.jit
+    def six(x, g, we, wd):
+        pre = x @ we
+        xh = pre @ wd
+        return xh, g @ wd.T, x.T @ g, g.T @ xh, xh @ wd.T
+
+    fn = lambda: jax.block_until_ready(six(x, g, we, wd))
+    fn()
+    return fn
+
+
+# ----------------------------------------------------------------------------- PyTorch side
+
+
+def torch_step_fn(family: str, d_in: int, d_sae: int, batch: int, k: int, auxk: bool):
+    """A plain PyTorch SAE step doing the same work as the JAX step of ``family``."""
     import torch
 
     torch.manual_seed(0)
@@ -67,12 +112,34 @@ def bench_torch(d_in: int, d_sae: int, batch: int, steps: int) -> dict:
     params = {"W_enc": w_dec.T.clone().requires_grad_(), "b_enc": torch.zeros(d_sae, requires_grad=True),
               "W_dec": w_dec.clone().requires_grad_(), "b_dec": torch.zeros(d_in, requires_grad=True)}
     opt = torch.optim.Adam(params.values(), lr=3e-4)
+    scale = float(np.sqrt(d_in / (x * x).sum(-1).mean().item()))
+    fired_ago = torch.zeros(d_sae, dtype=torch.int64)
+    dead_tokens, aux_k = 1_000_000, 256
 
     def one():
+        nonlocal fired_ago
         p = params
-        f = torch.relu((x - p["b_dec"]) @ p["W_enc"] + p["b_enc"])
+        xn = x * scale
+        pre = (xn - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+        if family == "topk":
+            r = torch.relu(pre)
+            vals, idx = r.topk(k, dim=-1)
+            f = torch.zeros_like(r).scatter(-1, idx, vals)
+        else:
+            f = torch.relu(pre)
         x_hat = f @ p["W_dec"] + p["b_dec"]
-        loss = (x - x_hat).pow(2).sum(-1).mean() + 1e-3 * f.sum(-1).mean()
+        err = xn - x_hat
+        loss = err.pow(2).sum(-1).mean()
+        if family == "relu":
+            loss = loss + 1e-3 * f.sum(-1).mean()
+        elif auxk:
+            dead = fired_ago >= dead_tokens
+            if bool(dead.any()):  # the JAX step skips AuxK the same way when nothing is dead
+                acts = torch.where(dead, torch.relu(pre), 0.0)
+                v, i = acts.topk(min(aux_k, d_sae), dim=-1)
+                z = torch.zeros_like(acts).scatter(-1, i, v)
+                e = err.detach()
+                loss = loss + (1 / 32) * (e - z @ p["W_dec"]).pow(2).sum(-1).mean() / e.pow(2).sum(-1).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         with torch.no_grad():
@@ -81,9 +148,30 @@ def bench_torch(d_in: int, d_sae: int, batch: int, steps: int) -> dict:
         opt.step()
         with torch.no_grad():
             p["W_dec"] /= p["W_dec"].norm(dim=-1, keepdim=True)
+            fired_ago = torch.where((f != 0).any(0), 0, fired_ago + batch)
+            _ = ((f != 0).sum(-1).float().mean().item(), loss.item())  # the metrics the JAX step returns
 
     one()
-    return {"step_s": _median_time(one, steps), "threads": torch.get_num_threads(), "version": torch.__version__}
+    return one
+
+
+def torch_matmul_fn(d_in: int, d_sae: int, batch: int):
+    import torch
+
+    torch.manual_seed(1)
+    x, g = torch.randn(batch, d_in), torch.randn(batch, d_sae)
+    we, wd = torch.randn(d_in, d_sae), torch.randn(d_sae, d_in)
+
+    def fn():
+        pre = x @ we
+        xh = pre @ wd
+        return xh, g @ wd.T, x.T @ g, g.T @ xh, xh @ wd.T
+
+    fn()
+    return fn
+
+
+# ----------------------------------------------------------------------------- driver
 
 
 def main(argv=None) -> dict:
@@ -91,25 +179,62 @@ def main(argv=None) -> dict:
     ap.add_argument("--d-in", type=int, default=768)
     ap.add_argument("--expansion", type=int, default=8)
     ap.add_argument("--batch", type=int, default=4096)
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--reps", type=int, default=5, help="interleaved rounds (median over them)")
     ap.add_argument("--grid", type=int, default=8)
+    ap.add_argument("--k", type=int, default=32, help="TopK's active latents")
+    ap.add_argument("--families", default="relu,topk")
+    ap.add_argument("--no-auxk", action="store_true", help="TopK without the AuxK term on both sides")
+    ap.add_argument("--no-grid", action="store_true", help="skip the grid / sequential variants")
     args = ap.parse_args(argv)
     d_sae = args.d_in * args.expansion
     import jax
+    import torch
 
-    j = bench_jax(args.d_in, d_sae, args.batch, args.steps, args.grid)
-    t = bench_torch(args.d_in, d_sae, args.batch, args.steps)
+    fams = [f for f in args.families.split(",") if f]
+    fns, compile_s, flops = {}, {}, {}
+    for fam in fams:
+        v = jax_variants(fam, args.d_in, d_sae, args.batch, args.grid, args.k, not args.no_auxk)
+        fns[f"{fam}/jax_single"] = v["fns"]["jax_single"]
+        if fam == fams[0] and not args.no_grid:
+            fns[f"{fam}/jax_grid"] = v["fns"]["jax_grid"]
+            fns[f"{fam}/jax_sequential"] = v["fns"]["jax_sequential"]
+        fns[f"{fam}/torch"] = torch_step_fn(fam, args.d_in, d_sae, args.batch, args.k, not args.no_auxk)
+        compile_s[fam], flops[fam] = v["compile_s"], v["flops"]
+    fns["matmul6/jax"] = jax_matmul_fn(args.d_in, d_sae, args.batch)
+    fns["matmul6/torch"] = torch_matmul_fn(args.d_in, d_sae, args.batch)
+
+    times = {name: [] for name in fns}
+    for _ in range(args.reps):
+        for name, fn in fns.items():
+            times[name].append(_timed(fn))
+    med = {name: float(np.median(ts)) for name, ts in times.items()}
+
+    gemm_flops = 6 * 2 * args.batch * args.d_in * d_sae
     out = {
-        "config": {"d_in": args.d_in, "d_sae": d_sae, "batch": args.batch, "dtype": "float32", "steps": args.steps,
-                   "grid": args.grid},
+        "config": {"d_in": args.d_in, "d_sae": d_sae, "batch": args.batch, "dtype": "float32", "reps": args.reps,
+                   "grid": args.grid, "k": args.k, "auxk": not args.no_auxk},
         "device": str(jax.devices()[0]), "machine": platform.machine(), "cpu_count": os.cpu_count(),
-        "jax": j, "torch": t,
-        "jax_tokens_per_s": args.batch / j["single_step_s"],
-        "torch_tokens_per_s": args.batch / t["step_s"],
-        "speedup_vs_torch": t["step_s"] / j["single_step_s"],
-        "grid_speedup_vs_sequential": args.grid * j["single_step_s"] / j["grid_step_s"],
-        "targets": {"speedup_vs_torch": 1.5, "grid_speedup_vs_sequential": 3.0},
+        "load_avg": os.getloadavg(), "torch": {"version": torch.__version__, "threads": torch.get_num_threads()},
+        "median_s": med, "all_s": times, "compile_s": compile_s,
+        "xla_flops_per_step": flops, "gemm_flops_per_sae_step": gemm_flops,
+        "achieved_gflops": {name: gemm_flops * (args.grid if name.endswith(("grid", "sequential")) else 1) / t / 1e9
+                            for name, t in med.items()},
     }
+    ratios = {}
+    for fam in fams:
+        ratios[f"{fam}/speedup_vs_torch"] = med[f"{fam}/torch"] / med[f"{fam}/jax_single"]
+        ratios[f"{fam}/jax_tokens_per_s"] = args.batch / med[f"{fam}/jax_single"]
+        ratios[f"{fam}/torch_tokens_per_s"] = args.batch / med[f"{fam}/torch"]
+    if not args.no_grid:
+        g = fams[0]
+        ratios["grid_speedup_vs_sequential"] = med[f"{g}/jax_sequential"] / med[f"{g}/jax_grid"]
+        ratios["grid_speedup_vs_8x_single"] = args.grid * med[f"{g}/jax_single"] / med[f"{g}/jax_grid"]
+        # Upper bound on any grid speedup: the grid does grid x the GEMM FLOPs, so it cannot beat
+        # grid x single-step time scaled by (single-step GFLOP/s / plain-matmul GFLOP/s).
+        ratios["grid_speedup_bound_from_matmul_peak"] = med[f"{g}/jax_single"] / med["matmul6/jax"]
+    ratios["matmul6_jax_over_torch"] = med["matmul6/torch"] / med["matmul6/jax"]
+    out["ratios"] = ratios
+    out["targets"] = {"relu/speedup_vs_torch": 1.5, "grid_speedup_vs_sequential": 3.0}
     print(json.dumps(out, indent=1))
     return out
 

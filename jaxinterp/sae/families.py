@@ -107,6 +107,34 @@ def _jr_bwd(res, g):
 jumprelu.defvjp(_jr_fwd, _jr_bwd)
 
 
+@jax.custom_vjp
+def centred_linear(xn: jax.Array, b: jax.Array, w: jax.Array) -> jax.Array:
+    """``(xn - b) @ w``. ``[..., D], [D], [D, F] -> [..., F]``.
+
+    The gradient for ``b`` is ``-(sum of the output cotangent over rows) @ w.T`` (a
+    matrix-vector product) rather than autodiff's ``[B, F] x [F, D]`` matrix product
+    followed by a row sum, which would be one sixth of an SAE step's FLOPs for a bias.
+    """
+    return (xn - b) @ w
+
+
+def _cl_fwd(xn, b, w):
+    centred = xn - b
+    return centred @ w, (centred, w)
+
+
+def _cl_bwd(res, g):
+    centred, w = res
+    g2 = g.reshape(-1, g.shape[-1])  # [N, F]
+    d_w = centred.reshape(-1, centred.shape[-1]).T @ g2  # [D, F]
+    d_b = -(w @ g2.sum(0))  # [D]
+    d_xn = g @ w.T  # dead code (removed by XLA) unless inputs are differentiated
+    return d_xn, d_b, d_w
+
+
+centred_linear.defvjp(_cl_fwd, _cl_bwd)
+
+
 def _topk_rows(acts: jax.Array, k: jax.Array, k_max: int) -> jax.Array:
     """Keep each row's ``k`` largest entries (``k`` traced, ``<= k_max``), zero the rest. ``[B, F]``."""
     vals, idx = jax.lax.top_k(acts, k_max)  # [B, k_max]
@@ -141,7 +169,7 @@ class SAE:
     def pre_acts(self, xn: jax.Array) -> jax.Array:
         """Encoder pre-activations of normalised inputs. ``[..., D] -> [..., F]``."""
         p = self.params
-        return (xn - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+        return centred_linear(xn, p["b_dec"], p["W_enc"]) + p["b_enc"]
 
     def activate(self, pre: jax.Array) -> jax.Array:  # inference activation
         return jax.nn.relu(pre)
@@ -172,36 +200,47 @@ class SAE:
         return jnp.zeros(())
 
     def loss(self, x: jax.Array, hp: Hparams, sparsity_scale: jax.Array = 1.0,
-             use_auxk: bool = True) -> tuple[jax.Array, dict]:
+             use_auxk: bool = True, any_dead: jax.Array | None = None) -> tuple[jax.Array, dict]:
         """``mse + sparsity_scale * penalty + aux_coeff * auxk``; ``x [B, D]`` raw activations.
 
         ``mse`` is the squared error summed over ``D`` and averaged over the batch, on
-        normalised activations. ``use_auxk=False`` (static) skips the AuxK term entirely.
+        normalised activations. ``use_auxk=False`` (static) skips the AuxK term entirely;
+        ``any_dead`` (an unbatched bool, e.g. "some SAE of the grid has a dead latent") lets
+        the AuxK top-k be skipped by a ``lax.cond`` in steps where it would be 0 anyway.
         """
         xn = self.normalize(x)
         f, pre, extra = self.train_acts(xn, hp)
         x_hat = self.decode_normalized(f)
         mse = jnp.square(xn - x_hat).sum(-1).mean()
         sparsity = self.penalty(f, pre, xn, hp)
-        auxk = self.auxk_loss(xn - x_hat, pre, hp) if use_auxk else jnp.zeros(())
+        auxk = self.auxk_loss(xn - x_hat, pre, hp, any_dead=any_dead) if use_auxk else jnp.zeros(())
         total = mse + sparsity_scale * sparsity + hp.aux_coeff * auxk + extra.get("extra_loss", 0.0)
         aux = {"mse": mse, "sparsity": sparsity, "auxk": auxk, "l0": (f != 0).sum(-1).mean(),
                "fired": (f != 0).any(0), "f": f, **{k: v for k, v in extra.items() if k != "extra_loss"}}
         return total, aux
 
-    def auxk_loss(self, err: jax.Array, pre: jax.Array, hp: Hparams) -> jax.Array:
+    def auxk_loss(self, err: jax.Array, pre: jax.Array, hp: Hparams, any_dead: jax.Array | None = None) -> jax.Array:
         """AuxK (Gao et al. 2024): reconstruct the residual from the top ``aux_k`` dead latents.
 
-        Normalised by the residual's squared norm; 0 when no latent is dead.
+        Normalised by the residual's squared norm; 0 when no latent is dead. ``any_dead``:
+        an unbatched flag that is False only when no latent is dead (then the top-k is skipped).
         """
         dead = self.buffers["fired_ago"] >= hp.dead_tokens  # [F]
-        acts = jnp.where(dead, jax.nn.relu(pre), 0.0)
-        k_max = min(self.d_sae, 512)
-        z = _topk_rows(acts, jnp.minimum(hp.aux_k, dead.sum()), k_max)
-        err = jax.lax.stop_gradient(err)
-        e_hat = z @ self.params["W_dec"]
-        denom = jnp.square(err).sum(-1).mean() + 1e-12
-        return jnp.where(dead.any(), jnp.square(err - e_hat).sum(-1).mean() / denom, 0.0)
+
+        def term(operands):
+            err, pre, w_dec = operands
+            acts = jnp.where(dead, jax.nn.relu(pre), 0.0)
+            k_max = min(self.d_sae, 512)
+            z = _topk_rows(acts, jnp.minimum(hp.aux_k, dead.sum()), k_max)
+            err = jax.lax.stop_gradient(err)
+            e_hat = z @ w_dec
+            denom = jnp.square(err).sum(-1).mean() + 1e-12
+            return jnp.where(dead.any(), jnp.square(err - e_hat).sum(-1).mean() / denom, 0.0)
+
+        operands = (err, pre, self.params["W_dec"])
+        if any_dead is None:
+            return term(operands)
+        return jax.lax.cond(any_dead, term, lambda _: jnp.zeros((), pre.dtype), operands)
 
     def update_buffers(self, aux: dict) -> "SAE":
         """After an optimiser step: count tokens since each latent fired."""
