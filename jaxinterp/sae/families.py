@@ -215,8 +215,9 @@ class SAE:
         sparsity = self.penalty(f, pre, xn, hp)
         auxk = self.auxk_loss(xn - x_hat, pre, hp, any_dead=any_dead) if use_auxk else jnp.zeros(())
         total = mse + sparsity_scale * sparsity + hp.aux_coeff * auxk + extra.get("extra_loss", 0.0)
-        aux = {"mse": mse, "sparsity": sparsity, "auxk": auxk, "l0": (f != 0).sum(-1).mean(),
-               "fired": (f != 0).any(0), "f": f, **{k: v for k, v in extra.items() if k != "extra_loss"}}
+        active = f != 0  # [B, F]
+        aux = {"mse": mse, "sparsity": sparsity, "auxk": auxk, "l0": active.sum() / active.shape[0],
+               "fired": active.any(0), "f": f, **{k: v for k, v in extra.items() if k != "extra_loss"}}
         return total, aux
 
     def auxk_loss(self, err: jax.Array, pre: jax.Array, hp: Hparams, any_dead: jax.Array | None = None) -> jax.Array:
