@@ -56,3 +56,29 @@ def test_roundtrip_export(tmp_path):
     hf_b = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "b").eval()
     tokens = np.arange(10)[None] % 40
     assert max_err(model.run(tokens).logits, hf_forward(hf_b, tokens).logits) < TOL
+
+
+def test_sharded_checkpoint_with_index(tmp_path):
+    """Many safetensors shards + model.safetensors.index.json load in ji.load and in transformers alike."""
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=3, n_head=4, vocab_size=40, n_positions=16)
+    save_random_hf(transformers.GPT2LMHeadModel, cfg, tmp_path / "a")
+    model = ji.load(tmp_path / "a")
+    ji.save_pretrained(model, tmp_path / "b", max_shard_bytes=20_000)
+    shards = sorted(p.name for p in (tmp_path / "b").glob("*.safetensors"))
+    assert len(shards) > 2 and (tmp_path / "b" / "model.safetensors.index.json").exists()
+    tokens = np.arange(11)[None] % 40
+    reloaded = ji.load(tmp_path / "b")
+    np.testing.assert_array_equal(reloaded.run(tokens).logits, model.run(tokens).logits)
+    hf_b = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "b").eval()
+    assert max_err(model.run(tokens).logits, hf_forward(hf_b, tokens).logits) < TOL
+
+
+def test_refuses_pickles_and_unknown_sources(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="pickled weights are not loaded"):
+        ji.load(tmp_path)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        ji.load(tmp_path, dtype="int8")
+    with pytest.raises(FileNotFoundError, match="neither an embedded model"):
+        ji.load(str(tmp_path / "missing" / "dir"))
