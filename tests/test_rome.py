@@ -84,16 +84,30 @@ def test_edit_averages_key_over_contexts(gpt, corpus):
     layer = 1
     cov = key_covariances(gpt, [layer], corpus)[layer]
     prompt = [3, 9, 27, 11]
-    contexts = [(), (50, 51), (60, 61, 62)]
-    res = edit(gpt, _request(prompt, 1, 7), layer, cov, contexts=contexts)
-    keys = []
+    contexts = [(1,), (50, 51), (60, 61, 62)]  # the first is the bare prompt's prefix (bos)
+    keys, values = [], []
     for ctx in contexts:
         toks = np.asarray(list(ctx) + prompt)[None]
-        keys.append(ji.run(gpt, toks, capture="blocks.1.mlp.post").cache["blocks.1.mlp.post"][0, len(ctx) + 1])
+        cache = ji.run(gpt, toks, capture=["blocks.1.mlp.post", "blocks.1.mlp_out"]).cache
+        keys.append(np.asarray(cache["blocks.1.mlp.post"][0, len(ctx) + 1]))
+        values.append(np.asarray(cache["blocks.1.mlp_out"][0, len(ctx) + 1]))
     k_star = np.mean(np.stack(keys), 0)
-    np.testing.assert_allclose(res.k_star, k_star, atol=1e-5)
-    w = res.model.params["h_1"]["mlp"]["c_proj"]
-    np.testing.assert_allclose(k_star @ np.asarray(w["kernel"]) + np.asarray(w["bias"]), res.v_star, atol=1e-3)
+    w_old = np.asarray(gpt.params["h_1"]["mlp"]["c_proj"]["kernel"], np.float64)
+    ridged = np.asarray(cov, np.float64) + 1e-3 * np.mean(np.diag(cov)) * np.eye(len(k_star))
+    u = np.linalg.solve(ridged, k_star)
+    for mode, k_insert in (("bare", keys[0]), ("mean", k_star)):
+        res = edit(gpt, _request(prompt, 1, 7), layer, cov, contexts=contexts, config=RomeConfig(steps=3,
+                                                                                                 insert_key=mode))
+        np.testing.assert_allclose(res.k_star, k_star, atol=1e-5)
+        np.testing.assert_allclose(res.k_insert, k_insert, atol=1e-5)
+        # v_init is the bare prompt's value (bos + prompt), the activation the optimised delta is added to.
+        np.testing.assert_allclose(res.v_init, values[0], atol=1e-5)
+        w = res.model.params["h_1"]["mlp"]["c_proj"]
+        np.testing.assert_allclose(k_insert @ np.asarray(w["kernel"]) + np.asarray(w["bias"]), res.v_star, atol=1e-3)
+        # The update is u Lambda^T with u = C^-1 k*: every column of the change is parallel to u.
+        diff = np.asarray(w["kernel"], np.float64) - w_old
+        lam = (res.v_star - (k_insert @ w_old + np.asarray(w["bias"]))) / (k_insert @ u)
+        np.testing.assert_allclose(diff, np.outer(u, lam), atol=1e-4 * np.abs(diff).max())
 
 
 @pytest.mark.slow
@@ -141,6 +155,8 @@ def test_bad_inputs(gpt):
         EditRequest(prompts=((1, 2),), subject_last=(4,), target_new=(3,))
     with pytest.raises(ValueError, match="lr must be positive"):
         RomeConfig(lr=0)
+    with pytest.raises(ValueError, match="insert_key must be one of"):
+        RomeConfig(insert_key="first")
 
 
 def test_rome_on_facts_gpt_new_object_wins_and_neighbour_keeps():

@@ -18,12 +18,13 @@ class RomeExperimentConfig:
         10 tokens); the bare prompt is always included.
       corpus_docs / corpus_len: documents from the world's corpus for the key covariance C.
       lr, steps, kl_weight, weight_decay, clamp: ROME's v* optimisation (paper defaults).
+      insert_key: key sent exactly to v* (``jaxinterp.rome.RomeConfig``): "bare" (reference repo) or "mean".
     """
 
     model: str = "facts-gpt"
     out: Optional[str] = None
     layers: Optional[tuple[int, ...]] = None
-    n_edits: int = 8
+    n_edits: int = 16
     target: Optional[str] = None
     n_contexts: int = 5
     context_lengths: tuple[int, ...] = (5, 10)
@@ -34,6 +35,7 @@ class RomeExperimentConfig:
     kl_weight: float = 0.0625
     weight_decay: float = 0.5
     clamp: float = 4.0
+    insert_key: str = "bare"
     seed: int = 0
 
     def __post_init__(self):

@@ -1,6 +1,6 @@
 """ROME on a facts-world model: a layer sweep of single edits scored on a synthetic CounterFact.
 
-    python -m jaxinterp.experiments.rome.main                              # facts-gpt, every layer
+    python -m jaxinterp.experiments.rome.main                              # facts-gpt, every layer, 16 edits
     python -m jaxinterp.experiments.rome.main --mamba --set target=in_proj_z
     python -m jaxinterp.experiments.rome.main --model DIR --set n_edits=4 layers=[1,2] --out results/rome_x
 
@@ -62,13 +62,23 @@ def eval_record(record) -> dict:
             "target_true": [record.target_true_id], "target_new": [record.target_new_id]}
 
 
+def layer_means(edits: Sequence[dict]) -> dict:
+    """ES / PS / NS averaged over edits; ``score`` = their harmonic mean (the paper's Score);
+    ``edit_score_mean`` = the mean of the per-edit harmonic means."""
+    out = {m: float(np.nanmean([e[m] for e in edits])) for m in METRICS[:3]}
+    vals = [out[m] for m in METRICS[:3]]
+    out["score"] = float(3.0 / sum(1.0 / max(v, 1e-9) for v in vals)) if all(np.isfinite(vals)) else float("nan")
+    out["edit_score_mean"] = float(np.nanmean([e["score"] for e in edits]))
+    return out
+
+
 def sweep(model, world, records, cfg: RomeExperimentConfig) -> dict:
     layers = cfg.layers if cfg.layers is not None else tuple(range(model.config.n_layers))
     batches, pad = corpus_batches(world, cfg)
     covs = key_covariances(model, layers, batches, target=cfg.target, pad_id=pad)
     contexts = make_contexts(model, world, cfg)
     rc = RomeConfig(target=cfg.target, lr=cfg.lr, steps=cfg.steps, kl_weight=cfg.kl_weight,
-                    weight_decay=cfg.weight_decay, clamp=cfg.clamp)
+                    weight_decay=cfg.weight_decay, clamp=cfg.clamp, insert_key=cfg.insert_key)
     per_layer = {}
     for layer in tqdm(layers, desc="layers"):
         edits = []
@@ -77,7 +87,7 @@ def sweep(model, world, records, cfg: RomeExperimentConfig) -> dict:
             scores = counterfact_scores(res.model, [eval_record(rec)])
             edits.append({"subject": rec.subject, "relation": rec.relation, "target_true": rec.target_true,
                           "target_new": rec.target_new, "losses": list(res.losses), **scores})
-        per_layer[layer] = {"mean": {m: float(np.nanmean([e[m] for e in edits])) for m in METRICS}, "edits": edits}
+        per_layer[layer] = {"mean": layer_means(edits), "edits": edits}
     return per_layer
 
 
