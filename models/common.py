@@ -173,6 +173,18 @@ def attention_sites(prefix: str) -> list[str]:
     return [f"{prefix}.{n}" for n in ("q", "k", "v", "scores", "pattern", "z")]
 
 
+def transformer_site_names(n_layers: int, parallel_residual: bool = False) -> tuple[str, ...]:
+    """DESIGN.md's transformer sites in forward order (no ``resid_mid`` with a parallel residual)."""
+    names = ["embed"]
+    for i in range(n_layers):
+        b = f"blocks.{i}"
+        mid = [] if parallel_residual else [f"{b}.resid_mid"]
+        names += [f"{b}.resid_pre", f"{b}.ln1", *attention_sites(f"{b}.attn"), f"{b}.attn_out", *mid,
+                  f"{b}.ln2", f"{b}.mlp.pre", f"{b}.mlp.post", f"{b}.mlp_out", f"{b}.resid_post"]
+    names.append("final_norm")
+    return tuple(names)
+
+
 def gather_positions(x: jax.Array, logits_at: jax.Array | None) -> jax.Array:
     """Select positions ``logits_at`` ([P] ints) of ``x [B, T, D]`` before the unembedding."""
     if logits_at is None:

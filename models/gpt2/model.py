@@ -11,20 +11,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxinterp.models.common import ACTIVATIONS, LayerNorm, attention_sites, causal_attention, gather_positions
+from jaxinterp.models.common import ACTIVATIONS, LayerNorm, causal_attention, transformer_site_names, gather_positions
 from .config import GPT2Config
 
 _init = nn.initializers.normal(0.02)
 
 
 def site_names(cfg: GPT2Config) -> tuple[str, ...]:
-    names = ["embed"]
-    for i in range(cfg.n_layers):
-        b = f"blocks.{i}"
-        names += [f"{b}.resid_pre", f"{b}.ln1", *attention_sites(f"{b}.attn"), f"{b}.attn_out", f"{b}.resid_mid",
-                  f"{b}.ln2", f"{b}.mlp.pre", f"{b}.mlp.post", f"{b}.mlp_out", f"{b}.resid_post"]
-    names.append("final_norm")
-    return tuple(names)
+    return transformer_site_names(cfg.n_layers)
 
 
 def attn_out_weights(cfg: GPT2Config, params, layer: int):

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxinterp.models.common import (
-    ACTIVATIONS, LayerNorm, apply_rotary, attention_sites, causal_attention, gather_positions, rotary_tables,
+    ACTIVATIONS, LayerNorm, apply_rotary, causal_attention, transformer_site_names, gather_positions, rotary_tables,
 )
 from .config import GPTNeoXConfig
 
@@ -25,14 +25,7 @@ _init = nn.initializers.normal(0.02)
 
 
 def site_names(cfg: GPTNeoXConfig) -> tuple[str, ...]:
-    names = ["embed"]
-    for i in range(cfg.n_layers):
-        b = f"blocks.{i}"
-        mid = [] if cfg.parallel_residual else [f"{b}.resid_mid"]
-        names += [f"{b}.resid_pre", f"{b}.ln1", *attention_sites(f"{b}.attn"), f"{b}.attn_out", *mid,
-                  f"{b}.ln2", f"{b}.mlp.pre", f"{b}.mlp.post", f"{b}.mlp_out", f"{b}.resid_post"]
-    names.append("final_norm")
-    return tuple(names)
+    return transformer_site_names(cfg.n_layers, cfg.parallel_residual)
 
 
 def attn_out_weights(cfg: GPTNeoXConfig, params, layer: int):
