@@ -192,6 +192,18 @@ def gather_positions(x: jax.Array, logits_at: jax.Array | None) -> jax.Array:
     return jnp.take(x, logits_at, axis=1)
 
 
+def unembed(x: jax.Array, embed: jax.Array, logits_at: jax.Array | None, *, tied: bool, vocab_size: int,
+            kernel_init, name: str) -> jax.Array:
+    """Logits ``[B, P, V]`` at ``logits_at`` (all positions if None) from the final-norm output.
+
+    Call inside a compact module: untied models get their ``name`` Dense there (no bias).
+    """
+    x = gather_positions(x, logits_at).astype(embed.dtype)
+    if tied:
+        return jnp.einsum("btd,vd->btv", x, embed)
+    return nn.Dense(vocab_size, use_bias=False, kernel_init=kernel_init, name=name)(x)
+
+
 # ----------------------------------------------------------------------------- HF mapping
 
 

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxinterp.models.common import ACTIVATIONS, LayerNorm, causal_attention, transformer_site_names, gather_positions
+from jaxinterp.models.common import ACTIVATIONS, LayerNorm, causal_attention, transformer_site_names, unembed
 from .config import GPT2Config
 
 _init = nn.initializers.normal(0.02)
@@ -85,7 +85,5 @@ class GPT2(nn.Module):
         for i in range(cfg.n_layers):
             x = Block(cfg, i, name=f"h_{i}")(x, sites)
         x = sites("final_norm", LayerNorm(cfg.ln_eps, name="ln_f")(x))
-        x = gather_positions(x, logits_at)
-        if cfg.tie_embeddings:
-            return jnp.einsum("btd,vd->btv", x, wte)
-        return nn.Dense(cfg.vocab_size, use_bias=False, kernel_init=_init, name="lm_head")(x)
+        return unembed(x, wte, logits_at, tied=cfg.tie_embeddings, vocab_size=cfg.vocab_size, kernel_init=_init,
+                       name="lm_head")

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxinterp.models.common import (
-    ACTIVATIONS, RMSNorm, apply_rotary, causal_attention, transformer_site_names, gather_positions, rotary_tables,
+    ACTIVATIONS, RMSNorm, apply_rotary, causal_attention, transformer_site_names, unembed, rotary_tables,
 )
 from .config import LlamaConfig
 
@@ -96,7 +96,5 @@ class Llama(nn.Module):
         for i in range(cfg.n_layers):
             x = Block(cfg, i, name=f"layers_{i}")(x, cos, sin, sites)
         x = sites("final_norm", RMSNorm(cfg.rms_eps, name="norm")(x))
-        x = gather_positions(x, logits_at)
-        if cfg.tie_embeddings:
-            return jnp.einsum("btd,vd->btv", x, embed.astype(x.dtype))
-        return nn.Dense(cfg.vocab_size, use_bias=False, kernel_init=_init, name="lm_head")(x)
+        return unembed(x, embed, logits_at, tied=cfg.tie_embeddings, vocab_size=cfg.vocab_size, kernel_init=_init,
+                       name="lm_head")

@@ -50,7 +50,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxinterp.models.common import ACTIVATIONS, RMSNorm, gather_positions
+from jaxinterp.models.common import ACTIVATIONS, RMSNorm, unembed
 from .config import MambaConfig
 from .scan import readout, ssm_outputs, ssm_states
 
@@ -179,10 +179,8 @@ class Mamba(nn.Module):
         for i in range(cfg.n_layers):
             x = Block(cfg, i, name=f"layers_{i}")(x, sites, emb.dtype)
         x = sites("final_norm", RMSNorm(cfg.norm_eps, name="norm_f")(x))
-        x = gather_positions(x, logits_at).astype(emb.dtype)
-        if cfg.tie_embeddings:
-            return jnp.einsum("btd,vd->btv", x, emb)
-        return nn.Dense(cfg.vocab_size, use_bias=False, kernel_init=_init, name="lm_head")(x)
+        return unembed(x, emb, logits_at, tied=cfg.tie_embeddings, vocab_size=cfg.vocab_size, kernel_init=_init,
+                       name="lm_head")
 
 
 # ----------------------------------------------------------------------------- sharding
