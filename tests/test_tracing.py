@@ -16,6 +16,7 @@ from jaxinterp.patching import (
     embedding_sigma,
     gaussian_corruption,
     layer_window,
+    prepare_batch,
     restore_probs,
     token_classes,
     trace,
@@ -161,6 +162,26 @@ def test_batch_equals_single(model, sigma):
         one = trace(model, toks[i], span, kind="resid_post", sigma=sigma, config=CFG)
         np.testing.assert_allclose(batch[i].probs, one.probs, atol=TOL)
         assert batch[i].p_clean == pytest.approx(one.p_clean, abs=1e-6)
+
+
+def test_prepare_batch_plan_table_equals_trace(model, sigma):
+    """The public per-prompt entry (used by the sharded runner): plan.table of one prompt == trace()."""
+    toks = np.random.default_rng(4).integers(0, 97, (2, SEQ))
+    spans = [(1, 3), (2, 4)]
+    batch = prepare_batch(model, toks, spans, kind="mlp_out", sigma=sigma, answers=[5, -1], config=CFG)
+    assert batch.plan.skip_before == 1 and batch.plan.window == CFG.window and batch.corruption.tokens.shape == (
+        2, CFG.n_samples, SEQ)
+    table = jax.jit(batch.plan.table)
+    for i, span in enumerate(spans):
+        corr = ji.patching.Corruption(batch.corruption.tokens[i], batch.corruption.delta[i])
+        probs, p_clean, p_corrupt, ans = table(model, jnp.asarray(batch.tokens[i]), corr, batch.answers[i])
+        one = trace(model, toks[i], span, kind="mlp_out", sigma=sigma, answer=[5, None][i], config=CFG)
+        np.testing.assert_allclose(np.asarray(probs)[span[0]:], one.probs[span[0]:], atol=TOL)
+        assert float(p_corrupt) == pytest.approx(one.p_corrupt, abs=1e-6) and int(ans) == one.answer
+    with pytest.raises(ValueError, match="one list per prompt"):
+        prepare_batch(model, toks, spans, alt_subjects=[[[1, 2]]], config=CFG)
+    with pytest.raises(ValueError, match="one token id per prompt"):
+        prepare_batch(model, toks, spans, sigma=sigma, answers=[1, 2, 3], config=CFG)
 
 
 def test_embedding_sigma_is_token_embedding_std(model):

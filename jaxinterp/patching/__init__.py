@@ -7,13 +7,16 @@ from jaxinterp.patching.activation import PatchingResult, activation_patching, a
 from jaxinterp.patching.causal_trace import (
     TOKEN_CLASSES,
     Corruption,
+    TraceBatch,
     TraceConfig,
+    TracePlan,
     TraceResult,
     alt_subject_corruption,
     average_indirect_effect,
     embedding_sigma,
     gaussian_corruption,
     layer_window,
+    prepare_batch,
     restore_probs,
     token_classes,
     trace,
@@ -29,8 +32,8 @@ from jaxinterp.patching.knockout import (
 )
 
 __all__ = [
-    "TOKEN_CLASSES", "Corruption", "TraceConfig", "TraceResult", "alt_subject_corruption",
-    "average_indirect_effect", "embedding_sigma", "gaussian_corruption", "layer_window", "restore_probs",
+    "TOKEN_CLASSES", "Corruption", "TraceBatch", "TraceConfig", "TracePlan", "TraceResult", "alt_subject_corruption",
+    "average_indirect_effect", "embedding_sigma", "gaussian_corruption", "layer_window", "prepare_batch", "restore_probs",
     "token_classes", "trace", "trace_batch", "trace_kinds", "PatchingResult", "activation_patching",
     "attribution_patching", "KnockoutResult", "attention_knockout", "mean_ablation_knockout", "path_blocking",
     "site_means",

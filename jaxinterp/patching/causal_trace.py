@@ -44,6 +44,9 @@ __all__ = [
     "alt_subject_corruption",
     "trace",
     "trace_batch",
+    "prepare_batch",
+    "TraceBatch",
+    "TracePlan",
     "restore_probs",
     "layer_window",
     "trace_kinds",
@@ -369,14 +372,6 @@ _STATIC = ("kind", "freeze", "window", "chunk", "engine", "skip_before", "bucket
 _trace_jit = jax.jit(_trace_impl, static_argnames=_STATIC)
 
 
-def _trace_batch_impl(model, tokens, corruption, answer, *, kind, freeze, window, chunk, engine, skip_before,
-                      buckets):
-    one = functools.partial(_trace_impl, kind=kind, freeze=freeze, window=window, chunk=chunk,
-                            engine=engine, skip_before=skip_before, buckets=buckets)
-    return jax.vmap(one, in_axes=(None, 0, 0, 0))(model, tokens, corruption, answer)
-
-
-_trace_batch_jit = jax.jit(_trace_batch_impl, static_argnames=_STATIC)
 
 
 def _make_corruption(model, tokens, subject, config, sigma, noise, alt_subjects):
@@ -423,6 +418,79 @@ def trace(model: Model, tokens, subject: Sequence[int], *, kind: str = "resid_po
     return TraceResult(np.asarray(probs), float(p_clean), float(p_corrupt), int(ans), kind, (b, e), window, freeze)
 
 
+@dataclasses.dataclass(frozen=True)
+class TracePlan:
+    """The static settings of one sweep (kind, freeze site, window, engine, ...): ``table`` maps
+    one prompt's arrays to its trace table and is traceable, so callers can ``vmap`` it, jit it,
+    or map it over devices (``jaxinterp.sharding.runner.causal_trace_tables``)."""
+
+    kind: str
+    freeze: Optional[str]
+    window: int
+    chunk: int
+    engine: str
+    skip_before: int
+    buckets: int
+
+    def table(self, model: Model, tokens, corruption: Corruption, answer):
+        """``(probs [T, L], p_clean, p_corrupt, answer)`` of one prompt ``tokens [T]`` with its
+        ``corruption`` (``[N, T]`` tokens, ``[N, T, D]`` delta) and ``answer`` (-1 = clean top token)."""
+        return _trace_impl(model, tokens, corruption, answer, **dataclasses.asdict(self))
+
+
+@dataclasses.dataclass(frozen=True)
+class TraceBatch:
+    """Inputs of a batched trace: ``tokens [P, T]``, ``corruption`` (``[P, N, T]`` tokens and
+    ``[P, N, T, D]`` delta), ``answers [P]`` (-1 = clean top token), checked subject ``spans``,
+    and the ``plan`` applying to every prompt."""
+
+    tokens: np.ndarray
+    corruption: Corruption
+    answers: np.ndarray
+    spans: list
+    plan: TracePlan
+
+
+def prepare_batch(model: Model, tokens, subjects: Sequence[Sequence[int]], *, kind: str = "resid_post",
+                  sigma: float | None = None, alt_subjects=None, freeze: Optional[str] = None, answers=None,
+                  config: TraceConfig = TraceConfig()) -> TraceBatch:
+    """Validate ``P`` prompts of equal length and build their corruptions and sweep plan.
+
+    ``alt_subjects``, if given, is one list of alternative subjects per prompt; otherwise the
+    Gaussian corruption needs ``sigma``. ``trace_batch`` is ``prepare_batch`` + ``vmap(plan.table)``.
+    """
+    _check_kind(model, kind)
+    if freeze is not None:
+        _check_kind(model, freeze, "freeze site")
+        if freeze == kind:
+            raise ValueError(f"freeze site must differ from the traced kind ({kind!r})")
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or len(subjects) != tokens.shape[0]:
+        raise ValueError(f"trace_batch takes tokens [P, T] and P subject spans; got {tokens.shape} and "
+                         f"{len(subjects)} spans")
+    if alt_subjects is not None and len(alt_subjects) != len(subjects):
+        raise ValueError(f"alt_subjects needs one list per prompt: {len(alt_subjects)} lists for {len(subjects)} "
+                         f"prompts")
+    spans = [_check_span(s, tokens.shape[1]) for s in subjects]
+    corrs = [_make_corruption(model, tokens[i], spans[i], config, sigma, None,
+                              None if alt_subjects is None else alt_subjects[i]) for i in range(len(spans))]
+    corruption = Corruption(jnp.stack([c.tokens for c in corrs]), jnp.stack([c.delta for c in corrs]))
+    answers = np.full(len(spans), -1) if answers is None else np.asarray(answers)
+    if answers.shape != (len(spans),):
+        raise ValueError(f"answers must have one token id per prompt ({len(spans)}), got shape {answers.shape}")
+    plan = TracePlan(kind=kind, freeze=freeze, window=_effective_window(kind, config), chunk=config.chunk,
+                     engine=_select_engine(model, config), skip_before=min(b for b, _ in spans),
+                     buckets=config.position_buckets)
+    return TraceBatch(tokens.astype(np.int32), corruption, answers.astype(np.int32), spans, plan)
+
+
+def _trace_batch_impl(model, tokens, corruption, answer, *, plan):
+    return jax.vmap(plan.table, in_axes=(None, 0, 0, 0))(model, tokens, corruption, answer)
+
+
+_trace_batch_jit = jax.jit(_trace_batch_impl, static_argnames=("plan",))
+
+
 def trace_batch(model: Model, tokens, subjects: Sequence[Sequence[int]], *, kind: str = "resid_post",
                 sigma: float | None = None, alt_subjects=None, freeze: Optional[str] = None, answers=None,
                 config: TraceConfig = TraceConfig()) -> list[TraceResult]:
@@ -430,27 +498,13 @@ def trace_batch(model: Model, tokens, subjects: Sequence[Sequence[int]], *, kind
 
     ``alt_subjects``, if given, is one list of alternative subjects per prompt.
     """
-    _check_kind(model, kind)
-    if freeze is not None:
-        _check_kind(model, freeze, "freeze site")
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 2 or len(subjects) != tokens.shape[0]:
-        raise ValueError(f"trace_batch takes tokens [P, T] and P subject spans; got {tokens.shape} and "
-                         f"{len(subjects)} spans")
-    spans = [_check_span(s, tokens.shape[1]) for s in subjects]
-    corrs = [_make_corruption(model, tokens[i], spans[i], config, sigma, None,
-                              None if alt_subjects is None else alt_subjects[i]) for i in range(len(spans))]
-    corruption = Corruption(jnp.stack([c.tokens for c in corrs]), jnp.stack([c.delta for c in corrs]))
-    answers = np.full(len(spans), -1) if answers is None else np.asarray(answers)
-    window = _effective_window(kind, config)
-    engine = _select_engine(model, config)
+    batch = prepare_batch(model, tokens, subjects, kind=kind, sigma=sigma, alt_subjects=alt_subjects,
+                          freeze=freeze, answers=answers, config=config)
     probs, p_clean, p_corrupt, ans = _trace_batch_jit(
-        model, jnp.asarray(tokens, jnp.int32), corruption, jnp.asarray(answers, jnp.int32), kind=kind,
-        freeze=freeze, window=window, chunk=config.chunk, engine=engine, skip_before=min(b for b, _ in spans),
-        buckets=config.position_buckets)
+        model, jnp.asarray(batch.tokens), batch.corruption, jnp.asarray(batch.answers), plan=batch.plan)
     probs, p_clean, p_corrupt, ans = map(np.asarray, (probs, p_clean, p_corrupt, ans))
-    return [TraceResult(probs[i], float(p_clean[i]), float(p_corrupt[i]), int(ans[i]), kind, spans[i], window,
-                        freeze) for i in range(len(spans))]
+    return [TraceResult(probs[i], float(p_clean[i]), float(p_corrupt[i]), int(ans[i]), kind, batch.spans[i],
+                        batch.plan.window, freeze) for i in range(len(batch.spans))]
 
 
 # ----------------------------------------------------------------------------- AIE

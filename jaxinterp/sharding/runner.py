@@ -10,7 +10,6 @@ and the per-prompt tables come back stacked on the host. ``patching_tables`` and
 from __future__ import annotations
 
 import functools
-import inspect
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
@@ -105,23 +104,16 @@ def causal_trace_tables(model: Model, tokens, subjects: Sequence[Sequence[int]],
     """
     from jaxinterp.patching import causal_trace as ct
 
-    config = config or ct.TraceConfig()
-    tokens = np.asarray(tokens, np.int32)
-    spans = [ct._check_span(s, tokens.shape[1]) for s in subjects]
-    corrs = [ct._make_corruption(model, tokens[i], spans[i], config, sigma, None, None) for i in range(len(spans))]
-    answers = np.full(len(spans), -1, np.int32) if answers is None else np.asarray(answers, np.int32)
-    statics = dict(kind=kind, freeze=freeze, window=ct._effective_window(kind, config), chunk=config.chunk,
-                   engine=ct._select_engine(model, config), skip_before=min(b for b, _ in spans))
-    if "buckets" in inspect.signature(ct._trace_impl).parameters:  # the incremental engine's bucketing
-        statics["buckets"] = config.position_buckets
-    one = functools.partial(ct._trace_impl, **statics)
+    batch = ct.prepare_batch(model, tokens, subjects, kind=kind, sigma=sigma, freeze=freeze, answers=answers,
+                             config=config or ct.TraceConfig())
+    table = batch.plan.table
 
     def fn(m, row):
         corruption = ct.Corruption(row["corrupt_tokens"], row["delta"])
-        probs, p_clean, p_corrupt, ans = one(m, row["tokens"], corruption, row["answer"])
+        probs, p_clean, p_corrupt, ans = table(m, row["tokens"], corruption, row["answer"])
         return {"probs": probs, "p_clean": p_clean, "p_corrupt": p_corrupt, "answer": ans}
 
-    data = {"tokens": tokens, "corrupt_tokens": np.stack([np.asarray(c.tokens) for c in corrs]),
-            "delta": np.stack([np.asarray(c.delta) for c in corrs]), "answer": answers}
+    data = {"tokens": batch.tokens, "corrupt_tokens": np.asarray(batch.corruption.tokens),
+            "delta": np.asarray(batch.corruption.delta), "answer": batch.answers}
     return run_prompts(fn, model, data, mesh, axes=axes, batch_size=batch_size, progress=progress,
                        desc="causal tracing")
