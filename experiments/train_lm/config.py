@@ -69,7 +69,12 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    """Loop length and bookkeeping (``eval_every``/``save_every`` = 0 disables)."""
+    """Loop length and bookkeeping (``eval_every``/``save_every`` = 0 disables).
+
+    ``init_from``: start from these weights (any ``ji.load`` source: embedded name, local HF
+    directory, hub id) instead of a fresh init; the optimizer state starts fresh. The model's
+    architecture then comes from the loaded config (``model.args`` must agree with it).
+    """
 
     steps: int = 1000
     eval_every: int = 250
@@ -77,8 +82,12 @@ class TrainConfig:
     save_every: int = 100
     keep: int = 2
     seed: int = 0
+    init_from: str | None = None
 
     def __post_init__(self):
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from):
+            raise ValueError(f"TrainConfig.init_from must be a ji.load source (non-empty string) or None, "
+                             f"got {self.init_from!r}")
         if self.steps < 1 or self.eval_every < 0 or self.save_every < 0 or self.keep < 1:
             raise ValueError(f"TrainConfig needs steps >= 1, eval_every/save_every >= 0, keep >= 1; got {self}")
 
@@ -93,6 +102,14 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def check(self) -> "Config":
+        """Cross-section validation (run after all overrides are applied); returns self."""
+        if self.optim.warmup_steps >= self.train.steps:
+            raise ValueError(f"optim.warmup_steps ({self.optim.warmup_steps}) must be smaller than train.steps "
+                             f"({self.train.steps}) so the cosine phase has steps left; lower it, e.g. "
+                             f"--set optim.warmup_steps={max(self.train.steps // 10, 0)}")
+        return self
 
 
 def _facts_gpt() -> Config:
@@ -138,7 +155,7 @@ def get_config(name: str, overrides: Sequence[str] = ()) -> Config:
     """A preset with ``key.path=value`` overrides applied (values parsed as YAML scalars)."""
     if name not in PRESETS:
         raise ValueError(f"unknown config {name!r}; presets: {sorted(PRESETS)}")
-    return apply_overrides(PRESETS[name](), overrides)
+    return apply_overrides(PRESETS[name](), overrides).check()
 
 
 def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:

@@ -31,15 +31,18 @@ from jaxinterp.experiments.data.facts_world import FactsWorld
 from jaxinterp.experiments.train_lm.config import PRESETS, Config, get_config
 from jaxinterp.experiments.train_lm.data import FactsBatches
 from jaxinterp.experiments.train_lm.evaluate import evaluate_world
-from jaxinterp.loading import save_pretrained
+from jaxinterp.loading import embedded_dir, embedded_models, load, save_pretrained
 from jaxinterp.model import Model, get_family, init, run
 
-__all__ = ["build_model", "make_optimizer", "make_train_step", "train", "export", "main"]
+__all__ = ["build_model", "load_initial", "make_optimizer", "make_train_step", "train", "export", "main"]
 
 
 # model / optimiser ---------------------------------------------------------------------------
 def build_model(cfg: Config, world: FactsWorld, key: jax.Array) -> Model:
-    """A fresh model of ``cfg.model`` sized to the world's vocabulary and the data's context."""
+    """A fresh model of ``cfg.model`` sized to the world's vocabulary and the data's context, or
+    the weights of ``cfg.train.init_from`` (checked against ``cfg.model`` and the world)."""
+    if cfg.train.init_from is not None:
+        return load_initial(cfg, world)
     fam = get_family(cfg.model.family)
     fields = {f.name for f in dataclasses.fields(fam.config_cls)}
     args = {"vocab_size": world.vocab_size, **cfg.model.args}
@@ -51,8 +54,40 @@ def build_model(cfg: Config, world: FactsWorld, key: jax.Array) -> Model:
     return init(fam.config_cls(**args), key)
 
 
+def load_initial(cfg: Config, world: FactsWorld) -> Model:
+    """``ji.load(cfg.train.init_from)`` after checking family, ``model.args``, vocabulary and context."""
+    src = cfg.train.init_from
+    model = load(src)
+    if model.family != cfg.model.family:
+        raise ValueError(f"train.init_from={src!r} is a {model.family!r} model but model.family is "
+                         f"{cfg.model.family!r}; pick a --config of family {model.family!r}")
+    loaded = dataclasses.asdict(model.config)
+    wanted = {"vocab_size": world.vocab_size, **cfg.model.args}
+    clash = {k: (v, loaded[k]) for k, v in wanted.items() if k in loaded and loaded[k] != v}
+    unknown = sorted(set(cfg.model.args) - set(loaded))
+    if unknown:
+        raise ValueError(f"model.args {unknown} are not fields of {type(model.config).__name__}: {sorted(loaded)}")
+    if clash:
+        raise ValueError(f"train.init_from={src!r} disagrees with the config (field: (config, loaded)): {clash}; "
+                         f"the loaded architecture is used as is, so drop or fix these model.args / the world")
+    world_json = _source_dir(src) / "world.json"
+    if world_json.exists() and FactsWorld.from_dir(world_json.parent).facts != world.facts:
+        raise ValueError(f"train.init_from={src!r} was trained on another facts world ({world_json}) than "
+                         f"data.world; set data.world.seed / entities_per_domain to match it")
+    max_len = loaded.get("max_seq_len")
+    if max_len is not None and max_len < cfg.data.seq_len:
+        raise ValueError(f"train.init_from={src!r} has max_seq_len {max_len} < data.seq_len {cfg.data.seq_len}")
+    return model
+
+
+def _source_dir(src: str) -> Path:
+    if Path(src).is_dir():
+        return Path(src)
+    return embedded_dir(src) if src in embedded_models() else Path(src)  # hub ids: no world.json to check
+
+
 def make_optimizer(cfg: Config) -> optax.GradientTransformation:
-    o = cfg.optim
+    o = cfg.check().optim
     schedule = optax.warmup_cosine_decay_schedule(0.0, o.lr, max(o.warmup_steps, 1), max(cfg.train.steps, 2),
                                                   end_value=o.lr * o.end_lr_frac)
     decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)  # no decay on norms/biases
@@ -180,6 +215,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", default="facts-gpt", choices=sorted(PRESETS))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override, e.g. train.steps=2000 or model.args.d_model=128 (repeatable)")
+    p.add_argument("--init-from", default=None, metavar="SOURCE",
+                   help="start from these weights (ji.load source: embedded name, HF dir, hub id) with a fresh "
+                        "optimizer; same as --set train.init_from=SOURCE (recorded in results.json)")
     p.add_argument("--out", type=Path, default=None, help="output dir (default results/train_lm/<config>)")
     p.add_argument("--eval-prompts", type=int, default=None,
                    help="prompts per split in the final evaluation (default: all)")
@@ -189,7 +227,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
-    cfg = get_config(args.config, args.set)
+    cfg = get_config(args.config, args.set + ([f"train.init_from={args.init_from}"] if args.init_from else []))
     out = args.out or Path("results") / "train_lm" / cfg.name
     log = lambda msg: print(msg, flush=True)
     t0 = time.perf_counter()

@@ -1,7 +1,9 @@
 """train_lm: config overrides, kill-and-resume bit-identity, data parallelism, HF export parity,
 and the shipped facts-world models' accuracy targets."""
 
+import dataclasses
 import functools
+import json
 import os
 import signal
 import subprocess
@@ -16,14 +18,15 @@ import jaxinterp as ji
 from jaxinterp.experiments.data.facts_world import FactsWorld
 from jaxinterp.experiments.train_lm.config import get_config
 from jaxinterp.experiments.train_lm.evaluate import evaluate_world
-from jaxinterp.experiments.train_lm.main import build_model, export
+from jaxinterp.experiments.train_lm.config import TrainConfig
+from jaxinterp.experiments.train_lm.main import build_model, export, main, make_optimizer, train
 from jaxinterp.hf import read_safetensors
 
 
 def test_overrides():
-    cfg = get_config("facts-gpt", ["train.steps=7", "model.args.d_model=64", "optim.lr=1e-3",
+    cfg = get_config("facts-gpt", ["train.steps=700", "model.args.d_model=64", "optim.lr=1e-3",
                                    "data.world.entities_per_domain=5"])
-    assert cfg.train.steps == 7 and cfg.model.args["d_model"] == 64 and cfg.optim.lr == 1e-3
+    assert cfg.train.steps == 700 and cfg.model.args["d_model"] == 64 and cfg.optim.lr == 1e-3
     assert cfg.data.world.entities_per_domain == 5 and cfg.model.args["n_layers"] == 4
     with pytest.raises(ValueError, match="fields"):
         get_config("facts-gpt", ["train.stepz=1"])
@@ -33,6 +36,17 @@ def test_overrides():
         get_config("tiny", ["train.steps"])
     with pytest.raises(ValueError, match="steps"):
         get_config("tiny", ["train.steps=0"])
+
+
+def test_warmup_longer_than_run_is_a_clear_error():
+    # used to crash inside optax ("cosine_decay_schedule requires positive decay_steps")
+    with pytest.raises(ValueError, match=r"optim.warmup_steps \(100\) must be smaller than train.steps \(30\)"):
+        get_config("facts-mamba", ["train.steps=30"])
+    with pytest.raises(ValueError, match="warmup_steps"):
+        make_optimizer(dataclasses.replace(get_config("tiny"), train=TrainConfig(steps=5)))
+    cfg = get_config("facts-mamba", ["train.steps=30", "optim.warmup_steps=3"])  # order of overrides is free
+    lr = make_optimizer(cfg).init({"w": np.zeros((2, 2), np.float32)})
+    assert cfg.optim.warmup_steps == 3 and lr is not None
 
 
 def _cmd(out, steps=16, extra=()):
@@ -104,6 +118,41 @@ def test_export_loads_in_transformers_with_same_logits(tmp_path, preset, hf_cls)
     np.testing.assert_allclose(np.asarray(ours.run(np.array([ids])).logits), ref, atol=1e-4)
     np.testing.assert_allclose(np.asarray(model.run(np.array([ids])).logits), ref, atol=1e-4)
     assert FactsWorld.from_dir(tmp_path).entities == world.entities
+
+
+def test_init_from_loads_weights_checks_them_and_resumes(tmp_path):
+    flat = ["optim.end_lr_frac=1.0", "optim.warmup_steps=1", "train.save_every=2"]  # constant lr after step 1
+    base = get_config("tiny", flat)
+    world = FactsWorld(base.data.world)
+    src = export(build_model(base, world, jax.random.PRNGKey(7)), world, tmp_path / "src")
+    cfg = dataclasses.replace(base, train=dataclasses.replace(base.train, init_from=str(src)))
+    start = build_model(cfg, world, jax.random.PRNGKey(0))
+    ref = ji.load(src)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, start.params, ref.params)
+
+    with pytest.raises(ValueError, match="family"):
+        build_model(dataclasses.replace(cfg, model=get_config("tiny-mamba").model), world, jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="d_model"):
+        build_model(get_config("tiny", [f"train.init_from={src}", "model.args.d_model=48"]), world, None)
+    other = FactsWorld(dataclasses.replace(world.config, seed=1))
+    with pytest.raises(ValueError, match="another facts world"):
+        build_model(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, world=other.config)), other, None)
+
+    # the CLI flag records the source; 4 steps then a resume to 6 == 6 steps straight (fresh optimizer both)
+    argv = ["--config", "tiny", "--init-from", str(src), "--no-progress", "--eval-prompts", "8",
+            *[a for kv in flat for a in ("--set", kv)]]
+    res = main([*argv, "--set", "train.steps=4", "--out", str(tmp_path / "ft")])
+    assert res["config"]["train"]["init_from"] == str(src)
+    assert json.loads((tmp_path / "ft" / "results.json").read_text())["config"]["train"]["init_from"] == str(src)
+    logs = []
+    six = get_config("tiny", [f"train.init_from={src}", *flat, "train.steps=6"])
+    resumed, _ = train(six, tmp_path / "ft", progress=False, log=logs.append)
+    assert "resumed from step 4" in logs
+    straight, _ = train(six, tmp_path / "straight", progress=False, log=logs.append)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, resumed.params, straight.params)
+    moved = jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda a, b: not np.array_equal(a, b),
+                                                             straight.params, ref.params))
+    assert any(moved)  # training started from the loaded weights and changed them
 
 
 # The shipped facts-mamba (1800 steps on a 2-core CPU) recalls facts but has not learnt in-context
