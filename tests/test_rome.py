@@ -184,3 +184,32 @@ def test_rome_on_facts_gpt_new_object_wins_and_neighbour_keeps():
     assert top(res.model, record.prompts[0].ids) == record.target_new_id
     assert top(res.model, neighbour.ids) == record.target_true_id
     assert top(model, record.prompts[0].ids) == record.target_true_id  # the original is untouched
+
+
+def test_target_nll_has_no_gradient_at_last_gpt_layer(gpt):
+    """The last block's MLP output at the subject token reaches no later position (it feeds only
+    its own position's unembedding), so the NLL of the new object at the prompt's end cannot be
+    lowered by v* there: facts-gpt's layer-3 Score of 0 is this property, not a bug."""
+    last = gpt.config.n_layers - 1
+    prompt = np.asarray([5, 17, 23, 40, 8])
+    site = f"blocks.{last}.mlp_out"
+    # Direct check: any change of that site at the subject's last token leaves the last logits unchanged.
+    vec = jnp.asarray(np.random.default_rng(0).normal(size=gpt.config.d_model) * 10.0, jnp.float32)
+    bump = ji.Add(vec, mask=ji.positions_mask(len(prompt), 2))
+    base = np.asarray(ji.run(gpt, prompt[None]).logits[0, -1])
+    bumped = np.asarray(ji.run(gpt, prompt[None], interventions={site: bump}).logits)
+    np.testing.assert_array_equal(bumped[0, -1], base)
+    assert np.abs(bumped[0, 2] - np.asarray(ji.run(gpt, prompt[None]).logits[0, 2])).max() > 1.0
+    # So the gradient of ROME's target NLL w.r.t. delta (added at that token) is exactly zero there,
+    # while one layer lower it is not: only the KL / norm terms (minimal at delta = 0) remain.
+    from jaxinterp.rome import _v_loss
+
+    tokens = jnp.asarray(prompt[None])
+    batch = (tokens, jnp.asarray([2]), jnp.asarray([[len(prompt) - 1]]), jnp.asarray([[49]]))
+    kl = (tokens[:, :3], jnp.asarray([2]))
+    kl_ref = jax.nn.log_softmax(ji.run(gpt, kl[0]).logits[:, 2], -1)
+    for layer, zero in ((last, True), (last - 1, False)):
+        grad = jax.grad(lambda d: _v_loss(d, gpt, batch, kl, kl_ref, jnp.ones(gpt.config.d_model),
+                                          value_site=f"blocks.{layer}.mlp_out", kl_weight=0.0, weight_decay=0.0)[0])
+        g = np.asarray(grad(jnp.zeros(gpt.config.d_model)))
+        assert (np.abs(g).max() == 0.0) == zero, (layer, np.abs(g).max())
