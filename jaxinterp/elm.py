@@ -19,7 +19,10 @@ Losses (each weighted, 1 by default):
   (its argmax by default, as the reference code; ``retain_soft`` uses the full distribution);
 * fluency -- NLL of the LoRA model on continuations of (erase text + a topic-switch suffix)
   that the frozen model generated with guidance toward the novice context
-  (``guided_generate``); only the appended tokens are scored.
+  (``guided_generate``); only the appended tokens are scored;
+* template (optional, weight 0 by default) -- the retain loss on the erase text itself at the
+  positions whose next token is not a fact object (``erase_template_mask``): keeps the
+  erased domain's sentence frames, names and punctuation while the objects are erased.
 
 Batches are dicts of int/bool arrays (see ``ElmBatch``); ``make_train_step`` builds one
 jitted step over any loss of that shape (the baselines in ``unlearning_baselines`` reuse
@@ -58,6 +61,8 @@ class ElmConfig:
       temperature: divides all three frozen logits before the log-softmax (1.2).
       top_k: entries kept in the target distribution (50; None keeps all).
       erase_weight, retain_weight, fluency_weight: loss weights (1 each).
+      template_weight: weight of the template term (retain on erase text with the positions
+        that predict a fact object masked; 0 = off, as in the reference).
       retain_soft: retain against the frozen distribution instead of its argmax.
       guidance: eta of the guided sampler that writes the fluency continuations (3).
       lr, weight_decay: AdamW.
@@ -71,6 +76,7 @@ class ElmConfig:
     erase_weight: float = 1.0
     retain_weight: float = 1.0
     fluency_weight: float = 1.0
+    template_weight: float = 0.0
     retain_soft: bool = False
     guidance: float = 3.0
     lr: float = 5e-5
@@ -84,7 +90,7 @@ class ElmConfig:
             raise ValueError(f"ElmConfig.temperature must be positive, got {self.temperature}")
         if self.top_k is not None and self.top_k <= 0:
             raise ValueError(f"ElmConfig.top_k must be positive or None, got {self.top_k}")
-        for name in ("erase_weight", "retain_weight", "fluency_weight", "lr", "weight_decay"):
+        for name in ("erase_weight", "retain_weight", "fluency_weight", "template_weight", "lr", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ElmConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.steps <= 0 or self.batch_size <= 0:
@@ -158,46 +164,60 @@ def next_token_nll(logits, tokens, mask):
     return _masked_mean(nll, mask[:, :-1])
 
 
-def elm_targets(teacher: Model, batch: Mapping[str, jax.Array], cfg: ElmConfig) -> jax.Array:
-    """The frozen-model target log P~ for ``batch["erase"]`` (three forward passes)."""
+def elm_targets(teacher: Model, batch: Mapping[str, jax.Array], cfg: ElmConfig, *, with_base: bool = False):
+    """The frozen-model target log P~ for ``batch["erase"]`` (three forward passes); with
+    ``with_base`` also the frozen logits on the erase text ``[B, T, V]``."""
     teacher = jax.lax.stop_gradient(teacher)
-    base = run(teacher, batch["erase"]).logits
+    base = jax.lax.stop_gradient(run(teacher, batch["erase"]).logits)
     expert = aligned_logits(teacher, batch["expert"], batch["expert_index"])
     novice = aligned_logits(teacher, batch["novice"], batch["novice_index"])
-    return jax.lax.stop_gradient(elm_target_logprobs(base, expert, novice, batch["erase_valid"], eta=cfg.eta,
-                                                     temperature=cfg.temperature, top_k=cfg.top_k))
+    target = jax.lax.stop_gradient(elm_target_logprobs(base, expert, novice, batch["erase_valid"], eta=cfg.eta,
+                                                       temperature=cfg.temperature, top_k=cfg.top_k))
+    return (target, base) if with_base else target
 
 
 def retain_loss(run_student: Callable, teacher: Model, tokens, valid, *, soft: bool) -> jax.Array:
     """Cross-entropy of the student on retain text against the frozen model (argmax or soft)."""
     teacher_logits = jax.lax.stop_gradient(run(jax.lax.stop_gradient(teacher), tokens).logits)
-    logits = run_student(tokens)
+    return distill_loss(run_student(tokens), teacher_logits, valid, soft=soft)
+
+
+def distill_loss(logits, teacher_logits, mask, *, soft: bool) -> jax.Array:
+    """Cross-entropy of ``logits`` against the frozen ``teacher_logits`` (argmax or soft) on ``mask``."""
+    teacher_logits = jax.lax.stop_gradient(teacher_logits)
     if soft:
-        return soft_cross_entropy(logits, jax.nn.log_softmax(teacher_logits, -1), valid)
+        return soft_cross_entropy(logits, jax.nn.log_softmax(teacher_logits, -1), mask)
     labels = jnp.argmax(teacher_logits, -1)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
-    return _masked_mean(-jnp.take_along_axis(logp, labels[..., None], -1)[..., 0], valid)
+    return _masked_mean(-jnp.take_along_axis(logp, labels[..., None], -1)[..., 0], mask)
 
 
 def elm_losses(adapters: lora_lib.Lora, base: Model, batch: Mapping[str, jax.Array], key, cfg: ElmConfig,
                teacher: Model | None = None) -> dict[str, jax.Array]:
-    """The three ELM terms (unweighted). ``teacher`` defaults to ``base`` (always frozen)."""
+    """The ELM terms (unweighted): erase, retain, fluency and template (the last only when
+    ``cfg.template_weight`` > 0). ``teacher`` defaults to ``base`` (always frozen)."""
     teacher = base if teacher is None else teacher
     student = lora_lib.combine(adapters, base)
     keys = jax.random.split(key, 3)
     run_student = lambda tokens, k: student.run(tokens, mode=cfg.lora_mode, dropout_key=k).logits
-    target = elm_targets(teacher, batch, cfg)
-    erase = soft_cross_entropy(run_student(batch["erase"], keys[0]), target, batch["erase_valid"])
+    target, teacher_erase = elm_targets(teacher, batch, cfg, with_base=True)
+    student_erase = run_student(batch["erase"], keys[0])
+    erase = soft_cross_entropy(student_erase, target, batch["erase_valid"])
     retain = retain_loss(lambda t: run_student(t, keys[1]), teacher, batch["retain"], batch["retain_valid"],
                          soft=cfg.retain_soft)
     fluency = next_token_nll(run_student(batch["fluency"], keys[2]), batch["fluency"], batch["fluency_mask"])
-    return {"erase": erase, "retain": retain, "fluency": fluency}
+    terms = {"erase": erase, "retain": retain, "fluency": fluency}
+    if cfg.template_weight > 0:
+        terms["template"] = distill_loss(student_erase, teacher_erase, batch["erase_template_mask"], soft=cfg.retain_soft)
+    return terms
 
 
 def elm_loss(adapters, base, batch, key, cfg: ElmConfig):
     """Weighted sum of ``elm_losses`` and the terms (for logging)."""
     terms = elm_losses(adapters, base, batch, key, cfg)
     total = cfg.erase_weight * terms["erase"] + cfg.retain_weight * terms["retain"] + cfg.fluency_weight * terms["fluency"]
+    if "template" in terms:
+        total = total + cfg.template_weight * terms["template"]
     return total, terms
 
 
@@ -276,15 +296,21 @@ def _prefixed(prefix: Sequence[int], bodies, erase_len: int, pad_id: int):
 
 def make_elm_batch(erase: Sequence[Sequence[int]], expert_prefix: Sequence[int], novice_prefix: Sequence[int],
                    retain: Sequence[Sequence[int]], fluency: Sequence[Sequence[int]], fluency_start: Sequence[int],
-                   *, erase_len: int, retain_len: int, fluency_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:
+                   *, erase_len: int, retain_len: int, fluency_len: int, pad_id: int = 0,
+                   object_ids: Sequence[int] = ()) -> dict[str, np.ndarray]:
     """Arrays of one ELM batch.
 
     ``erase``: token lists of erase text (with bos); ``expert_prefix``/``novice_prefix``:
     context tokens put before each (the bos stays first: prefix = bos + context);
     ``fluency``: erase text + suffix + continuation; ``fluency_start[i]``: index of the first
-    appended token of row i (loss on predicting tokens >= fluency_start).
+    appended token of row i (loss on predicting tokens >= fluency_start);
+    ``object_ids``: token ids of fact objects: ``erase_template_mask[i, t]`` is set where
+    position t of the erase text predicts a valid token that is not one of them.
     """
     erase_tokens, erase_valid = pad_batch(erase, erase_len, pad_id)
+    next_ok = np.roll(erase_valid, -1, axis=1) & ~np.isin(np.roll(erase_tokens, -1, axis=1), np.asarray(object_ids, int))
+    next_ok[:, -1] = False
+    template_mask = erase_valid & next_ok                       # [B, T]: predicts a non-object token
     # the contexts replace the bos: [bos, context..., x_1, ...] with x aligned on x's positions
     body = [list(s[1:]) for s in erase]
     expert_tokens, expert_index = _prefixed(expert_prefix, body, erase_len, pad_id)
@@ -295,7 +321,8 @@ def make_elm_batch(erase: Sequence[Sequence[int]], expert_prefix: Sequence[int],
     # position t predicts t+1: score predictions of tokens at index >= start
     fluency_mask = (pos + 1 >= np.asarray(fluency_start)[:, None]) & np.roll(fluency_valid, -1, axis=1)
     fluency_mask[:, -1] = False
-    return {"erase": erase_tokens, "erase_valid": erase_valid, "expert": expert_tokens,
+    return {"erase": erase_tokens, "erase_valid": erase_valid, "erase_template_mask": template_mask,
+            "expert": expert_tokens,
             "expert_index": expert_index, "novice": novice_tokens, "novice_index": novice_index, "retain": retain_tokens, "retain_valid": retain_valid,
             "fluency": fluency_tokens, "fluency_mask": fluency_mask}
 

@@ -7,7 +7,10 @@
 * ``seamlessness``: the erased model continues erased-topic prompts; the ORIGINAL model
   scores those continuations (perplexity), compared with the original model's perplexity
   on its own continuations of the same prompts; plus a repetition rate (share of repeated
-  bigrams within a continuation).
+  bigrams within a continuation). Given the ids of fact-object tokens it also splits the
+  scored NLL into object tokens and all other tokens (``nll_split``): a model that does not
+  know the facts pays for every wrong object under an original that is certain of them,
+  while the other tokens measure fluency proper.
 * Robustness = ``mc_accuracy`` on paraphrased prompts and with a hint prefix.
 
 Every function takes ``logits_fn(tokens [B, L]) -> logits [B, L, V]`` so it serves a
@@ -24,7 +27,8 @@ import numpy as np
 
 from jaxinterp.elm import guided_generate, pad_batch
 
-__all__ = ["mc_accuracy", "perplexity", "continuation_nll", "generate", "repetition_rate", "seamlessness"]
+__all__ = ["mc_accuracy", "perplexity", "continuation_token_nll", "continuation_nll", "nll_split", "generate",
+           "repetition_rate", "seamlessness"]
 
 
 def _chunks(n: int, size: int):
@@ -45,19 +49,40 @@ def mc_accuracy(logits_fn: Callable, prompts: Sequence[Sequence[int]], choice_id
     return float(np.concatenate(hits).mean())
 
 
-def continuation_nll(logits_fn: Callable, seqs: Sequence[Sequence[int]], starts: Sequence[int], *,
-                     pad_id: int = 0, batch_size: int = 64) -> np.ndarray:
-    """Per-sequence mean NLL of tokens at index >= ``starts[i]`` (everything after the first
-    token when ``starts`` is all 1)."""
+def continuation_token_nll(logits_fn: Callable, seqs: Sequence[Sequence[int]], starts: Sequence[int], *,
+                           pad_id: int = 0, batch_size: int = 64) -> list[np.ndarray]:
+    """Per-sequence arrays of the NLL of each token at index >= ``starts[i]`` (in order)."""
     out = []
     for sl in _chunks(len(seqs), batch_size):
         tokens, valid = pad_batch(seqs[sl], pad_id=pad_id)
         logp = np.asarray(jax.nn.log_softmax(logits_fn(jnp.asarray(tokens)).astype(jnp.float32), -1))
-        tok_lp = np.take_along_axis(logp[:, :-1], tokens[:, 1:, None], -1)[..., 0]    # [b, L-1]
-        pos = np.arange(1, tokens.shape[1])[None]
-        mask = valid[:, 1:] & (pos >= np.asarray(starts[sl])[:, None])
-        out.append(-(tok_lp * mask).sum(1) / np.maximum(mask.sum(1), 1))
-    return np.concatenate(out)
+        tok_lp = np.take_along_axis(logp[:, :-1], tokens[:, 1:, None], -1)[..., 0]    # [b, L-1]: token t+1
+        for row, start, n in zip(tok_lp, starts[sl], valid.sum(1)):
+            out.append(-row[max(start, 1) - 1:n - 1])
+    return out
+
+
+def continuation_nll(logits_fn: Callable, seqs: Sequence[Sequence[int]], starts: Sequence[int], **kw) -> np.ndarray:
+    """Per-sequence mean NLL of tokens at index >= ``starts[i]`` (everything after the first
+    token when ``starts`` is all 1)."""
+    return np.asarray([x.mean() if x.size else 0.0 for x in continuation_token_nll(logits_fn, seqs, starts, **kw)])
+
+
+def nll_split(token_nll: Sequence[np.ndarray], tokens: Sequence[Sequence[int]], object_ids) -> dict[str, float]:
+    """Token-weighted mean NLL over tokens whose id is in ``object_ids`` and over the rest.
+
+    ``token_nll[i][j]`` is the NLL of ``tokens[i][j]``. Returns ``nll_obj``, ``nll_other``,
+    ``obj_share`` (share of object tokens) and ``nll_all`` = share * obj + (1 - share) * other.
+    """
+    ids = np.asarray(sorted(set(int(i) for i in object_ids)))
+    nll = np.concatenate([np.asarray(x, np.float64) for x in token_nll])
+    toks = np.concatenate([np.asarray(t) for t in tokens])
+    if nll.shape != toks.shape:
+        raise ValueError(f"token_nll has {nll.size} entries but tokens has {toks.size}")
+    is_obj = np.isin(toks, ids)
+    mean = lambda m: float(nll[m].mean()) if m.any() else float("nan")
+    return {"nll_obj": mean(is_obj), "nll_other": mean(~is_obj), "obj_share": float(is_obj.mean()),
+            "nll_all": float(nll.mean())}
 
 
 def perplexity(logits_fn: Callable, seqs: Sequence[Sequence[int]], **kw) -> float:
@@ -87,14 +112,31 @@ def repetition_rate(seqs: Sequence[Sequence[int]]) -> float:
 
 
 def seamlessness(erased_fn: Callable, original_fn: Callable, prompts: Sequence[Sequence[int]], n_new: int,
-                 key, *, pad_id: int = 0) -> dict[str, float]:
-    """Original-model perplexity of the erased model's continuations vs of its own."""
+                 key, *, pad_id: int = 0, object_ids=None, temperature: float = 1.0) -> dict[str, float]:
+    """Original-model perplexity of the erased model's continuations vs of its own.
+
+    Both sets of ``n_new``-token continuations are sampled at ``temperature`` from the same
+    prompts and scored over the same positions (the continuation only). With ``object_ids``
+    the scored NLL is also split into object / other tokens (``nll_obj_*``, ``nll_other_*``,
+    ``obj_share_*`` for ``erased`` and ``original``) and ``ppl_ratio_other`` =
+    exp(nll_other_erased - nll_other_original), the ratio on non-object tokens.
+    """
     k1, k2 = jax.random.split(key)
-    erased = generate(erased_fn, prompts, n_new, k1, pad_id=pad_id)
-    own = generate(original_fn, prompts, n_new, k2, pad_id=pad_id)
+    erased = generate(erased_fn, prompts, n_new, k1, pad_id=pad_id, temperature=temperature)
+    own = generate(original_fn, prompts, n_new, k2, pad_id=pad_id, temperature=temperature)
     starts = [len(p) for p in prompts]
-    ppl = lambda gens: float(np.exp(np.mean(continuation_nll(original_fn, [list(p) + g for p, g in zip(prompts, gens)],
-                                                             starts, pad_id=pad_id))))
-    ppl_erased, ppl_own = ppl(erased), ppl(own)
-    return {"ppl_erased_gen": ppl_erased, "ppl_original_gen": ppl_own, "ppl_ratio": ppl_erased / ppl_own,
-            "repetition_erased": repetition_rate(erased), "repetition_original": repetition_rate(own)}
+    scored = {}
+    for name, gens in (("erased", erased), ("original", own)):
+        scored[name] = continuation_token_nll(original_fn, [list(p) + g for p, g in zip(prompts, gens)], starts,
+                                              pad_id=pad_id)
+    ppl = {k: float(np.exp(np.mean([x.mean() for x in v]))) for k, v in scored.items()}
+    out = {"ppl_erased_gen": ppl["erased"], "ppl_original_gen": ppl["original"],
+           "ppl_ratio": ppl["erased"] / ppl["original"],
+           "repetition_erased": repetition_rate(erased), "repetition_original": repetition_rate(own)}
+    if object_ids is not None:
+        for name, gens in (("erased", erased), ("original", own)):
+            split = nll_split(scored[name], gens, object_ids)
+            out.update({f"nll_obj_{name}": split["nll_obj"], f"nll_other_{name}": split["nll_other"],
+                        f"obj_share_{name}": split["obj_share"]})
+        out["ppl_ratio_other"] = float(np.exp(out["nll_other_erased"] - out["nll_other_original"]))
+    return out

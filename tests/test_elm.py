@@ -12,7 +12,8 @@ from jaxinterp import elm, lora
 from jaxinterp.models.gpt2 import GPT2Config
 
 CFG = GPT2Config.tiny(vocab_size=61, max_seq_len=64, n_layers=2)
-ECFG = elm.ElmConfig.tiny(eta=3.0, top_k=10, lr=1e-2, steps=4, batch_size=2)
+ECFG = elm.ElmConfig.tiny(eta=3.0, top_k=10, lr=1e-2, steps=4, batch_size=2, template_weight=1.0)
+OBJECTS = (7, 11, 13, 17, 19, 23, 29, 31, 37, 41)   # token ids playing fact objects in the toy batches
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def _batch(seed=0, b=2):
     retain = [[0] + list(rng.integers(3, 61, int(n))) for n in rng.integers(5, 9, b)]
     fluency = [e + list(rng.integers(3, 61, 4)) for e in erase]
     return elm.make_elm_batch(erase, [0, 5, 6, 7], [0, 8, 9], retain, fluency, [len(e) for e in erase],
-                              erase_len=10, retain_len=10, fluency_len=14, pad_id=1)
+                              erase_len=10, retain_len=10, fluency_len=14, pad_id=1, object_ids=OBJECTS)
 
 
 def test_batch_alignment(base):
@@ -67,9 +68,34 @@ def test_batch_alignment(base):
     for i in range(2):  # positions whose next token is one of the 4 appended tokens
         start = int(batch["erase_valid"][i].sum())
         assert list(np.nonzero(m[i])[0]) == list(range(start - 1, start + 3))
+    # template mask: position t predicts erase[t + 1], which exists and is not an object
+    for i in range(2):
+        x = list(batch["erase"][i, : int(batch["erase_valid"][i].sum())])
+        want = [t for t in range(len(x) - 1) if x[t + 1] not in OBJECTS]
+        assert list(np.nonzero(batch["erase_template_mask"][i])[0]) == want
 
 
-@pytest.mark.parametrize("term", ["erase", "retain", "fluency"])
+def test_template_term_equals_direct_computation(base):
+    """The template term is the argmax cross-entropy to the frozen model on erase text, averaged
+    over the positions that predict a non-object token."""
+    lm = lora.init(base, lora.LoraConfig(rank=2, dropout=0.0), key=1)
+    adapters = lm.lora.replace({k: {"A": v["A"], "B": v["B"] + 0.05} for k, v in lm.lora.weights.items()})
+    data = _batch(seed=3)
+    got = float(elm.elm_losses(adapters, base, {k: jnp.asarray(v) for k, v in data.items()}, jax.random.PRNGKey(0),
+                               ECFG)["template"])
+    student = lora.merge(lora.combine(adapters, base))
+    nll = []
+    for i in range(2):
+        x = data["erase"][i, : int(data["erase_valid"][i].sum())]
+        t_lp = _np_log_softmax(np.asarray(base.run(x[None]).logits[0], np.float64))
+        s_lp = _np_log_softmax(np.asarray(student.run(x[None]).logits[0], np.float64))
+        nll += [-s_lp[t, t_lp[t].argmax()] for t in range(len(x) - 1) if x[t + 1] not in OBJECTS]
+    np.testing.assert_allclose(got, np.mean(nll), rtol=1e-4)
+    assert "template" not in elm.elm_losses(adapters, base, {k: jnp.asarray(v) for k, v in data.items()},
+                                            jax.random.PRNGKey(0), elm.ElmConfig.tiny())
+
+
+@pytest.mark.parametrize("term", ["erase", "retain", "fluency", "template"])
 def test_gradients_only_into_lora(base, term):
     lm = lora.init(base, lora.LoraConfig(rank=2, dropout=0.0), key=1)
     w = {k: {"A": v["A"], "B": v["B"] + 0.05} for k, v in lm.lora.weights.items()}
@@ -191,3 +217,39 @@ def test_elm_on_facts_gpt_erases_pathogens_keeps_other_domains(tmp_path):
     assert after["pathogens"] < 0.5 * before["pathogens"], (before, after)
     for d in corpus["kept"]:
         assert after[d] >= before[d] - 0.1, (d, before, after)
+
+
+def test_seamlessness_split_matches_direct_computation(base):
+    """Continuation NLLs under the scorer, their object / other split and the ratios equal a
+    per-sequence numpy computation on the same sampled continuations."""
+    from jaxinterp import unlearning_metrics as um
+
+    rng = np.random.default_rng(5)
+    prompts = [[0] + list(rng.integers(3, 61, n)) for n in (3, 5, 4)]
+    lm = lora.init(base, lora.LoraConfig(rank=2), key=2)
+    other = lora.merge(lora.combine(lm.lora.replace({k: {"A": v["A"], "B": v["B"] + 0.2}
+                                                     for k, v in lm.lora.weights.items()}), base))
+    orig_fn = jax.jit(lambda t: base.run(t).logits)
+    erased_fn = jax.jit(lambda t: other.run(t).logits)
+    key = jax.random.PRNGKey(4)
+    objects = list(range(3, 30))          # about half the vocabulary plays objects
+    got = um.seamlessness(erased_fn, orig_fn, prompts, 6, key, pad_id=1, object_ids=objects)
+    k1, k2 = jax.random.split(key)
+    stats = {}
+    for name, fn, k in (("erased", erased_fn, k1), ("original", orig_fn, k2)):
+        gens = um.generate(fn, prompts, 6, k, pad_id=1)
+        obj, rest = [], []
+        for p, g in zip(prompts, gens):
+            seq = np.asarray(p + g)
+            lp = _np_log_softmax(np.asarray(base.run(seq[None]).logits[0], np.float64))
+            for j in range(len(p), len(seq)):
+                (obj if seq[j] in objects else rest).append(-lp[j - 1, seq[j]])
+        stats[name] = (np.mean(obj), np.mean(rest), len(obj) / (len(obj) + len(rest)), np.mean(obj + rest))
+    for name, (o, r, share, allm) in stats.items():
+        np.testing.assert_allclose(got[f"nll_obj_{name}"], o, rtol=1e-4)
+        np.testing.assert_allclose(got[f"nll_other_{name}"], r, rtol=1e-4)
+        np.testing.assert_allclose(got[f"obj_share_{name}"], share)
+    np.testing.assert_allclose(got["ppl_erased_gen"], np.exp(stats["erased"][3]), rtol=1e-4)
+    np.testing.assert_allclose(got["ppl_ratio"], np.exp(stats["erased"][3] - stats["original"][3]), rtol=1e-4)
+    np.testing.assert_allclose(got["ppl_ratio_other"], np.exp(stats["erased"][1] - stats["original"][1]), rtol=1e-4)
+    assert 0 < got["obj_share_erased"] < 1 and got["nll_obj_erased"] != got["nll_other_erased"]

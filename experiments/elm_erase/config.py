@@ -21,7 +21,10 @@ class ExperimentConfig:
       n_erase_docs, n_retain_docs: training documents.
       fluency_new: tokens of each guided fluency continuation.
       rmu_layer: RMU's steered layer (None: the middle layer).
-      gen_prompts, gen_new: seamlessness prompts and continuation length.
+      gen_prompts, gen_new: seamlessness prompts and continuation length (fact prompts: the
+        multiple-choice questions, ending where the object must come).
+      gen_new_open: continuation length on the document-opening prompts (the first fact
+        sentence of held-out erased-domain documents, then free generation).
     """
 
     model: str = "facts-gpt"
@@ -41,6 +44,7 @@ class ExperimentConfig:
     ga_lr: float = 2e-4
     gen_prompts: int = 48
     gen_new: int = 12
+    gen_new_open: int = 24
     lora: LoraConfig = LoraConfig(rank=8, alpha=16.0, dropout=0.05)
     elm: ElmConfig = ElmConfig.tiny(eta=4.0, lr=2e-3)
 

@@ -42,13 +42,30 @@ def _ids(world, text, max_len=None):
     return ids[:max_len] if max_len else ids
 
 
+def object_ids(world: FactsWorld) -> list[int]:
+    """Token ids of every relation's objects (the tokens that state a fact)."""
+    return sorted({i for r in world.relations for i in world.object_ids(r.name)})
+
+
+def opening_prompts(world: FactsWorld, cfg: ExperimentConfig) -> list[list[int]]:
+    """Starts of held-out erased-domain documents: bos + text up to the end of its first fact
+    sentence (the free-generation seamlessness prompts)."""
+    objs, period = set(object_ids(world)), world.encode(".")[0]
+    out = []
+    for text in world.domain_documents(cfg.domain, cfg.gen_prompts, seed=cfg.seed + 777):
+        ids = _ids(world, text)
+        end = next(j for j in range(2, len(ids)) if ids[j] == period and ids[j - 1] in objs)
+        out.append(ids[: end + 1])
+    return out
+
+
 def build_corpus(world: FactsWorld, cfg: ExperimentConfig) -> dict:
     kept = [d for d in DOMAINS if d != cfg.domain]
     erase = [_ids(world, t, cfg.erase_len) for t in world.domain_documents(cfg.domain, cfg.n_erase_docs, seed=cfg.seed)]
     retain_text = [t for d in kept for t in world.domain_documents(d, cfg.n_retain_docs // (len(kept) + 1), seed=cfg.seed)]
     retain_text += world.filler_text(cfg.n_retain_docs - len(retain_text), seed=cfg.seed)
     retain = [_ids(world, t, cfg.retain_len) for t in retain_text]
-    return {"erase": erase, "retain": retain, "kept": kept,
+    return {"erase": erase, "retain": retain, "kept": kept, "object_ids": object_ids(world),
             "expert": _ids(world, world.expert_prefix(cfg.domain)), "novice": _ids(world, world.novice_prefix(cfg.domain))}
 
 
@@ -90,7 +107,7 @@ def batch_fn(corpus, fluency, starts, world, cfg: ExperimentConfig):
         return elm.make_elm_batch([corpus["erase"][i] for i in ie], corpus["expert"], corpus["novice"],
                                   [corpus["retain"][i] for i in ir], [fluency[i] for i in ie], [starts[i] for i in ie],
                                   erase_len=cfg.erase_len, retain_len=cfg.retain_len, fluency_len=fl_len,
-                                  pad_id=world.pad_id)
+                                  pad_id=world.pad_id, object_ids=corpus["object_ids"])
 
     return batches
 
@@ -139,7 +156,12 @@ def evaluate(logits_fn, original_fn, world, corpus, cfg: ExperimentConfig, key) 
         "paraphrase_acc": mc(cfg.domain, "paraphrase"),
         "hint_acc": mc(cfg.domain, prefix=corpus["expert"]),
     }
-    res.update(um.seamlessness(logits_fn, original_fn, prompts, cfg.gen_new, key, pad_id=pad))
+    # seamlessness on the fact prompts (end where an object must come) and on document openings
+    res.update(um.seamlessness(logits_fn, original_fn, prompts, cfg.gen_new, key, pad_id=pad,
+                               object_ids=corpus["object_ids"]))
+    opening = um.seamlessness(logits_fn, original_fn, opening_prompts(world, cfg), cfg.gen_new_open,
+                              jax.random.fold_in(key, 1), pad_id=pad, object_ids=corpus["object_ids"])
+    res.update({f"open_{k}": v for k, v in opening.items()})
     return res
 
 
@@ -149,7 +171,10 @@ def evaluate(logits_fn, original_fn, world, corpus, cfg: ExperimentConfig, key) 
 COLUMNS = [("innocence_acc", "erased MC acc (chance .25)"), ("paraphrase_acc", "paraphrased"),
            ("hint_acc", "with expert hint"), ("kept_acc", "kept MC acc"), ("heldout_ppl", "kept ppl"),
            ("ppl_erased_gen", "gen ppl (orig scorer)"), ("ppl_ratio", "gen ppl / orig self"),
-           ("repetition_erased", "bigram repeat")]
+           ("nll_obj_erased", "object NLL"), ("ppl_ratio_other", "ratio, non-object tokens"),
+           ("repetition_erased", "bigram repeat"),
+           ("open_ppl_ratio", "openings: ratio"), ("open_nll_obj_erased", "openings: object NLL"),
+           ("open_ppl_ratio_other", "openings: ratio, non-object")]
 
 
 def table(results: dict) -> str:
