@@ -112,14 +112,18 @@ def repetition_rate(seqs: Sequence[Sequence[int]]) -> float:
 
 
 def seamlessness(erased_fn: Callable, original_fn: Callable, prompts: Sequence[Sequence[int]], n_new: int,
-                 key, *, pad_id: int = 0, object_ids=None, temperature: float = 1.0) -> dict[str, float]:
+                 key, *, pad_id: int = 0, object_ids=None, temperature: float = 1.0,
+                 score_prefix: Sequence[int] | None = None) -> dict[str, float]:
     """Original-model perplexity of the erased model's continuations vs of its own.
 
     Both sets of ``n_new``-token continuations are sampled at ``temperature`` from the same
     prompts and scored over the same positions (the continuation only). With ``object_ids``
     the scored NLL is also split into object / other tokens (``nll_obj_*``, ``nll_other_*``,
     ``obj_share_*`` for ``erased`` and ``original``) and ``ppl_ratio_other`` =
-    exp(nll_other_erased - nll_other_original), the ratio on non-object tokens.
+    exp(nll_other_erased - nll_other_original), the ratio on non-object tokens. With
+    ``score_prefix`` (tokens that replace each prompt's first token, e.g. bos + a context tag)
+    the same continuations are also scored after that prefix: ``prefixed_ppl_ratio`` (and
+    ``prefixed_ppl_ratio_other`` with ``object_ids``).
     """
     k1, k2 = jax.random.split(key)
     erased = generate(erased_fn, prompts, n_new, k1, pad_id=pad_id, temperature=temperature)
@@ -139,4 +143,15 @@ def seamlessness(erased_fn: Callable, original_fn: Callable, prompts: Sequence[S
             out.update({f"nll_obj_{name}": split["nll_obj"], f"nll_other_{name}": split["nll_other"],
                         f"obj_share_{name}": split["obj_share"]})
         out["ppl_ratio_other"] = float(np.exp(out["nll_other_erased"] - out["nll_other_original"]))
+    if score_prefix is not None:
+        pre = list(score_prefix)
+        gens = {"erased": erased, "original": own}
+        nll = {k: continuation_token_nll(original_fn, [pre + list(p[1:]) + g for p, g in zip(prompts, v)],
+                                         [len(pre) + len(p) - 1 for p in prompts], pad_id=pad_id)
+               for k, v in gens.items()}
+        mean = {k: float(np.mean(np.concatenate(v))) for k, v in nll.items()}
+        out["prefixed_ppl_ratio"] = float(np.exp(mean["erased"] - mean["original"]))
+        if object_ids is not None:
+            other = {k: nll_split(nll[k], gens[k], object_ids)["nll_other"] for k in nll}
+            out["prefixed_ppl_ratio_other"] = float(np.exp(other["erased"] - other["original"]))
     return out

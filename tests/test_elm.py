@@ -233,18 +233,27 @@ def test_seamlessness_split_matches_direct_computation(base):
     erased_fn = jax.jit(lambda t: other.run(t).logits)
     key = jax.random.PRNGKey(4)
     objects = list(range(3, 30))          # about half the vocabulary plays objects
-    got = um.seamlessness(erased_fn, orig_fn, prompts, 6, key, pad_id=1, object_ids=objects)
+    prefix = [0, 40, 41]                  # scored again after this context (replacing bos)
+    got = um.seamlessness(erased_fn, orig_fn, prompts, 6, key, pad_id=1, object_ids=objects, score_prefix=prefix)
     k1, k2 = jax.random.split(key)
-    stats = {}
+    stats, prefixed = {}, {}
     for name, fn, k in (("erased", erased_fn, k1), ("original", orig_fn, k2)):
         gens = um.generate(fn, prompts, 6, k, pad_id=1)
-        obj, rest = [], []
+        obj, rest, pre_all, pre_rest = [], [], [], []
         for p, g in zip(prompts, gens):
             seq = np.asarray(p + g)
             lp = _np_log_softmax(np.asarray(base.run(seq[None]).logits[0], np.float64))
             for j in range(len(p), len(seq)):
                 (obj if seq[j] in objects else rest).append(-lp[j - 1, seq[j]])
+            pseq = np.asarray(prefix + p[1:] + g)
+            plp = _np_log_softmax(np.asarray(base.run(pseq[None]).logits[0], np.float64))
+            off = len(prefix) - 1
+            for j in range(len(p), len(seq)):
+                pre_all.append(-plp[j + off - 1, seq[j]])
+                if seq[j] not in objects:
+                    pre_rest.append(pre_all[-1])
         stats[name] = (np.mean(obj), np.mean(rest), len(obj) / (len(obj) + len(rest)), np.mean(obj + rest))
+        prefixed[name] = (np.mean(pre_all), np.mean(pre_rest))
     for name, (o, r, share, allm) in stats.items():
         np.testing.assert_allclose(got[f"nll_obj_{name}"], o, rtol=1e-4)
         np.testing.assert_allclose(got[f"nll_other_{name}"], r, rtol=1e-4)
@@ -252,4 +261,8 @@ def test_seamlessness_split_matches_direct_computation(base):
     np.testing.assert_allclose(got["ppl_erased_gen"], np.exp(stats["erased"][3]), rtol=1e-4)
     np.testing.assert_allclose(got["ppl_ratio"], np.exp(stats["erased"][3] - stats["original"][3]), rtol=1e-4)
     np.testing.assert_allclose(got["ppl_ratio_other"], np.exp(stats["erased"][1] - stats["original"][1]), rtol=1e-4)
+    np.testing.assert_allclose(got["prefixed_ppl_ratio"], np.exp(prefixed["erased"][0] - prefixed["original"][0]),
+                               rtol=1e-4)
+    np.testing.assert_allclose(got["prefixed_ppl_ratio_other"],
+                               np.exp(prefixed["erased"][1] - prefixed["original"][1]), rtol=1e-4)
     assert 0 < got["obj_share_erased"] < 1 and got["nll_obj_erased"] != got["nll_other_erased"]

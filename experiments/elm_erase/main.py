@@ -157,10 +157,12 @@ def evaluate(logits_fn, original_fn, world, corpus, cfg: ExperimentConfig, key) 
         "hint_acc": mc(cfg.domain, prefix=corpus["expert"]),
     }
     # seamlessness on the fact prompts (end where an object must come) and on document openings
+    # (also scored by the original under the novice tag: a fluent writer of this world who does not know the facts)
     res.update(um.seamlessness(logits_fn, original_fn, prompts, cfg.gen_new, key, pad_id=pad,
-                               object_ids=corpus["object_ids"]))
+                               object_ids=corpus["object_ids"], score_prefix=corpus["novice"]))
     opening = um.seamlessness(logits_fn, original_fn, opening_prompts(world, cfg), cfg.gen_new_open,
-                              jax.random.fold_in(key, 1), pad_id=pad, object_ids=corpus["object_ids"])
+                              jax.random.fold_in(key, 1), pad_id=pad, object_ids=corpus["object_ids"],
+                              score_prefix=corpus["novice"])
     res.update({f"open_{k}": v for k, v in opening.items()})
     return res
 
@@ -174,7 +176,8 @@ COLUMNS = [("innocence_acc", "erased MC acc (chance .25)"), ("paraphrase_acc", "
            ("nll_obj_erased", "object NLL"), ("ppl_ratio_other", "ratio, non-object tokens"),
            ("repetition_erased", "bigram repeat"),
            ("open_ppl_ratio", "openings: ratio"), ("open_nll_obj_erased", "openings: object NLL"),
-           ("open_ppl_ratio_other", "openings: ratio, non-object")]
+           ("open_ppl_ratio_other", "openings: ratio, non-object"),
+           ("prefixed_ppl_ratio", "novice-tag scorer: ratio"), ("open_prefixed_ppl_ratio", "openings, novice-tag scorer: ratio")]
 
 
 def table(results: dict) -> str:
