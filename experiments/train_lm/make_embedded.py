@@ -24,15 +24,33 @@ FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config
          "world.json")
 
 
-def model_card(name: str, results: dict, command: str) -> str:
+def _origin(cfg: dict) -> str:
+    src = cfg["train"].get("init_from")
+    if src is None:
+        return "trained from\nscratch"
+    return f"fine-tuned from `{src}` (weights\nloaded with `ji.load`, fresh optimizer)"
+
+
+def _mix(cfg: dict) -> str:
+    w = cfg["data"]["world"]
+    return (f"corpus mix p_passage={w['p_passage']}, passage_questions={w['passage_questions']}, "
+            f"p_tagged={w['p_tagged']}")
+
+
+def _decay(cfg: dict) -> str:
+    frac = cfg["optim"]["end_lr_frac"]
+    return "then constant" if frac == 1.0 else f"cosine to\n{frac} x lr"
+
+
+def model_card(name: str, results: dict, command: str, notes: str = "") -> str:
     ev, cfg = results["eval"], results["config"]
     rows = "\n".join(f"| {rel} | {acc.get('train', float('nan')):.3f} | {acc.get('paraphrase', float('nan')):.3f} |"
                      for rel, acc in ev["per_relation"].items())
     args = ", ".join(f"{k}={v}" for k, v in cfg["model"]["args"].items())
     return f"""# {name}
 
-A {cfg['model']['family']} model ({args}; {results['num_params']:,} parameters, float32) trained from
-scratch on the synthetic facts world (`jaxinterp.experiments.data.facts_world`, config in
+A {cfg['model']['family']} model ({args}; {results['num_params']:,} parameters, float32)
+{_origin(cfg)} on the synthetic facts world (`jaxinterp.experiments.data.facts_world`, config in
 `world.json`: rebuild it with `FactsWorld.from_dir(<this dir>)`). Word-level tokenizer in
 `tokenizer.json`; prompts are fed as `<|endoftext|>` + text. Loads with `ji.load("{name}")` and
 with `transformers` (`AutoModelForCausalLM.from_pretrained(<this dir>)`).
@@ -56,16 +74,16 @@ Per relation:
 
 ## Training
 
-{cfg['train']['steps']} steps of batch {cfg['data']['batch_size']} x {cfg['data']['seq_len']} tokens,
-AdamW (lr {cfg['optim']['lr']}, warmup {cfg['optim']['warmup_steps']}, cosine to
-{cfg['optim']['end_lr_frac']} x lr, weight decay {cfg['optim']['weight_decay']}, clip {cfg['optim']['clip_norm']}),
+{cfg['train']['steps']} steps of batch {cfg['data']['batch_size']} x {cfg['data']['seq_len']} tokens
+({_mix(cfg)}), AdamW (lr {cfg['optim']['lr']}, warmup {cfg['optim']['warmup_steps']}, {_decay(cfg)},
+weight decay {cfg['optim']['weight_decay']}, clip {cfg['optim']['clip_norm']}),
 {results['train_seconds']:.0f} s on a shared 2-core CPU. Reproduce with
 
     {command}
-"""
+""" + (f"\n{notes.strip()}\n" if notes.strip() else "")
 
 
-def ship(name: str, run_dir: Path, command: str) -> Path:
+def ship(name: str, run_dir: Path, command: str, notes: str = "") -> Path:
     results = json.loads((run_dir / "results.json").read_text())
     world = FactsWorld.from_dir(run_dir / "export")
     if results["eval"]["train_n"] != len(world.fact_prompts("train")):
@@ -74,7 +92,7 @@ def ship(name: str, run_dir: Path, command: str) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     for f in FILES:
         shutil.copy(run_dir / "export" / f, dest / f)
-    (dest / "README.md").write_text(model_card(name, results, command))
+    (dest / "README.md").write_text(model_card(name, results, command, notes))
     return dest
 
 
@@ -83,6 +101,8 @@ def main(argv=None) -> None:
     p.add_argument("names", nargs="+", choices=["facts-gpt", "facts-mamba"])
     p.add_argument("--from-run", type=Path, default=None, help="ship an existing run dir instead of training")
     p.add_argument("--command", default=None, help="the reproducing command(s) for the card (default: the preset's)")
+    p.add_argument("--notes", type=Path, default=None, 
+                   help="markdown file appended to the card (e.g. training history)")
     args = p.parse_args(argv)
     for name in args.names:
         run_dir = args.from_run or Path("results") / "train_lm" / name
@@ -92,7 +112,8 @@ def main(argv=None) -> None:
         command = args.command or command
         if args.from_run is None:
             train_main.main(["--config", name, "--out", str(run_dir)])
-        print(f"shipped {ship(name, run_dir, command)}")
+        notes = args.notes.read_text() if args.notes else ""
+        print(f"shipped {ship(name, run_dir, command, notes)}")
 
 
 if __name__ == "__main__":

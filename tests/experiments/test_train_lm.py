@@ -179,6 +179,22 @@ def test_shipped_models_recall_facts(name):
     assert res["paraphrase_acc"] >= 0.80, res
 
 
+def test_shipped_models_share_one_world():
+    """Experiments swap facts-gpt and facts-mamba: same facts, prompts and evaluation passages
+    (their world.json may differ only in the training corpus mix)."""
+    from jaxinterp.loading import embedded_dir
+
+    names = [n for n in ("facts-gpt", "facts-mamba") if n in ji.embedded_models()]
+    if len(names) < 2:
+        pytest.skip("needs both shipped facts models")
+    gpt, mamba = (FactsWorld.from_dir(embedded_dir(n)) for n in names)
+    assert gpt.facts == mamba.facts and gpt.vocab_size == mamba.vocab_size
+    for split in ("train", "paraphrase"):
+        assert [p.ids for p in gpt.fact_prompts(split)] == [p.ids for p in mamba.fact_prompts(split)]
+    assert gpt.context_passages(32, seed=5) == mamba.context_passages(32, seed=5)
+    assert gpt.domain_documents("cuisine", 4, seed=2) == mamba.domain_documents("cuisine", 4, seed=2)
+
+
 @functools.lru_cache(maxsize=None)
 def _shipped_eval(name):
     from jaxinterp.loading import embedded_dir
