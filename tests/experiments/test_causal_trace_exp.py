@@ -51,6 +51,25 @@ def test_trace_experiment_numbers(tiny_dir, tmp_path, capsys):
     for kind in kinds:
         rows = [np.asarray(f["traces"][kind]["probs"])[-1] - f["traces"][kind]["p_corrupt"] for f in facts]
         np.testing.assert_allclose(res["aie"][kind]["classes"]["last"], np.mean(rows, 0), atol=1e-6)
+    # Whole-subject restoration = a direct forward: noise on the subject embeddings, the clean block
+    # output patched at every subject token of one layer.
+    from jaxinterp.patching import TraceConfig, gaussian_corruption
+
+    direct = []
+    for f in facts:
+        b, e = f["traces"]["resid_post"]["subject"]
+        toks = np.asarray([f["ids"]])
+        corr = gaussian_corruption(model, toks[0], (b, e), res["sigma"], TraceConfig(n_samples=2))
+        clean = model.run(toks, capture="blocks.*.resid_post").cache
+        row = []
+        for l in range(model.config.n_layers):
+            ivs = {"embed": ji.Add(corr.delta),
+                   f"blocks.{l}.resid_post": ji.Patch(clean[f"blocks.{l}.resid_post"][0],
+                                                      mask=ji.positions_mask(toks.shape[1], list(range(b, e))))}
+            logits = model.run(corr.tokens, interventions=ivs).logits[:, -1]
+            row.append(float(jax.nn.softmax(logits)[:, model_answer(f)].mean()) - f["traces"]["resid_post"]["p_corrupt"])
+        direct.append(row)
+    np.testing.assert_allclose(res["subject_span"]["subject_span_ie"], np.mean(direct, 0), atol=1e-5)
     r = res["attribution_vs_activation"]["pearson_r"]
     assert -1.0 <= r <= 1.0 and res["attribution_vs_activation"]["n_cells"] > 0
 
