@@ -36,18 +36,25 @@ class ModelSpec:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    """Facts-world token stream: batch ``step`` is a pure function of (world, seed, step)."""
+    """Facts-world token stream: batch ``step`` is a pure function of (world, seed, step).
+
+    ``answer_weight``: loss weight of the answer token of each in-context passage question
+    (every other token weighs 1; the loss is the weighted mean). 1.0 = the plain mean.
+    """
 
     world: WorldConfig = dataclasses.field(default_factory=WorldConfig)
     seq_len: int = 128
     batch_size: int = 32
     seed: int = 0
+    answer_weight: float = 1.0
 
     def __post_init__(self):
         if isinstance(self.world, Mapping):
             object.__setattr__(self, "world", WorldConfig(**self.world))
         if self.seq_len < 8 or self.batch_size < 1:
             raise ValueError(f"DataConfig needs seq_len >= 8 and batch_size >= 1, got {self.seq_len}, {self.batch_size}")
+        if not self.answer_weight > 0:
+            raise ValueError(f"DataConfig.answer_weight must be > 0, got {self.answer_weight}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

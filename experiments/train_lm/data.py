@@ -10,9 +10,24 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxinterp.experiments.data.facts_world import FactsWorld
+from jaxinterp.experiments.data.facts_world import QUESTION_WORD, FactsWorld
 
-__all__ = ["FactsBatches"]
+__all__ = ["FactsBatches", "answer_weights"]
+
+
+def answer_weights(world: FactsWorld, tokens: np.ndarray, weight: float) -> np.ndarray:
+    """Loss weights ``[B, T]`` for the targets ``tokens[:, 1:]``: ``weight`` on the answer of each
+    passage question (the token before the first ``.`` after ``Question :``), 1 elsewhere."""
+    question, period = world.encode(QUESTION_WORD), world.encode(".")[0]
+    out = np.ones((tokens.shape[0], tokens.shape[1] - 1), np.float32)
+    for b, row in enumerate(tokens):
+        starts = np.flatnonzero((row[:-1] == question[0]) & (row[1:] == question[1]))
+        periods = np.flatnonzero(row == period)
+        for s in starts:
+            later = periods[periods > s + len(question)]
+            if later.size:
+                out[b, later[0] - 2] = weight  # target index j predicts tokens[j + 1]; answer at later[0] - 1
+    return out
 
 
 class FactsBatches:

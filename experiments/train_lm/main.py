@@ -29,7 +29,7 @@ from tqdm import tqdm
 from jaxinterp.checkpoint import Checkpointer
 from jaxinterp.experiments.data.facts_world import FactsWorld
 from jaxinterp.experiments.train_lm.config import PRESETS, Config, get_config
-from jaxinterp.experiments.train_lm.data import FactsBatches
+from jaxinterp.experiments.train_lm.data import FactsBatches, answer_weights
 from jaxinterp.experiments.train_lm.evaluate import evaluate_world
 from jaxinterp.loading import embedded_dir, embedded_models, load, save_pretrained
 from jaxinterp.model import Model, get_family, init, run
@@ -95,19 +95,21 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformation:
                        optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask))
 
 
-def lm_loss(params, model: Model, tokens: jax.Array) -> jax.Array:
-    """Mean next-token cross-entropy of ``tokens [B, T+1]``."""
+def lm_loss(params, model: Model, tokens: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+    """Next-token cross-entropy of ``tokens [B, T+1]``: the mean, or the ``weights [B, T]`` mean."""
     logits = run(model.replace(params=params), tokens[:, :-1]).logits  # [B, T, V]
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens[:, 1:]).mean()
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens[:, 1:])  # [B, T]
+    return ce.mean() if weights is None else (ce * weights).sum() / weights.sum()
 
 
 def make_train_step(model: Model, optimizer: optax.GradientTransformation):
-    """jit(params, opt_state, tokens) -> (params, opt_state, loss); batch sharding comes from the input."""
+    """jit(params, opt_state, tokens, weights=None) -> (params, opt_state, loss); batch sharding
+    comes from the input."""
 
     skeleton = model.replace(params={})  # config only: the parameters are jit arguments, not constants
 
-    def step(params, opt_state, tokens):
-        loss, grads = jax.value_and_grad(lm_loss)(params, skeleton, tokens)
+    def step(params, opt_state, tokens, weights=None):
+        loss, grads = jax.value_and_grad(lm_loss)(params, skeleton, tokens, weights)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
@@ -157,8 +159,12 @@ def train(cfg: Config, out: Path, *, progress: bool = True, log=print) -> tuple[
     bar = tqdm(range(state["step"], cfg.train.steps), initial=state["step"], total=cfg.train.steps,
                disable=not progress, desc=cfg.name)
     for step in bar:
-        tokens = jax.device_put(data.batch(step), batch_sharding)
-        state["params"], state["opt"], loss = step_fn(state["params"], state["opt"], tokens)
+        batch = data.batch(step)
+        weights = None
+        if cfg.data.answer_weight != 1.0:
+            weights = jax.device_put(answer_weights(world, batch, cfg.data.answer_weight), batch_sharding)
+        tokens = jax.device_put(batch, batch_sharding)
+        state["params"], state["opt"], loss = step_fn(state["params"], state["opt"], tokens, weights)
         state["key"], _ = jax.random.split(state["key"])
         state["step"] = step + 1
         record = {"step": step + 1, "loss": None}

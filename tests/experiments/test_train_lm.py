@@ -19,7 +19,8 @@ from jaxinterp.experiments.data.facts_world import FactsWorld
 from jaxinterp.experiments.train_lm.config import get_config
 from jaxinterp.experiments.train_lm.evaluate import evaluate_world
 from jaxinterp.experiments.train_lm.config import TrainConfig
-from jaxinterp.experiments.train_lm.main import build_model, export, main, make_optimizer, train
+from jaxinterp.experiments.train_lm.data import answer_weights
+from jaxinterp.experiments.train_lm.main import build_model, export, lm_loss, main, make_optimizer, train
 from jaxinterp.hf import read_safetensors
 
 
@@ -120,8 +121,36 @@ def test_export_loads_in_transformers_with_same_logits(tmp_path, preset, hf_cls)
     assert FactsWorld.from_dir(tmp_path).entities == world.entities
 
 
+def test_answer_weights_mark_passage_answers_and_weight_the_loss():
+    world = FactsWorld(get_config("tiny").data.world)
+    period = world.encode(".")[0]
+    passages = world.context_passages(6, seed=3)
+    width = max(len(p.ids) for p in passages) + 4
+    tokens = np.full((len(passages), width), world.pad_id, np.int32)
+    for i, p in enumerate(passages):
+        tokens[i, :len(p.ids) + 2] = [*p.ids, p.answer_id, period]
+    w = answer_weights(world, tokens, 7.0)
+    expected = np.ones_like(w)
+    for i, p in enumerate(passages):
+        expected[i, len(p.ids) - 1] = 7.0  # the target after the question's last token is the answer
+        assert tokens[i, len(p.ids)] == p.answer_id
+    np.testing.assert_array_equal(w, expected)
+    doc = [world.bos_id, *world.encode(world.domain_documents("cuisine", 1)[0])]  # no questions: all weight 1
+    assert (answer_weights(world, np.array([doc]), 7.0) == 1).all()
+
+    cfg = get_config("tiny")
+    model = build_model(cfg, world, jax.random.PRNGKey(0))
+    logits = np.asarray(model.run(tokens[:, :-1]).logits, np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - \
+        logits.max(-1, keepdims=True)
+    ce = -np.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
+    np.testing.assert_allclose(lm_loss(model.params, model, tokens, w), (ce * w).sum() / w.sum(), rtol=1e-5)
+    np.testing.assert_allclose(lm_loss(model.params, model, tokens), ce.mean(), rtol=1e-5)
+
+
 def test_init_from_loads_weights_checks_them_and_resumes(tmp_path):
-    flat = ["optim.end_lr_frac=1.0", "optim.warmup_steps=1", "train.save_every=2"]  # constant lr after step 1
+    # constant lr after step 1; weighted answers exercise the weighted loss path of the loop
+    flat = ["optim.end_lr_frac=1.0", "optim.warmup_steps=1", "train.save_every=2", "data.answer_weight=5"]
     base = get_config("tiny", flat)
     world = FactsWorld(base.data.world)
     src = export(build_model(base, world, jax.random.PRNGKey(7)), world, tmp_path / "src")
