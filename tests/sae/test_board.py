@@ -65,3 +65,26 @@ def test_threshold_rule_and_min_firings():
     assert few["reconstruction"] == 0.0
     with pytest.raises(ValueError, match="same N"):
         coverage(acts[:3], props)
+
+
+def test_probe_dictionary_ceiling_reads_a_linearly_encoded_board():
+    """The ceiling check's probe dictionary scores ~1.0 when the board is linearly decodable, ~0 on noise."""
+    from jaxinterp.experiments.sae_boardgame.ceiling import fit_probe, probe_latents
+
+    cfg = othello.OthelloConfig(size=6)
+    games = [othello.random_games(cfg, 30, seed=s, full_only=True) for s in (0, 1)]
+    onehot = [othello.mine_theirs_empty(g).reshape(-1, cfg.n_squares * 3).astype(np.float32) for g in games]
+    props = [othello.mine_theirs_blank_masked(g).reshape(-1, cfg.n_squares * 3) for g in games]
+    cls = [o.reshape(len(o), cfg.n_squares, 3).argmax(-1) for o in onehot]
+    rng = np.random.default_rng(0)
+    proj = rng.normal(size=(cfg.n_squares * 3, 128)).astype(np.float32)
+    x = [o @ proj + 0.01 * rng.normal(size=(len(o), 128)).astype(np.float32) for o in onehot]
+    probe = fit_probe(x[0], cls[0], steps=300, lr=5e-2)
+    a_tr, a_te = probe_latents(probe, x[0]), probe_latents(probe, x[1])
+    assert a_te.shape == (len(x[1]), cfg.n_squares * 3)
+    assert (a_te.reshape(len(x[1]), -1, 3).argmax(-1) == cls[1]).mean() > 0.99  # latents in board-state layout
+    assert board_reconstruction(a_tr, props[0], a_te, props[1])["reconstruction"] > 0.97
+    noise = [rng.normal(size=xi.shape).astype(np.float32) for xi in x]
+    probe = fit_probe(noise[0], cls[0], steps=300, lr=5e-2)
+    rec = board_reconstruction(probe_latents(probe, noise[0]), props[0], probe_latents(probe, noise[1]), props[1])
+    assert rec["reconstruction"] < 0.05
