@@ -8,6 +8,11 @@ used as the latents of a dictionary (2 x n_squares latents) and scored with exac
 coverage and board-reconstruction metrics the SAEs get. If the trained model's probe
 dictionary does not reconstruct the board far better than the random-init twin's, no
 SAE on that model can be expected to: the model, not the SAE, is the weak link.
+
+A second, model-free baseline is the *last-move dictionary*: one latent per square that
+fires when that square was the move just played (what a residual stream that holds
+little more than the current token embedding offers). It labels "square X is theirs"
+and nothing else, so it bounds what an SAE on an uninformative model can reach.
 """
 
 from __future__ import annotations
@@ -57,6 +62,21 @@ def probe_latents(probe: dict, x: np.ndarray) -> np.ndarray:
     return np.asarray(jax.nn.softmax(logits, -1)).reshape(len(x), -1)
 
 
+def last_move_latents(board: othello.OthelloConfig, games: othello.Games) -> np.ndarray:
+    """``[G * T, S]`` one-hot of the square played by each input move (``games.squares[:, :-1]``)."""
+    sq = games.squares[:, :-1].reshape(-1)
+    return np.eye(board.n_squares, dtype=np.float32)[sq]
+
+
+def score_last_move(games: dict, board: othello.OthelloConfig, n_label: int) -> dict:
+    """Coverage / reconstruction of the last-move dictionary on the test games."""
+    props = {k: othello.mine_theirs_blank_masked(g)[:, :-1].reshape(-1, board.n_squares * 3) for k, g in games.items()}
+    a_tr, a_te = last_move_latents(board, games["train"])[:n_label], last_move_latents(board, games["test"])
+    rec = board_reconstruction(a_tr, props["train"][:n_label], a_te, props["test"])
+    return {"coverage": coverage(a_te, props["test"])["coverage"], "reconstruction": rec["reconstruction"],
+            "n_labelled": rec["n_labelled"]}
+
+
 def score(model, site: str, games: dict, board: othello.OthelloConfig, n_label: int) -> dict:
     """Probe-dictionary coverage / reconstruction and probe accuracy on the test games."""
     tr_acts, tr_props, _ = collect(model, games["train"], board, site)
@@ -80,6 +100,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--n-test-games", type=int, default=500)
     ap.add_argument("--random-seed", type=int, default=1)
     ap.add_argument("--out", default="results/sae_boardgame_ceiling")
+    ap.add_argument("--baseline-only", action="store_true", help="only the model-free last-move dictionary")
     args = ap.parse_args(argv)
     trained = ji.load(args.model)
     board = othello.OthelloConfig(size=board_size_of(trained))
@@ -87,8 +108,11 @@ def main(argv=None) -> dict:
              "test": othello.random_games(board, args.n_test_games, seed=200, full_only=True)}
     layers = [int(v) for v in args.layers.split(",") if v] or list(range(trained.config.n_layers))
     n_label = args.n_train_games // 2 * (board.n_moves - 1)
-    out = {}
-    for name, model in (("trained", trained), ("random_init", ji.init(trained.config, args.random_seed))):
+    out = {"last_move": score_last_move(games, board, n_label)}
+    print(f"last-move dictionary  coverage {out['last_move']['coverage']:.3f}  "
+          f"reconstruction {out['last_move']['reconstruction']:.3f}", flush=True)
+    models = [] if args.baseline_only else [("trained", trained), ("random_init", ji.init(trained.config, args.random_seed))]
+    for name, model in models:
         for layer in layers:
             r = score(model, f"blocks.{layer}.resid_post", games, board, n_label)
             out[f"{name}/L{layer}"] = r

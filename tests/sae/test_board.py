@@ -88,3 +88,29 @@ def test_probe_dictionary_ceiling_reads_a_linearly_encoded_board():
     probe = fit_probe(noise[0], cls[0], steps=300, lr=5e-2)
     rec = board_reconstruction(probe_latents(probe, noise[0]), props[0], probe_latents(probe, noise[1]), props[1])
     assert rec["reconstruction"] < 0.05
+
+
+def test_last_move_dictionary_matches_direct_count():
+    """The last-move baseline labels 'square just played is theirs'; its F1 is that prediction's direct F1."""
+    from jaxinterp.experiments.sae_boardgame.ceiling import last_move_latents, score_last_move
+
+    cfg = othello.OthelloConfig(size=6)
+    games = {"train": othello.random_games(cfg, 60, seed=0, full_only=True),
+             "test": othello.random_games(cfg, 30, seed=1, full_only=True)}
+    n_label = 60 * (cfg.n_moves - 1)
+    got = score_last_move(games, cfg, n_label)
+    def flat(g):
+        return othello.mine_theirs_blank_masked(g)[:, :-1].reshape(-1, cfg.n_squares * 3) > 0, g.squares[:, :-1].reshape(-1)
+
+    props_tr, sq_tr = flat(games["train"])
+    labels = np.zeros((cfg.n_squares, props_tr.shape[1]), bool)
+    for x in range(cfg.n_squares):  # plain loop: the properties true on >= 95% of the >= 10 positions where x was just played
+        rows = props_tr[sq_tr == x]
+        if len(rows) >= 10:
+            labels[x] = rows.mean(0) >= 0.95
+    props, sq = flat(games["test"])
+    assert (last_move_latents(cfg, games["test"]).argmax(-1) == sq).all()
+    assert labels[np.arange(cfg.n_squares), np.arange(cfg.n_squares) * 3 + 1].sum() > 20  # mostly "x is theirs"
+    pred = labels[sq]  # [N, P]
+    assert got["n_labelled"] == labels.any(1).sum()
+    assert got["reconstruction"] == pytest.approx(2 * np.sum(pred & props) / (pred.sum() + props.sum()), rel=1e-6)
