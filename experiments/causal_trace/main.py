@@ -108,12 +108,25 @@ def _groups(facts) -> dict[int, list]:
     return out
 
 
+def corruption_alts(world, facts, cfg: TraceExperimentConfig):
+    """``{id(fact): alternative subjects}`` for ``corruption="alt"`` (None for noise); equally many
+    per prompt length (one program per length), the same for every kind and the span restoration."""
+    if cfg.corruption != "alt":
+        return None
+    rng = np.random.default_rng(cfg.seed)
+    alts = {id(f): alt_subjects_for(world, f, cfg.n_samples, rng) for f in facts}
+    for group in _groups(facts).values():
+        m = min(len(alts[id(f)]) for f in group)
+        for f in group:
+            alts[id(f)] = alts[id(f)][:m]
+    return alts
+
+
 def run_traces(model, world, facts, cfg: TraceExperimentConfig, sigma: float, window: int) -> dict:
     """``{name: [TraceResult]}`` for every kind and every severed / path-blocked variant."""
     kinds, freezes = kinds_for(model)
     jobs = [(k, None) for k in kinds] + [("resid_post", f) for f in freezes]
-    rng = np.random.default_rng(cfg.seed)
-    alts = {id(f): alt_subjects_for(world, f, cfg.n_samples, rng) for f in facts} if cfg.corruption == "alt" else None
+    alts = corruption_alts(world, facts, cfg)
     out: dict[str, list] = {}
     tc = TraceConfig(n_samples=cfg.n_samples, noise_multiplier=cfg.noise_multiplier, window=window,
                      engine=cfg.engine, position_buckets=cfg.position_buckets)
@@ -121,10 +134,7 @@ def run_traces(model, world, facts, cfg: TraceExperimentConfig, sigma: float, wi
         name = kind if freeze is None else f"{kind}|freeze={freeze}"
         results = []
         for n, group in _groups(facts).items():
-            group_alts = None
-            if alts is not None:
-                m = min(len(alts[id(f)]) for f in group)
-                group_alts = [alts[id(f)][:m] for f in group]
+            group_alts = None if alts is None else [alts[id(f)] for f in group]
             res = trace_batch(model, np.asarray([f.ids for f in group]), [f.subject_span for f in group], kind=kind,
                               sigma=None if alts else sigma, alt_subjects=group_alts, freeze=freeze, config=tc,
                               answers=[f.answer_id for f in group])
@@ -150,21 +160,21 @@ def span_masks(subject, seq: int, n_layers: int) -> np.ndarray:
 def run_span_restoration(model, world, facts, cfg: TraceExperimentConfig, sigma: float) -> dict:
     """Mean IE ``[L]`` of restoring the block output at the whole subject span in one layer
     (single subject tokens undercount a subject whose identity is spread over several tokens)."""
-    rng = np.random.default_rng(cfg.seed)
+    alts = corruption_alts(world, facts, cfg)
     tc = TraceConfig(n_samples=cfg.n_samples, noise_multiplier=cfg.noise_multiplier)
     n_layers = model.config.n_layers
-    ies = []
+    ies, p_corrupts = [], []
     for f in tqdm(facts, desc="subject-span restoration"):
-        if cfg.corruption == "alt":
-            alts = alt_subjects_for(world, f, cfg.n_samples, rng)
-            corruption = alt_subject_corruption(model, np.asarray(f.ids), f.subject_span, alts)
+        if alts is not None:
+            corruption = alt_subject_corruption(model, np.asarray(f.ids), f.subject_span, alts[id(f)])
         else:
             corruption = gaussian_corruption(model, np.asarray(f.ids), f.subject_span, sigma, tc)
         probs, _, p_corrupt, _ = restore_probs(model, np.asarray(f.ids), corruption,
                                                span_masks(f.subject_span, len(f.ids), n_layers),
                                                answer=f.answer_id)
         ies.append(np.asarray(probs) - float(p_corrupt))
-    return {"subject_span_ie": np.mean(ies, 0).tolist(), "n": len(ies)}
+        p_corrupts.append(float(p_corrupt))
+    return {"subject_span_ie": np.mean(ies, 0).tolist(), "p_corrupt": float(np.mean(p_corrupts)), "n": len(ies)}
 
 
 # ----------------------------------------------------------------------------- knockout
