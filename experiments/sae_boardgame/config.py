@@ -27,6 +27,8 @@ class BoardgameConfig:
     l1_coeffs: tuple[float, ...] = (0.2, 0.6, 2.0)
     topk_ks: tuple[int, ...] = (6, 16, 40)
     jumprelu_coeffs: tuple[float, ...] = (0.05, 0.2, 0.8)
+    jumprelu_init_threshold: float = 0.05  # initial JumpReLU threshold (normalised units)
+    jumprelu_bandwidth: float = 0.05  # straight-through kernel width
     p_end: float = 0.2
     anneal_frac: float = 0.2  # p-annealing starts after this fraction of the steps
     families: tuple[str, ...] = ("relu", "panneal", "topk", "batchtopk", "jumprelu", "gated")
@@ -39,6 +41,9 @@ class BoardgameConfig:
                 raise ValueError(f"BoardgameConfig.{name} must be positive, got {getattr(self, name)}")
         if self.n_label_games > self.n_train_games:
             raise ValueError(f"n_label_games ({self.n_label_games}) must be <= n_train_games ({self.n_train_games})")
+        if self.jumprelu_init_threshold <= 0 or self.jumprelu_bandwidth <= 0:
+            raise ValueError(f"jumprelu_init_threshold and jumprelu_bandwidth must be positive, got "
+                             f"{self.jumprelu_init_threshold} and {self.jumprelu_bandwidth}")
         if not 0 <= self.anneal_frac < 1:
             raise ValueError(f"anneal_frac must lie in [0, 1), got {self.anneal_frac}")
         from jaxinterp.sae import FAMILIES

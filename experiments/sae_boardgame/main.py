@@ -65,7 +65,8 @@ def make_runs(cfg: BoardgameConfig, d_in: int) -> dict:
     }
     extra = {"panneal": dict(p_end=cfg.p_end, anneal_start=int(cfg.anneal_frac * cfg.steps)),
              "topk": dict(k=max(cfg.topk_ks)), "batchtopk": dict(k=max(cfg.topk_ks)),
-             "jumprelu": dict(sparsity_warmup_steps=cfg.steps // 10, bandwidth=0.05, jumprelu_init_threshold=0.05)}
+             "jumprelu": dict(sparsity_warmup_steps=cfg.steps // 10, bandwidth=cfg.jumprelu_bandwidth,
+                             jumprelu_init_threshold=cfg.jumprelu_init_threshold)}
     return {fam: (SAETrainConfig(family=fam, **base, **extra.get(fam, {})), grids[fam]) for fam in cfg.families}
 
 
