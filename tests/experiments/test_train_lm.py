@@ -185,7 +185,9 @@ def test_init_from_loads_weights_checks_them_and_resumes(tmp_path):
 
 
 # The shipped facts-mamba (1800 steps on a 2-core CPU) recalls facts but has not learnt in-context
-# copying yet; strict xfail keeps the target visible and fails once a model that meets it ships.
+# copying yet (fine-tuning with a passage-heavy mix and answer weighting for up to 1100 more steps
+# did not move it either); strict xfail keeps the target visible and fails once a model that meets
+# it ships.
 _COPY_SHORTFALL = pytest.mark.xfail(strict=True, reason="facts-mamba: in-context copy below the 90% target")
 
 
