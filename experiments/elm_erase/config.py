@@ -46,7 +46,8 @@ class ExperimentConfig:
     gen_new: int = 12
     gen_new_open: int = 24
     lora: LoraConfig = LoraConfig(rank=8, alpha=16.0, dropout=0.05)
-    elm: ElmConfig = ElmConfig.tiny(eta=4.0, lr=2e-3)
+    # template_weight=1: retain on erase text with object positions masked (README: seamlessness)
+    elm: ElmConfig = ElmConfig.tiny(eta=4.0, lr=2e-3, template_weight=1.0)
 
     def __post_init__(self):
         unknown = sorted(set(self.methods) - {"elm", "ga", "rmu"})
