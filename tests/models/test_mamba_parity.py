@@ -457,3 +457,25 @@ def test_logits_at_selects_positions(tmp_path):
     some = jax.jit(lambda m, t: m.run(t, logits_at=jnp.array([2, 8])).logits)(model, tokens)
     assert some.shape == (2, 2, 77)
     assert max_err(some, full[:, [2, 8]]) < 1e-6
+
+
+@pytest.mark.parametrize("shape", ["d32s4auto", "d48s16r5"])
+def test_parameter_grads_match_hf(tmp_path, shape):
+    """Training relies on these: d(loss)/d(every parameter) equals HF torch's backward, for a loss
+    read at the last position only (so the gradient has to flow back through the whole scan)."""
+    hf, model = make(tmp_path, **SHAPES[shape])
+    tokens = tokens_for(model.config.vocab_size, 2, 23)
+
+    def loss(params):
+        logits = model.replace(params=params).run(jnp.asarray(tokens)).logits
+        return -jax.nn.log_softmax(logits[:, -1])[:, 3].sum()
+
+    grads = convert.to_hf(model.config, jax.jit(jax.grad(loss))(model.params))
+    hf.zero_grad()
+    out = hf(torch.as_tensor(tokens)).logits
+    (-torch.log_softmax(out[:, -1], -1)[:, 3].sum()).backward()
+    ref = {name: p.grad.numpy() for name, p in hf.named_parameters() if p.grad is not None}
+    assert len(ref) == len(list(hf.parameters())) and set(ref) <= set(grads), sorted(set(ref) - set(grads))
+    for name, g in ref.items():
+        scale = max(1e-6, float(np.abs(g).max()))
+        assert max_err(np.reshape(grads[name], g.shape), g) < 1e-4 * scale + 1e-8, name
