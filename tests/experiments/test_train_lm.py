@@ -191,23 +191,17 @@ def test_init_from_loads_weights_checks_them_and_resumes(tmp_path):
 _COPY_SHORTFALL = pytest.mark.xfail(strict=True, reason="facts-mamba: in-context copy below the 90% target")
 
 
-@pytest.mark.parametrize("name", ["facts-gpt", pytest.param("facts-mamba", marks=_COPY_SHORTFALL)])
-def test_shipped_models_meet_targets(name):
-    if name not in ji.embedded_models():
-        pytest.skip(f"{name} is not shipped yet")
-    res = _shipped_eval(name)
-    assert res["train_acc"] >= 0.95, res
-    assert res["paraphrase_acc"] >= 0.80, res
-    assert res["copy_acc"] >= 0.90, res
-
-
 @pytest.mark.parametrize("name", ["facts-gpt", "facts-mamba"])
 def test_shipped_models_recall_facts(name):
-    if name not in ji.embedded_models():
-        pytest.skip(f"{name} is not shipped yet")
     res = _shipped_eval(name)
     assert res["train_acc"] >= 0.95, res
     assert res["paraphrase_acc"] >= 0.80, res
+
+
+@pytest.mark.parametrize("name", ["facts-gpt", pytest.param("facts-mamba", marks=_COPY_SHORTFALL)])
+def test_shipped_models_copy_in_context(name):
+    res = _shipped_eval(name)
+    assert res["copy_acc"] >= 0.90, res
 
 
 def test_shipped_models_share_one_world():
@@ -230,6 +224,8 @@ def test_shipped_models_share_one_world():
 def _shipped_eval(name):
     from jaxinterp.loading import embedded_dir
 
+    if name not in ji.embedded_models():
+        pytest.skip(f"{name} is not shipped yet")
     model = ji.load(name)
     world = FactsWorld.from_dir(embedded_dir(name))
     return evaluate_world(model, world, n_prompts=256, n_passages=128, seed=1)
