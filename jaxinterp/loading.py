@@ -26,7 +26,8 @@ import numpy as np
 from jaxinterp.hf import ConversionError, read_hf_dir, write_hf_dir
 from jaxinterp.model import Model, families, family_for_config
 
-__all__ = ["load", "save_pretrained", "embedded_models", "embedded_dir", "family_for_model_type", "ConversionError"]
+__all__ = ["load", "save_pretrained", "embedded_models", "embedded_dir", "resolve_source", "family_for_model_type",
+           "ConversionError"]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -61,7 +62,8 @@ def family_for_model_type(model_type: str):
     raise ConversionError(f"unsupported model_type {model_type!r}; supported: {known}")
 
 
-def _resolve_source(source: str | os.PathLike) -> Path:
+def resolve_source(source: str | os.PathLike) -> Path:
+    """The local directory ``load(source)`` reads: an embedded model's, a local one, or a hub download."""
     if isinstance(source, str) and source in embedded_models():
         return embedded_dir(source)
     path = Path(source).expanduser()
@@ -108,7 +110,7 @@ def load(source: str | os.PathLike, dtype: str = "float32", *, mesh=None, rules=
         return load_sharded(source, mesh, "fsdp_tp" if rules is None else rules, dtype)
     if rules is not None:
         raise ValueError("rules given without a mesh; pass mesh=jaxinterp.sharding.make_mesh(...) as well")
-    path = _resolve_source(source)
+    path = resolve_source(source)
     hf_config, tensors = read_hf_dir(path)
     model_type = hf_config.get("model_type")
     if model_type is None:

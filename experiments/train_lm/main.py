@@ -31,7 +31,7 @@ from jaxinterp.experiments.data.facts_world import FactsWorld
 from jaxinterp.experiments.train_lm.config import PRESETS, Config, get_config
 from jaxinterp.experiments.train_lm.data import FactsBatches, answer_weights
 from jaxinterp.experiments.train_lm.evaluate import evaluate_world
-from jaxinterp.loading import embedded_dir, embedded_models, load, save_pretrained
+from jaxinterp.loading import load, resolve_source, save_pretrained
 from jaxinterp.model import Model, get_family, init, run
 
 __all__ = ["build_model", "load_initial", "make_optimizer", "make_train_step", "train", "export", "main"]
@@ -57,7 +57,8 @@ def build_model(cfg: Config, world: FactsWorld, key: jax.Array) -> Model:
 def load_initial(cfg: Config, world: FactsWorld) -> Model:
     """``ji.load(cfg.train.init_from)`` after checking family, ``model.args``, vocabulary and context."""
     src = cfg.train.init_from
-    model = load(src)
+    src_dir = resolve_source(src)  # resolved once: the weights and world.json come from the same directory
+    model = load(src_dir)
     if model.family != cfg.model.family:
         raise ValueError(f"train.init_from={src!r} is a {model.family!r} model but model.family is "
                          f"{cfg.model.family!r}; pick a --config of family {model.family!r}")
@@ -70,7 +71,7 @@ def load_initial(cfg: Config, world: FactsWorld) -> Model:
     if clash:
         raise ValueError(f"train.init_from={src!r} disagrees with the config (field: (config, loaded)): {clash}; "
                          f"the loaded architecture is used as is, so drop or fix these model.args / the world")
-    world_json = _source_dir(src) / "world.json"
+    world_json = src_dir / "world.json"
     if world_json.exists() and FactsWorld.from_dir(world_json.parent).facts != world.facts:
         raise ValueError(f"train.init_from={src!r} was trained on another facts world ({world_json}) than "
                          f"data.world; set data.world.seed / entities_per_domain to match it")
@@ -78,12 +79,6 @@ def load_initial(cfg: Config, world: FactsWorld) -> Model:
     if max_len is not None and max_len < cfg.data.seq_len:
         raise ValueError(f"train.init_from={src!r} has max_seq_len {max_len} < data.seq_len {cfg.data.seq_len}")
     return model
-
-
-def _source_dir(src: str) -> Path:
-    if Path(src).is_dir():
-        return Path(src)
-    return embedded_dir(src) if src in embedded_models() else Path(src)  # hub ids: no world.json to check
 
 
 def make_optimizer(cfg: Config) -> optax.GradientTransformation:

@@ -37,7 +37,7 @@ _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 def model_config(spec: str):
     """(family name, config) from ``family:preset``, ``family``, a directory or an embedded name."""
-    from jaxinterp.loading import _resolve_source, family_for_model_type
+    from jaxinterp.loading import resolve_source, family_for_model_type
     from jaxinterp.model import families
 
     fams = families()
@@ -50,7 +50,7 @@ def model_config(spec: str):
             raise SystemExit(f"unknown preset {preset!r} for {name}; presets: {_presets(cls)}")
         factory = getattr(cls, preset)
         return name, factory()
-    path = _resolve_source(spec)
+    path = resolve_source(spec)
     hf_config = json.loads((path / "config.json").read_text())
     fam = family_for_model_type(hf_config.get("model_type"))
     return fam.name, fam.config_cls.from_hf(hf_config)

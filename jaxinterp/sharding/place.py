@@ -102,9 +102,9 @@ def load_sharded(source, mesh: Mesh, rules: Rules | str, dtype: str = "float32")
     and each device's shard is read and transferred on its own.
     """
     from jaxinterp.hf import ConversionError, read_hf_dir
-    from jaxinterp.loading import _resolve_source, family_for_model_type
+    from jaxinterp.loading import resolve_source, family_for_model_type
 
-    path = _resolve_source(source)
+    path = resolve_source(source)
     hf_config, tensors = read_hf_dir(path)  # memory-mapped, nothing read yet
     model_type = hf_config.get("model_type")
     if model_type is None:
