@@ -129,23 +129,21 @@ def seamlessness(erased_fn: Callable, original_fn: Callable, prompts: Sequence[S
     erased = generate(erased_fn, prompts, n_new, k1, pad_id=pad_id, temperature=temperature)
     own = generate(original_fn, prompts, n_new, k2, pad_id=pad_id, temperature=temperature)
     starts = [len(p) for p in prompts]
-    scored = {}
-    for name, gens in (("erased", erased), ("original", own)):
-        scored[name] = continuation_token_nll(original_fn, [list(p) + g for p, g in zip(prompts, gens)], starts,
-                                              pad_id=pad_id)
+    gens = {"erased": erased, "original": own}
+    scored = {k: continuation_token_nll(original_fn, [list(p) + g for p, g in zip(prompts, v)], starts, pad_id=pad_id)
+              for k, v in gens.items()}
     ppl = {k: float(np.exp(np.mean([x.mean() for x in v]))) for k, v in scored.items()}
     out = {"ppl_erased_gen": ppl["erased"], "ppl_original_gen": ppl["original"],
            "ppl_ratio": ppl["erased"] / ppl["original"],
            "repetition_erased": repetition_rate(erased), "repetition_original": repetition_rate(own)}
     if object_ids is not None:
-        for name, gens in (("erased", erased), ("original", own)):
-            split = nll_split(scored[name], gens, object_ids)
+        for name in gens:
+            split = nll_split(scored[name], gens[name], object_ids)
             out.update({f"nll_obj_{name}": split["nll_obj"], f"nll_other_{name}": split["nll_other"],
                         f"obj_share_{name}": split["obj_share"]})
         out["ppl_ratio_other"] = float(np.exp(out["nll_other_erased"] - out["nll_other_original"]))
     if score_prefix is not None:
         pre = list(score_prefix)
-        gens = {"erased": erased, "original": own}
         nll = {k: continuation_token_nll(original_fn, [pre + list(p[1:]) + g for p, g in zip(prompts, v)],
                                          [len(pre) + len(p) - 1 for p in prompts], pad_id=pad_id)
                for k, v in gens.items()}
