@@ -22,44 +22,19 @@ import json
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
 import jaxinterp as ji
 from jaxinterp.experiments.data import othello
+from jaxinterp.experiments.train_othello.main import fit_probe, probe_logits
 from jaxinterp.sae.board import board_reconstruction, coverage
 
 from .main import board_size_of, collect
 
 
-def fit_probe(x: np.ndarray, y: np.ndarray, steps: int = 500, lr: float = 1e-2) -> dict:
-    """Per-square softmax probe on standardised inputs. ``x [N, D]``, ``y [N, S]`` class ids in {0, 1, 2}."""
-    x = jnp.asarray(x)
-    mu, sd = x.mean(0), x.std(0) + 1e-6
-    params = {"w": jnp.zeros((x.shape[1], y.shape[1], 3)), "b": jnp.zeros((y.shape[1], 3))}
-    opt = optax.adam(lr)
-    xs, ys = (x - mu) / sd, jnp.asarray(y)
-
-    def loss(p, xs, ys):
-        logits = jnp.einsum("nd,dsc->nsc", xs, p["w"]) + p["b"]  # [N, S, 3]
-        return optax.softmax_cross_entropy_with_integer_labels(logits, ys).mean()
-
-    @jax.jit
-    def step(p, st, xs, ys):
-        up, st = opt.update(jax.grad(loss)(p, xs, ys), st)
-        return optax.apply_updates(p, up), st
-
-    st = opt.init(params)
-    for _ in range(steps):
-        params, st = step(params, st, xs, ys)
-    return {**params, "mu": mu, "sd": sd}
-
-
 def probe_latents(probe: dict, x: np.ndarray) -> np.ndarray:
     """``[N, 3 S]`` latents: probability of (mine, theirs, empty) per square, in the board-state layout."""
-    logits = jnp.einsum("nd,dsc->nsc", (jnp.asarray(x) - probe["mu"]) / probe["sd"], probe["w"]) + probe["b"]
-    return np.asarray(jax.nn.softmax(logits, -1)).reshape(len(x), -1)
+    return np.asarray(jax.nn.softmax(probe_logits(probe, x), -1)).reshape(len(x), -1)
 
 
 def last_move_latents(board: othello.OthelloConfig, games: othello.Games) -> np.ndarray:

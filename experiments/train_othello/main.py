@@ -94,35 +94,50 @@ def residuals(model, tokens: np.ndarray, layer: int, batch: int = 256) -> np.nda
                            for i in range(0, len(tokens), batch)])
 
 
+def fit_probe(x, y, steps: int = 500, lr: float = 1e-2) -> dict:
+    """Per-square softmax probe (mine/theirs/empty) on standardised inputs, Adam from zeros.
+
+    ``x [N, D]``, ``y [N, S]`` class ids in {0, 1, 2}; returns ``w``, ``b`` and the input ``mu``/``sd``.
+    """
+    x = jnp.asarray(x)
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    xs, ys = (x - mu) / sd, jnp.asarray(y)
+    params = {"w": jnp.zeros((x.shape[1], ys.shape[1], 3)), "b": jnp.zeros((ys.shape[1], 3))}
+    opt = optax.adam(lr)
+
+    def loss(p):
+        return optax.softmax_cross_entropy_with_integer_labels(_probe_apply(p, xs), ys).mean()
+
+    @jax.jit
+    def step(p, st):
+        up, st = opt.update(jax.grad(loss)(p), st)
+        return optax.apply_updates(p, up), st
+
+    st = opt.init(params)
+    for _ in range(steps):
+        params, st = step(params, st)
+    return {**params, "mu": mu, "sd": sd}
+
+
+def _probe_apply(p, xs):
+    return jnp.einsum("nd,dsc->nsc", xs, p["w"]) + p["b"]  # [N, S, 3]
+
+
+def probe_logits(probe: dict, x) -> jax.Array:
+    """``[N, S, 3]`` logits of a ``fit_probe`` probe on raw inputs ``x [N, D]``."""
+    return _probe_apply(probe, (jnp.asarray(x) - probe["mu"]) / probe["sd"])
+
+
 def linear_probe_accuracy(feats: np.ndarray, states: np.ndarray, steps: int, seed: int = 0) -> float:
     """Train a linear mine/theirs/empty probe on half the games, return accuracy on the other half.
 
     ``feats [G, T, D]``, ``states [G, T, S, 3]`` one-hot.
     """
     g = feats.shape[0] // 2
-    x_tr, x_te = (jnp.asarray(a.reshape(-1, a.shape[-1])) for a in (feats[:g], feats[g:]))
-    y_tr, y_te = (jnp.asarray(a.reshape(-1, *a.shape[2:]).argmax(-1)) for a in (states[:g], states[g:]))
-    mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-6
-    x_tr, x_te = (x_tr - mu) / sd, (x_te - mu) / sd
-    s = states.shape[2]
-    params = {"w": jnp.zeros((x_tr.shape[1], s, 3)), "b": jnp.zeros((s, 3))}
-    opt = optax.adam(1e-2)
-
-    def loss(p, x, y):
-        logits = jnp.einsum("nd,dsc->nsc", x, p["w"]) + p["b"]
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-    @jax.jit
-    def step(p, st, x, y):
-        g_ = jax.grad(loss)(p, x, y)
-        up, st = opt.update(g_, st)
-        return optax.apply_updates(p, up), st
-
-    st = opt.init(params)
-    for _ in range(steps):
-        params, st = step(params, st, x_tr, y_tr)
-    pred = (jnp.einsum("nd,dsc->nsc", x_te, params["w"]) + params["b"]).argmax(-1)
-    return float((pred == y_te).mean())
+    x_tr, x_te = (a.reshape(-1, a.shape[-1]) for a in (feats[:g], feats[g:]))
+    y_tr, y_te = (a.reshape(-1, *a.shape[2:]).argmax(-1) for a in (states[:g], states[g:]))
+    probe = fit_probe(x_tr, y_tr, steps)
+    return float((probe_logits(probe, x_te).argmax(-1) == jnp.asarray(y_te)).mean())
 
 
 def evaluate(model, cfg: TrainOthelloConfig, games: othello.Games) -> dict:
