@@ -372,8 +372,6 @@ _STATIC = ("kind", "freeze", "window", "chunk", "engine", "skip_before", "bucket
 _trace_jit = jax.jit(_trace_impl, static_argnames=_STATIC)
 
 
-
-
 def _make_corruption(model, tokens, subject, config, sigma, noise, alt_subjects):
     if alt_subjects is not None:
         return alt_subject_corruption(model, tokens, subject, alt_subjects)
