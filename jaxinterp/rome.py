@@ -229,6 +229,7 @@ class EditResult:
     v_init: np.ndarray
     losses: tuple[float, ...]
     k_insert: Optional[np.ndarray] = None  # the key mapped exactly to v* (bare prompt's, or k*)
+    nll_losses: tuple[float, ...] = ()  # the NLL term of each entry of ``losses``
 
 
 # ----------------------------------------------------------------------------- batching
@@ -323,7 +324,12 @@ def _v_loss(delta, model, batch, kl_batch, kl_ref, v_init, *, value_site, kl_wei
 
 
 def compute_value(model: Model, target: EditTarget, request: EditRequest, contexts, config: RomeConfig):
-    """``(v*, v_init, losses)``: the value that makes the model say ``target_new``."""
+    """``(v*, v_init, losses, nll_losses)``: the value that makes the model say ``target_new``.
+
+    ``losses`` is the full objective at each step, ``nll_losses`` its NLL term alone (the norm
+    penalty ``weight_decay * ||delta|| / ||v_init||^2`` is not scale-free: on a model whose values
+    have small norms it dominates the total even when the NLL is near zero).
+    """
     prompts, subj = _with_contexts(request.prompts, request.subject_last, contexts)
     tokens, subj, pos, tgt = _rewrite_batch(prompts, subj, request.target_new)
     batch = tuple(jnp.asarray(a) for a in (_clip_len(model, tokens), subj, pos, tgt))
@@ -342,19 +348,20 @@ def compute_value(model: Model, target: EditTarget, request: EditRequest, contex
     delta = jnp.zeros_like(v_init)
     state = opt.init(delta)
     grad_fn = jax.value_and_grad(_v_loss, has_aux=True)
-    losses = []
+    losses, nlls = [], []
     for _ in range(config.steps):
-        (loss, _aux), g = grad_fn(delta, model, batch, (kl_tokens, kl_subj), kl_ref, v_init,
+        (loss, (nll, _kl)), g = grad_fn(delta, model, batch, (kl_tokens, kl_subj), kl_ref, v_init,
                                   value_site=target.value_site, kl_weight=config.kl_weight,
                                   weight_decay=config.weight_decay)
         losses.append(float(loss))
+        nlls.append(float(nll))
         if losses[-1] < config.early_stop:
             break
         updates, state = opt.update(g, state, delta)
         delta = optax.apply_updates(delta, updates)
         norm = jnp.linalg.norm(delta)
         delta = jnp.where(norm > max_norm, delta * (max_norm / norm), delta)
-    return v_init + delta, v_init, tuple(losses)
+    return v_init + delta, v_init, tuple(losses), tuple(nlls)
 
 
 def rank_one_update(w, b, cov, k_star, v_star, k_insert=None):
@@ -390,7 +397,7 @@ def edit(model: Model, request: EditRequest, layer: int, cov, *, contexts: Seque
     k_star = compute_key(model, target, k_prompts, k_idx)
     k_bare = compute_key(model, target, k_prompts[:1], k_idx[:1])  # the bare prompt's key
     k_insert = k_bare if config.insert_key == "bare" else k_star
-    v_star, v_init, losses = compute_value(model, target, request, contexts, config)
+    v_star, v_init, losses, nlls = compute_value(model, target, request, contexts, config)
     w, b = _weight(model, target)
     cov = _regularise(cov, config.cov_ridge)
     if cov.shape != (w.shape[0], w.shape[0]):
@@ -401,7 +408,7 @@ def edit(model: Model, request: EditRequest, layer: int, cov, *, contexts: Seque
         new_w = full.at[:, target.cols[0]:target.cols[1]].set(new_w)
     edited = model.replace(params=_set(model.params, target.weight, new_w))
     return EditResult(edited, layer, target, np.asarray(k_star), np.asarray(v_star), np.asarray(v_init), losses,
-                      np.asarray(k_insert))
+                      np.asarray(k_insert), nlls)
 
 
 # ----------------------------------------------------------------------------- contexts

@@ -78,6 +78,11 @@ def test_edit_gpt2_makes_target_argmax_and_keeps_original(gpt, corpus):
     changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), gpt.params, res.model.params)
     assert sum(jax.tree_util.tree_leaves(changed)) == 1
     assert len(res.losses) >= 1 and res.losses[-1] < res.losses[0]
+    # The recorded NLL term: at step 0 (delta = 0) it is the unedited model's -log P(target | prompt);
+    # the full objective adds non-negative KL and norm terms.
+    assert len(res.nll_losses) == len(res.losses)
+    np.testing.assert_allclose(res.nll_losses[0], -jax.nn.log_softmax(before.astype(np.float64))[target], rtol=1e-4)
+    assert all(l >= n - 1e-6 for l, n in zip(res.losses, res.nll_losses))
 
 
 def test_edit_averages_key_over_contexts(gpt, corpus):

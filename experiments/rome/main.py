@@ -23,7 +23,8 @@ from tqdm import tqdm
 from jaxinterp.experiments.causal_trace.main import load_world_model, parse_overrides
 from jaxinterp.experiments.data.facts_world import PAD
 from jaxinterp.experiments.rome.config import RomeExperimentConfig
-from jaxinterp.rome import EditRequest, RomeConfig, counterfact_scores, edit, key_covariances, sample_contexts
+from jaxinterp.rome import (EditRequest, RomeConfig, counterfact_scores, edit, key_covariances, sample_contexts,
+                            target_logprobs)
 
 METRICS = ("efficacy", "paraphrase", "neighborhood", "score")
 
@@ -55,21 +56,49 @@ def request_of(record) -> EditRequest:
                        target_new=(record.target_new_id,))
 
 
-def eval_record(record) -> dict:
+def eval_record(record, prompts: str = "rewrite") -> dict:
+    """The record in ``counterfact_scores``' layout.
+
+    ``prompts="rewrite"``: efficacy on the rewrite prompt alone (the edited prompt, as CounterFact's
+    efficacy score is defined); ``"templates"``: on the subject's other training templates instead,
+    reported separately as ``templates`` (a generalisation score the paper does not have).
+    """
     ids = lambda ps: [list(p.ids) for p in ps]  # noqa: E731
-    return {"prompts": ids(record.prompts), "paraphrase_prompts": ids(record.paraphrase_prompts),
+    if prompts not in ("rewrite", "templates"):
+        raise ValueError(f"prompts must be 'rewrite' or 'templates', got {prompts!r}")
+    rewrite = record.prompts[:1] if prompts == "rewrite" else record.prompts[1:]
+    return {"prompts": ids(rewrite), "paraphrase_prompts": ids(record.paraphrase_prompts),
             "neighborhood_prompts": ids(record.neighborhood_prompts),
             "target_true": [record.target_true_id], "target_new": [record.target_new_id]}
+
+
+def record_scores(model, record) -> dict:
+    """ES / PS / NS / Score as the paper defines them, plus ``templates``: % of the subject's other
+    training-template prompts with P(new) > P(true)."""
+    scores = counterfact_scores(model, [eval_record(record)])
+    other = eval_record(record, "templates")
+    if other["prompts"]:
+        lp = target_logprobs(model, other["prompts"], [other["target_true"], other["target_new"]])
+        scores["templates"] = 100.0 * float((lp[:, 1] > lp[:, 0]).mean())
+    else:
+        scores["templates"] = float("nan")
+    return scores
 
 
 def layer_means(edits: Sequence[dict]) -> dict:
     """ES / PS / NS averaged over edits; ``score`` = their harmonic mean (the paper's Score);
     ``edit_score_mean`` = the mean of the per-edit harmonic means."""
-    out = {m: float(np.nanmean([e[m] for e in edits])) for m in METRICS[:3]}
+    out = {m: float(np.nanmean([e[m] for e in edits])) for m in METRICS[:3] + ("templates",)}
     vals = [out[m] for m in METRICS[:3]]
     out["score"] = float(3.0 / sum(1.0 / max(v, 1e-9) for v in vals)) if all(np.isfinite(vals)) else float("nan")
     out["edit_score_mean"] = float(np.nanmean([e["score"] for e in edits]))
     return out
+
+
+def rome_config(cfg: RomeExperimentConfig) -> RomeConfig:
+    """The library's edit settings from the experiment's."""
+    return RomeConfig(target=cfg.target, lr=cfg.lr, steps=cfg.steps, kl_weight=cfg.kl_weight,
+                      weight_decay=cfg.weight_decay, clamp=cfg.clamp, insert_key=cfg.insert_key)
 
 
 def sweep(model, world, records, cfg: RomeExperimentConfig) -> dict:
@@ -77,16 +106,16 @@ def sweep(model, world, records, cfg: RomeExperimentConfig) -> dict:
     batches, pad = corpus_batches(world, cfg)
     covs = key_covariances(model, layers, batches, target=cfg.target, pad_id=pad)
     contexts = make_contexts(model, world, cfg)
-    rc = RomeConfig(target=cfg.target, lr=cfg.lr, steps=cfg.steps, kl_weight=cfg.kl_weight,
-                    weight_decay=cfg.weight_decay, clamp=cfg.clamp, insert_key=cfg.insert_key)
+    rc = rome_config(cfg)
     per_layer = {}
     for layer in tqdm(layers, desc="layers"):
         edits = []
         for rec in tqdm(records, desc=f"edits @ layer {layer}", leave=False):
             res = edit(model, request_of(rec), layer, covs[layer], contexts=contexts, config=rc)
-            scores = counterfact_scores(res.model, [eval_record(rec)])
+            scores = record_scores(res.model, rec)
             edits.append({"subject": rec.subject, "relation": rec.relation, "target_true": rec.target_true,
-                          "target_new": rec.target_new, "losses": list(res.losses), **scores})
+                          "target_new": rec.target_new, "losses": list(res.losses),
+                          "nll_losses": list(res.nll_losses), **scores})
         per_layer[layer] = {"mean": layer_means(edits), "edits": edits}
     return per_layer
 
@@ -118,7 +147,7 @@ def run(cfg: RomeExperimentConfig) -> dict:
     out = Path(cfg.out or Path("results") / "rome" / Path(str(cfg.model)).name)
     out.mkdir(parents=True, exist_ok=True)
     records = world.counterfact(cfg.n_edits, seed=cfg.seed)
-    baseline = counterfact_scores(model, [eval_record(r) for r in records])
+    baseline = layer_means([record_scores(model, r) for r in records])
     per_layer = sweep(model, world, records, cfg)
     best = max(per_layer, key=lambda l: per_layer[l]["mean"]["score"])
     target = cfg.target or ("mlp" if model.family == "gpt2" else "out_proj")
@@ -127,10 +156,11 @@ def run(cfg: RomeExperimentConfig) -> dict:
                "config": dataclasses.asdict(cfg), "unedited": baseline, "best_layer": best,
                "per_layer": {str(l): v for l, v in per_layer.items()}, "seconds": time.time() - t0}
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    print(f"{'layer':>5} " + " ".join(f"{m:>12}" for m in METRICS))
-    print(f"{'none':>5} " + " ".join(f"{baseline[m]:>12.1f}" for m in METRICS))
+    shown = METRICS + ("templates",)
+    print(f"{'layer':>5} " + " ".join(f"{m:>12}" for m in shown))
+    print(f"{'none':>5} " + " ".join(f"{baseline[m]:>12.1f}" for m in shown))
     for l in sorted(per_layer):
-        print(f"{l:>5} " + " ".join(f"{per_layer[l]['mean'][m]:>12.1f}" for m in METRICS))
+        print(f"{l:>5} " + " ".join(f"{per_layer[l]['mean'][m]:>12.1f}" for m in shown))
     print(f"wrote {out / 'results.json'} and {out / 'layer_sweep.png'}")
     return results
 

@@ -17,7 +17,7 @@ from jaxinterp.experiments.rome.main import eval_record
 from jaxinterp.experiments.rome.main import run as run_rome
 from jaxinterp.experiments.train_lm.config import get_config
 from jaxinterp.experiments.train_lm.main import build_model, export
-from jaxinterp.rome import counterfact_scores
+from jaxinterp.rome import counterfact_scores, target_logprobs
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,19 @@ def test_rome_experiment_numbers(tiny_dir, tmp_path):
     model = ji.load(tiny_dir)
     world = FactsWorld.from_dir(tiny_dir)
     records = world.counterfact(cfg.n_edits, seed=cfg.seed)
-    assert saved["unedited"] == pytest.approx(counterfact_scores(model, [eval_record(r) for r in records]))
+    direct = counterfact_scores(model, [eval_record(r) for r in records])
+    assert {k: saved["unedited"][k] for k in direct} == pytest.approx(direct)
+    # efficacy reads the rewrite prompt alone (CounterFact's ES); "templates" the other training
+    # templates; both recomputed here from raw log-probabilities
+    es, tmpl = [], []
+    for r in records:
+        lp = target_logprobs(model, [list(p.ids) for p in r.prompts], [[r.target_true_id], [r.target_new_id]])
+        es.append(float(lp[0, 1] > lp[0, 0]))
+        tmpl.append(float((lp[1:, 1] > lp[1:, 0]).mean()))
+    assert saved["unedited"]["efficacy"] == pytest.approx(100 * np.mean(es))
+    assert saved["unedited"]["templates"] == pytest.approx(100 * np.mean(tmpl))
+    with pytest.raises(ValueError, match="'rewrite' or 'templates'"):
+        eval_record(records[0], "all")
     for e in saved["per_layer"]["0"]["edits"]:
         for m in ("efficacy", "paraphrase", "neighborhood"):
             assert 0.0 <= e[m] <= 100.0
@@ -99,3 +111,23 @@ def test_configs_validate():
         TraceExperimentConfig(corruption="swap")
     assert TraceExperimentConfig.mamba().corruption == "alt"
     assert dataclasses.replace(RomeExperimentConfig(), layers=[1, 2]).layers == (1, 2)
+
+
+def test_rome_frame_split(tiny_dir):
+    from jaxinterp.experiments.rome.frames import frame, frame_split
+
+    cfg = RomeExperimentConfig.smoke(model=str(tiny_dir), n_edits=1)
+    res = frame_split(cfg, 0)
+    world = FactsWorld.from_dir(tiny_dir)
+    rec = world.counterfact(1, seed=cfg.seed)[0]
+    # every other template and paraphrase prompt is scored once, and the groups partition them
+    assert len(res["prompts"]) == len(rec.prompts) - 1 + len(rec.paraphrase_prompts)
+    assert res["same_frame"]["n"] + res["other_frame"]["n"] == len(res["prompts"])
+    hits = [r["success"] for r in res["prompts"] if r["same_frame"]]
+    assert res["same_frame"]["success"] == pytest.approx(np.mean(hits)) if hits else np.isnan(res["same_frame"]["success"])
+    # the frame is the tokens right before the subject, read from the token ids
+    p = rec.prompts[0]
+    assert frame(p, 2) == tuple(p.ids[p.subject_span[0] - 2:p.subject_span[0]]) or p.subject_span[0] < 2
+    assert world.decode(p.ids[p.subject_span[0]:p.subject_span[1]]) == rec.subject
+    with pytest.raises(ValueError, match="layer must lie in"):
+        frame_split(cfg, 99)
