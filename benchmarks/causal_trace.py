@@ -10,6 +10,12 @@ tables; the JSON reports the max difference, run times after compilation (median
     /work/venv/bin/python benchmarks/causal_trace.py            # GPT-2 small shape, T = 12
     /work/venv/bin/python benchmarks/causal_trace.py --loop-sample 24   # loop timed on 24 cells per kind
     /work/venv/bin/python benchmarks/causal_trace.py --layers 4 --d-model 256 --heads 4 --vocab 4096 --seq 8
+    /work/venv/bin/python benchmarks/causal_trace.py --torch-loop --loop-sample 24   # also kmeng01/rome's own way
+
+``--torch-loop`` (needs the ``hf`` extra) also times the loop as the reference implementation
+runs it: the same weights in Hugging Face ``GPT2LMHeadModel`` (torch, eager, no grad), one forward
+per cell with forward hooks that add the noise to the embedding output and copy the clean row's
+block / MLP / attention output into the corrupted rows at the cell's token and window.
 """
 
 from __future__ import annotations
@@ -58,6 +64,46 @@ def loop_table(model, tokens, delta, answer, kind, window, cells):
     return table
 
 
+def torch_loop_table(model, tokens, delta, answer, kind, window, cells):
+    """ROME's ``trace_with_patch`` loop in PyTorch on the same weights: ``(table [T, L], seconds)``."""
+    import tempfile
+
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    with tempfile.TemporaryDirectory() as d:
+        ji.save_pretrained(model, d)
+        hf = GPT2LMHeadModel.from_pretrained(d).eval()
+    n_layers, seq = model.config.n_layers, tokens.shape[1]
+    toks = torch.as_tensor(np.array(tokens))
+    noise = torch.as_tensor(np.array(delta))
+    module = {"resid_post": lambda j: hf.transformer.h[j], "mlp_out": lambda j: hf.transformer.h[j].mlp,
+              "attn_out": lambda j: hf.transformer.h[j].attn}[kind]
+
+    def restore(t):
+        def hook(_mod, _inp, out):
+            h = out[0] if isinstance(out, tuple) else out
+            h[1:, t] = h[0, t]
+            return out
+        return hook
+
+    table = np.full((seq, n_layers), np.nan, np.float32)
+    with torch.no_grad():
+        embed = hf.transformer.drop.register_forward_hook(lambda _m, _i, out: out + noise)
+        hf(toks)  # warm-up (allocator, thread pool); not timed
+        t0 = time.perf_counter()
+        for t, l in cells:
+            layers = layer_window(l, window, n_layers) if kind != "resid_post" else [l]
+            hooks = [module(j).register_forward_hook(restore(t)) for j in layers]
+            logits = hf(toks).logits  # [B, T, V], every position, as the reference
+            table[t, l] = torch.softmax(logits[1:, -1], -1)[:, int(answer)].mean().item()
+            for h in hooks:
+                h.remove()
+        seconds = time.perf_counter() - t0
+        embed.remove()
+    return table, seconds
+
+
 def timed(fn, repeats):
     times = []
     for _ in range(repeats):
@@ -84,6 +130,8 @@ def main():
     ap.add_argument("--loop-sample", type=int, default=0,
                     help="time the loop on this many random cells per kind and extrapolate to all T x L "
                          "(0 = every cell); the table check covers the timed cells")
+    ap.add_argument("--torch-loop", action="store_true",
+                    help="also time the reference implementation's loop in PyTorch (HF GPT2LMHeadModel + hooks)")
     args = ap.parse_args()
 
     cfg = GPT2Config.small(n_layers=args.layers, d_model=args.d_model, n_heads=args.heads,
@@ -97,7 +145,7 @@ def main():
     delta = jnp.concatenate([jnp.zeros_like(corr.delta[:1]), corr.delta])  # clean row first
 
     report = {"device": jax.devices()[0].device_kind, "config": vars(args), "kinds": {}}
-    total_fast = total_loop = 0.0
+    total_fast = total_loop = total_torch = 0.0
     for kind in args.kinds.split(","):
         run_fast = lambda: trace(model, tokens, args.subject, kind=kind, sigma=sigma, config=tc)  # noqa: E731
         t0 = time.perf_counter()
@@ -121,10 +169,18 @@ def main():
             "max_abs_diff": float(np.nanmax(np.abs(table - res.probs))), "p_clean": res.p_clean,
             "p_corrupt": res.p_corrupt,
         }
+        if args.torch_loop:
+            ttable, torch_s = torch_loop_table(model, batch, delta, answer, kind, window, cells)
+            torch_s *= args.seq * cfg.n_layers / len(cells)
+            report["kinds"][kind].update({"torch_loop_s": torch_s, "speedup_vs_torch_loop": torch_s / fast_s,
+                                          "torch_max_abs_diff": float(np.nanmax(np.abs(ttable - res.probs)))})
+            total_torch += torch_s
         total_fast += fast_s
         total_loop += loop_s
         print(json.dumps({kind: report["kinds"][kind]}), flush=True)
     report["total"] = {"fast_s": total_fast, "loop_s": total_loop, "speedup": total_loop / total_fast}
+    if args.torch_loop:
+        report["total"].update({"torch_loop_s": total_torch, "speedup_vs_torch_loop": total_torch / total_fast})
     print(json.dumps(report, indent=2))
 
 
