@@ -1,18 +1,25 @@
 """Train othello-gpt: a GPT-2-style next-move predictor on random legal Othello games.
 
-    python -m jaxinterp.experiments.train_othello.main --preset small --out models/embedded/othello-gpt
+    python -m jaxinterp.experiments.train_othello.main --preset medium --out models/embedded/othello-gpt
 
 Writes the model as a Hugging Face directory (config.json + model.safetensors) with a
 ``token_map.json`` (token -> square name), and ``metrics.json``: legal-move accuracy
 (the top-1 predicted move is legal) and a linear probe's board-state accuracy (mine /
 theirs / empty per square) on held-out games, for the trained model and its
 random-initialised twin (the control).
+
+Training state (params, optimizer, step, RNG key) is checkpointed with orbax under
+``--ckpt`` (default ``<out>/ckpt``) every ``--save-every`` steps; re-running the same
+command after a kill resumes from the latest checkpoint and ends with the same parameters,
+bit for bit, as an uninterrupted run (a checkpoint of a different config is refused).
+Legal-move accuracy on 200 held-out games is logged every ``--eval-every`` steps.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -24,12 +31,14 @@ import optax
 from tqdm import tqdm
 
 import jaxinterp as ji
+from jaxinterp.checkpoint import Checkpointer
 from jaxinterp.experiments.data import othello
 from jaxinterp.models.gpt2 import GPT2Config
 
 from .config import TrainOthelloConfig
 
-PRESETS = {"small": TrainOthelloConfig.small, "tiny": TrainOthelloConfig.tiny, "standard8": TrainOthelloConfig.standard8}
+PRESETS = {"small": TrainOthelloConfig.small, "medium": TrainOthelloConfig.medium, "tiny": TrainOthelloConfig.tiny,
+           "standard8": TrainOthelloConfig.standard8}
 
 
 def model_config(cfg: TrainOthelloConfig) -> GPT2Config:
@@ -49,27 +58,84 @@ def make_optimizer(cfg: TrainOthelloConfig):
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=cfg.weight_decay))
 
 
-def train(cfg: TrainOthelloConfig, tokens: np.ndarray):
-    """Train from scratch on ``tokens [G, n_moves]``; returns (model, losses)."""
-    model = ji.init(model_config(cfg), cfg.seed)
+@functools.lru_cache(maxsize=4)
+def _train_step(cfg: TrainOthelloConfig):
+    """The jitted step ``(model, opt_state, key, data) -> (model, opt_state, key, loss)``, one per config.
+
+    The batch is ``batch_size`` games of ``data [G, n_moves]`` drawn with a fresh split of ``key``.
+    """
     opt = make_optimizer(cfg)
-    state = opt.init(model)
 
     @jax.jit
-    def step(model, state, batch):
+    def step(model, opt_state, key, data):
+        key, sub = jax.random.split(key)
+        batch = data[jax.random.randint(sub, (cfg.batch_size,), 0, data.shape[0])]
         loss, grads = jax.value_and_grad(next_move_loss)(model, batch)
-        updates, state = opt.update(grads, state, model)
-        return optax.apply_updates(model, updates), state, loss
+        updates, opt_state = opt.update(grads, opt_state, model)
+        return optax.apply_updates(model, updates), opt_state, key, loss
 
-    rng = np.random.default_rng(cfg.seed)
+    return step
+
+
+def _check_resumable(ckpt_dir: Path, cfg: TrainOthelloConfig) -> None:
+    """Refuse to resume a checkpoint directory written for a different config."""
+    path = ckpt_dir / "config.json"
+    want = dataclasses.asdict(cfg)
+    if path.exists():
+        have = json.loads(path.read_text())
+        diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+        if diff:
+            raise ValueError(f"checkpoints in {ckpt_dir} were written for a different config (fields {diff}: "
+                             f"{ {k: have.get(k) for k in diff} } vs {({k: want.get(k) for k in diff})}); "
+                             f"pass another --ckpt or delete that directory")
+    else:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(want, indent=1))
+
+
+def train(cfg: TrainOthelloConfig, tokens: np.ndarray, *, ckpt_dir: str | Path | None = None,
+          save_every: int = 500, eval_every: int = 0, eval_fn=None, progress: bool = True, log=print):
+    """Train (or resume) on ``tokens [G, n_moves]``; returns (model, losses).
+
+    With ``ckpt_dir``, the state (params, optimizer, step, RNG key) is saved there every
+    ``save_every`` steps and at the end, and a re-run resumes from the latest checkpoint,
+    ending bit-identical to an uninterrupted run. Batches are drawn on-device from a JAX key
+    split once per step, so the key is the whole data-order state. Every ``eval_every`` steps
+    ``eval_fn(model)`` (e.g. legal-move accuracy) is logged; ``losses`` holds ``(step, loss)``
+    every 50 steps of this process plus the last step.
+    """
+    model = ji.init(model_config(cfg), cfg.seed)
+    opt = make_optimizer(cfg)
+    state = {"params": model, "opt": opt.init(model), "step": 0, "key": jax.random.key(cfg.seed)}
+    ckpt = None
+    if ckpt_dir is not None:
+        ckpt_dir = Path(ckpt_dir)
+        _check_resumable(ckpt_dir, cfg)
+        ckpt = Checkpointer(ckpt_dir, keep=2, save_every=max(save_every, 1))
+        if ckpt.latest_step() is not None:
+            state = ckpt.restore(template=state)
+            log(f"resumed from step {state['step']} ({ckpt_dir})")
+    data = jnp.asarray(tokens)
+    step = _train_step(cfg)
     losses = []
-    for i in (bar := tqdm(range(cfg.steps), desc="othello-gpt")):
-        batch = jnp.asarray(tokens[rng.integers(0, len(tokens), cfg.batch_size)])
-        model, state, loss = step(model, state, batch)
+    t0 = time.time()
+    bar = tqdm(range(state["step"], cfg.steps), initial=state["step"], total=cfg.steps, desc="othello-gpt",
+               disable=not progress, mininterval=10)
+    for i in bar:
+        state["params"], state["opt"], state["key"], loss = step(state["params"], state["opt"], state["key"], data)
+        state["step"] = i + 1
         if i % 50 == 0 or i == cfg.steps - 1:
             losses.append((i, float(loss)))
             bar.set_postfix(loss=f"{losses[-1][1]:.4f}")
-    return model, losses
+        if eval_fn is not None and eval_every and (i + 1) % eval_every == 0:
+            log(f"step {i + 1}/{cfg.steps}: loss {float(loss):.4f}, {eval_fn(state['params'])}, "
+                f"{time.time() - t0:.0f}s")
+        if ckpt is not None and (i + 1) % save_every == 0:
+            ckpt.save(i + 1, state)
+    if ckpt is not None:
+        ckpt.save(state["step"], state, force=True)
+        ckpt.close()
+    return state["params"], losses
 
 
 def legal_move_accuracy(model, board: othello.OthelloConfig, games: othello.Games, batch: int = 256) -> float:
@@ -168,7 +234,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="small")
     ap.add_argument("--out", default="results/othello-gpt")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields")
+    ap.add_argument("--ckpt", default=None, help="checkpoint directory (default: <out>/ckpt); re-running the same "
+                    "command resumes from its latest checkpoint")
+    ap.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps")
+    ap.add_argument("--eval-every", type=int, default=500,
+                    help="log legal-move accuracy on 200 held-out games every N steps (0: never)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar (for log files)")
     args = ap.parse_args(argv)
+    if args.save_every < 1 or args.eval_every < 0:
+        raise SystemExit(f"--save-every must be >= 1 and --eval-every >= 0, got {args.save_every}, {args.eval_every}")
     overrides = {}
     fields = {f.name: f.type for f in dataclasses.fields(TrainOthelloConfig)}
     for item in args.set:
@@ -182,10 +256,19 @@ def main(argv=None) -> dict:
     train_games = othello.random_games(board, cfg.n_train_games, seed=cfg.seed, full_only=True)
     eval_games = othello.random_games(board, cfg.n_eval_games, seed=cfg.seed + 10_000, full_only=True)
     print(f"generated {cfg.n_train_games + cfg.n_eval_games} games in {time.time() - t0:.1f}s")
-    model, losses = train(cfg, othello.square_to_token(board, train_games.squares))
     out = Path(args.out)
+    monitor = othello.Games(**{f.name: getattr(eval_games, f.name)[:200] for f in dataclasses.fields(othello.Games)})
+
+    def eval_fn(model):  # progress check on 200 of the held-out games
+        return f"legal-move acc {legal_move_accuracy(model, board, monitor):.4f}"
+
+    model, losses = train(cfg, othello.square_to_token(board, train_games.squares),
+                          ckpt_dir=Path(args.ckpt) if args.ckpt else out / "ckpt", save_every=args.save_every,
+                          eval_every=args.eval_every, eval_fn=eval_fn, progress=not args.no_progress,
+                          log=lambda m: print(m, flush=True))
     ji.save_pretrained(model, out)  # before evaluation, so a failed evaluation loses no training
-    metrics = {"config": dataclasses.asdict(cfg), "final_loss": losses[-1][1], "train_seconds": time.time() - t0,
+    metrics = {"config": dataclasses.asdict(cfg), "final_loss": losses[-1][1] if losses else None,
+               "train_seconds": time.time() - t0,  # this process only (a resumed run counts from the resume)
                "trained": evaluate(model, cfg, eval_games),
                "random_init": evaluate(ji.init(model_config(cfg), cfg.seed + 1), cfg, eval_games)}
     write_model_dir(model, cfg, out, metrics)
