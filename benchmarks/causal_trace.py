@@ -5,7 +5,9 @@ GPT-2-small-shaped model. The loop runs, per cell, one jitted forward of the pro
 1 clean + N corrupted rows with all-position logits and the clean row patched into the
 corrupted rows at the cell (as kmeng01/rome's ``trace_with_patch``). Both produce the same
 tables; the JSON reports the max difference, run times after compilation (median of
-``--repeats``), compile times separately, and the speedup.
+``--repeats``), compile times separately, and the speedup, plus XLA's FLOP count of the whole
+sweep and of the whole loop (``flop_ratio``: the speedup the arithmetic alone allows; on a CPU,
+where one cell's forward already runs near the matmul peak, the measured speedup tracks it).
 
     /work/venv/bin/python benchmarks/causal_trace.py            # GPT-2 small shape, T = 12
     /work/venv/bin/python benchmarks/causal_trace.py --loop-sample 24   # loop timed on 24 cells per kind
@@ -35,6 +37,7 @@ import numpy as np  # noqa: E402
 import jaxinterp as ji  # noqa: E402
 from jaxinterp.models.gpt2 import GPT2Config  # noqa: E402
 from jaxinterp.patching import TraceConfig, gaussian_corruption, trace  # noqa: E402
+from jaxinterp.patching import causal_trace as ct  # noqa: E402
 from jaxinterp.patching.causal_trace import layer_window  # noqa: E402
 
 KINDS = ("resid_post", "mlp_out", "attn_out")
@@ -104,6 +107,13 @@ def torch_loop_table(model, tokens, delta, answer, kind, window, cells):
     return table, seconds
 
 
+def compiled_flops(jitted, *args, **kw) -> float:
+    """XLA's FLOP count of one call of ``jitted`` (cost analysis of the compiled program)."""
+    cost = jitted.lower(*args, **kw).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", float("nan")))
+
+
 def timed(fn, repeats):
     times = []
     for _ in range(repeats):
@@ -163,8 +173,15 @@ def main():
             cells = [cells[i] for i in sorted(pick)]
         table, loop_s = timed(lambda: loop_table(model, batch, delta, answer, kind, window, cells), args.loop_repeats)
         loop_s *= args.seq * cfg.n_layers / len(cells)
+        # FLOPs of the whole sweep vs the whole loop (every cell): the speedup the compute alone allows
+        flops_fast = compiled_flops(ct._trace_jit, model, jnp.asarray(tokens, jnp.int32), corr, answer, kind=kind,
+                                    freeze=None, window=window, chunk=tc.chunk, engine=ct._select_engine(model, tc),
+                                    skip_before=args.subject[0], buckets=tc.position_buckets)
+        flops_loop = args.seq * cfg.n_layers * compiled_flops(loop_cell, model, batch, delta, answer, 0, 0, kind=kind,
+                                                              window=window)
         report["kinds"][kind] = {
             "fast_s": fast_s, "loop_s": loop_s, "speedup": loop_s / fast_s, "loop_cells_timed": len(cells),
+            "flops_fast": flops_fast, "flops_loop": flops_loop, "flop_ratio": flops_loop / flops_fast,
             "compile_fast_s": compile_fast, "compile_loop_s": compile_loop,
             "max_abs_diff": float(np.nanmax(np.abs(table - res.probs))), "p_clean": res.p_clean,
             "p_corrupt": res.p_corrupt,
