@@ -35,7 +35,7 @@ import numpy as np
 import optax
 from flax import serialization, struct
 
-from .families import FAMILIES, SAE, Hparams, init_sae, lp_penalty
+from .families import FAMILIES, SAE, SPARSE_FAMILIES, Hparams, init_sae, lp_penalty
 
 __all__ = ["SAETrainConfig", "TrainState", "SAETrainer", "init_state", "sae_step", "input_scale_for",
            "unstack", "GRID_KEYS"]
@@ -70,6 +70,7 @@ class SAETrainConfig:
     unit_norm_decoder: bool = True
     init_b_dec_mean: bool = True
     seed: int = 0
+    sparse: Optional[bool] = None  # topk/batchtopk training path: True sparse, False dense, None auto (families.py)
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -83,6 +84,9 @@ class SAETrainConfig:
             raise ValueError(f"lr_decay_frac must lie in [0, 1], got {self.lr_decay_frac}")
         if self.family in ("topk", "batchtopk") and not 0 < self.k <= self.d_sae:
             raise ValueError(f"k must lie in (0, d_sae={self.d_sae}], got {self.k}")
+        if self.sparse and self.family not in SPARSE_FAMILIES:
+            raise ValueError(f"sparse=True needs family in {list(SPARSE_FAMILIES)}, got {self.family!r}; "
+                             f"use sparse=None or False")
         if self.family == "panneal" and not 0 < self.p_end <= 1:
             raise ValueError(f"p_end must lie in (0, 1], got {self.p_end}")
         if not 0 <= self.anneal_ema < 1:
@@ -137,7 +141,7 @@ def _member_config(cfg: SAETrainConfig, override: Mapping[str, Any]) -> SAETrain
 
 def _init_one(cfg: SAETrainConfig, k_max: int, scale: float, b_dec) -> TrainState:
     sae = init_sae(cfg.family, jax.random.PRNGKey(cfg.seed), cfg.d_in, cfg.d_sae, k=cfg.k, k_max=k_max,
-                   input_scale=scale, b_dec=b_dec, threshold=cfg.jumprelu_init_threshold)
+                   input_scale=scale, b_dec=b_dec, threshold=cfg.jumprelu_init_threshold, sparse=cfg.sparse)
     hp = Hparams.make(lr=cfg.lr, sparsity_coeff=cfg.sparsity_coeff, bandwidth=cfg.bandwidth,
                       aux_coeff=cfg.default_aux_coeff, aux_k=cfg.aux_k, dead_tokens=cfg.dead_tokens)
     n = cfg.n_anneal_points

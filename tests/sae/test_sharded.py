@@ -1,4 +1,5 @@
-"""Data-parallel + latent-sharded SAE training on 8 simulated CPU devices equals the unsharded run."""
+"""Data-parallel + latent-sharded SAE training on 8 simulated CPU devices equals the unsharded run
+(dense families, and TopK on the sparse path: its gathers/scatters index the sharded latent axis)."""
 
 import os
 import subprocess
@@ -16,7 +17,9 @@ SCRIPT = textwrap.dedent("""
     def batch(t):
         return np.random.default_rng(t).normal(size=(64, D)).astype(np.float32)
     runs = {"relu": (SAETrainConfig(family="relu", d_in=D, d_sae=F, steps=6, sparsity_coeff=0.05, lr=1e-3), [{}, {"seed": 1}]),
-            "topk": (SAETrainConfig(family="topk", d_in=D, d_sae=F, steps=6, k=4, dead_tokens=64, aux_k=8), [{}])}
+            "topk": (SAETrainConfig(family="topk", d_in=D, d_sae=F, steps=6, k=4, dead_tokens=64, aux_k=8), [{}]),
+            "sparse": (SAETrainConfig(family="topk", d_in=D, d_sae=F, steps=6, k=4, dead_tokens=64, aux_k=8, sparse=True),
+                       [{}, {"k": 2, "seed": 1}])}
     mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "tensor"))
     plain = SAETrainer(runs)
     sharded = SAETrainer(runs, mesh=mesh)
