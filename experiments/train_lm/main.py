@@ -34,7 +34,7 @@ from jaxinterp.experiments.train_lm.evaluate import evaluate_world
 from jaxinterp.loading import load, resolve_source, save_pretrained
 from jaxinterp.model import Model, get_family, init, run
 
-__all__ = ["build_model", "load_initial", "make_optimizer", "make_train_step", "train", "export", "main"]
+__all__ = ["build_model", "load_initial", "decay_mask", "make_optimizer", "make_train_step", "train", "export", "main"]
 
 
 # model / optimiser ---------------------------------------------------------------------------
@@ -85,9 +85,25 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformation:
     o = cfg.check().optim
     schedule = optax.warmup_cosine_decay_schedule(0.0, o.lr, max(o.warmup_steps, 1), max(cfg.train.steps, 2),
                                                   end_value=o.lr * o.end_lr_frac)
-    decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)  # no decay on norms/biases
     return optax.chain(optax.clip_by_global_norm(o.clip_norm),
                        optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask))
+
+
+NO_DECAY_NAMES = ("A_log", "D")  # Mamba's SSM parameters (reference Mamba: ``_no_weight_decay``)
+
+
+def decay_mask(params) -> Any:
+    """True for the leaves AdamW decays: matrices (``ndim >= 2``) except Mamba's ``A_log`` and ``D``.
+
+    Norm scales and biases (1-D) are never decayed; neither are ``A_log`` (decaying it pulls every
+    ``A = -exp(A_log)`` toward -1 and erases the multi-timescale S4D init) or ``D`` (the skip).
+    GPT-style trees have no such names, so their mask is the plain ``ndim >= 2`` one.
+    """
+    def keep(path, p):
+        name = str(getattr(path[-1], "key", path[-1])) if path else ""
+        return p.ndim >= 2 and name not in NO_DECAY_NAMES
+
+    return jax.tree_util.tree_map_with_path(keep, params)
 
 
 def lm_loss(params, model: Model, tokens: jax.Array, weights: jax.Array | None = None) -> jax.Array:

@@ -20,7 +20,7 @@ from jaxinterp.experiments.train_lm.config import get_config
 from jaxinterp.experiments.train_lm.evaluate import evaluate_world
 from jaxinterp.experiments.train_lm.config import TrainConfig
 from jaxinterp.experiments.train_lm.data import answer_weights
-from jaxinterp.experiments.train_lm.main import build_model, export, lm_loss, main, make_optimizer, train
+from jaxinterp.experiments.train_lm.main import build_model, decay_mask, export, lm_loss, main, make_optimizer, train
 from jaxinterp.hf import read_safetensors
 
 
@@ -48,6 +48,38 @@ def test_warmup_longer_than_run_is_a_clear_error():
     cfg = get_config("facts-mamba", ["train.steps=30", "optim.warmup_steps=3"])  # order of overrides is free
     lr = make_optimizer(cfg).init({"w": np.zeros((2, 2), np.float32)})
     assert cfg.optim.warmup_steps == 3 and lr is not None
+
+
+def _leaf_names(tree, keep):
+    return sorted(jax.tree_util.keystr(path) for path, v in jax.tree_util.tree_leaves_with_path(tree) if keep(v))
+
+
+def test_weight_decay_mask_excludes_ssm_params_norms_and_biases():
+    """Mamba: no decay on A_log, D, biases and norm scales (as reference Mamba); GPT: exactly the
+    matrices, i.e. the plain ndim >= 2 mask it always had."""
+    world = FactsWorld(get_config("tiny").data.world)
+    for name in ("tiny", "tiny-mamba"):
+        params = build_model(get_config(name), world, jax.random.PRNGKey(0)).params
+        mask = decay_mask(params)
+        decayed = _leaf_names(mask, lambda m: m)
+        matrices = _leaf_names(params, lambda p: p.ndim >= 2)
+        if name == "tiny":
+            assert decayed == matrices
+        else:
+            ssm = {f"['layers_{i}']['mixer']['{n}']" for i in range(2) for n in ("A_log", "D")}
+            assert set(matrices) - set(decayed) == {k for k in ssm if "A_log" in k}
+            assert not set(decayed) & ssm and all("bias" not in k and "scale" not in k for k in decayed)
+            assert "['layers_0']['mixer']['conv1d']['kernel']" in decayed
+    # the optimizer applies it: AdamW steps with zero gradients (pure weight decay) move only decayed leaves
+    cfg = get_config("tiny-mamba")
+    params = build_model(cfg, world, jax.random.PRNGKey(0)).params
+    opt = make_optimizer(cfg)
+    state, zeros = opt.init(params), jax.tree_util.tree_map(np.zeros_like, params)
+    update = jax.jit(opt.update)
+    for _ in range(cfg.optim.warmup_steps + 1):  # lr is 0 at step 0 of the warmup
+        updates, state = update(zeros, state, params)
+    moved = _leaf_names(updates, lambda u: bool(np.any(np.asarray(u) != 0)))
+    assert moved == _leaf_names(decay_mask(params), lambda m: m)
 
 
 def _cmd(out, steps=16, extra=()):
