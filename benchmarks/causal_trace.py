@@ -96,8 +96,7 @@ def torch_loop_table(model, tokens, delta, answer, kind, window, cells):
         hf(toks)  # warm-up (allocator, thread pool); not timed
         t0 = time.perf_counter()
         for t, l in cells:
-            layers = layer_window(l, window, n_layers) if kind != "resid_post" else [l]
-            hooks = [module(j).register_forward_hook(restore(t)) for j in layers]
+            hooks = [module(j).register_forward_hook(restore(t)) for j in layer_window(l, window, n_layers)]
             logits = hf(toks).logits  # [B, T, V], every position, as the reference
             table[t, l] = torch.softmax(logits[1:, -1], -1)[:, int(answer)].mean().item()
             for h in hooks:

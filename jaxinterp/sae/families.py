@@ -265,9 +265,7 @@ class SAE:
         """Whether ``loss`` takes the sparse path (see ``sparse``)."""
         if self.sparse is None:
             return self.family in SPARSE_FAMILIES and 0 < self.k_max and self.d_sae >= SPARSE_MIN_RATIO * self.k_max
-        if self.sparse and self.family not in SPARSE_FAMILIES:
-            raise ValueError(f"sparse=True needs family in {list(SPARSE_FAMILIES)}, got {self.family!r}; "
-                             f"use sparse=None or False")
+        check_sparse(self.family, self.sparse)
         return bool(self.sparse)
 
     @property
@@ -519,6 +517,13 @@ class GatedSAE(SAE):
 
 
 SPARSE_FAMILIES = ("topk", "batchtopk")
+
+
+def check_sparse(family: str, sparse: bool | None) -> None:
+    """``sparse=True`` (the sparse training path) exists only for ``SPARSE_FAMILIES``."""
+    if sparse and family not in SPARSE_FAMILIES:
+        raise ValueError(f"sparse=True needs family in {list(SPARSE_FAMILIES)}, got {family!r}; "
+                         f"use sparse=None or False")
 FAMILIES: dict[str, type[SAE]] = {c.family: c for c in (ReLUSAE, PAnnealSAE, TopKSAE, BatchTopKSAE, JumpReLUSAE, GatedSAE)}
 
 
@@ -538,8 +543,7 @@ def init_sae(family: str, key: jax.Array, d_in: int, d_sae: int, *, k: int = 0, 
     ``threshold``: JumpReLU's initial threshold. ``b_dec``: initial decoder bias (normalised units).
     """
     cls = get_family(family)
-    if sparse and family not in SPARSE_FAMILIES:
-        raise ValueError(f"sparse=True needs family in {list(SPARSE_FAMILIES)}, got {family!r}; use sparse=None or False")
+    check_sparse(family, sparse)
     if d_in <= 0 or d_sae <= 0:
         raise ValueError(f"d_in and d_sae must be positive, got {d_in}, {d_sae}")
     if family in ("topk", "batchtopk"):

@@ -35,7 +35,7 @@ import numpy as np
 import optax
 from flax import serialization, struct
 
-from .families import FAMILIES, SAE, SPARSE_FAMILIES, Hparams, init_sae, lp_penalty
+from .families import FAMILIES, SAE, Hparams, check_sparse, init_sae, lp_penalty
 
 __all__ = ["SAETrainConfig", "TrainState", "SAETrainer", "init_state", "sae_step", "input_scale_for",
            "unstack", "GRID_KEYS"]
@@ -84,9 +84,7 @@ class SAETrainConfig:
             raise ValueError(f"lr_decay_frac must lie in [0, 1], got {self.lr_decay_frac}")
         if self.family in ("topk", "batchtopk") and not 0 < self.k <= self.d_sae:
             raise ValueError(f"k must lie in (0, d_sae={self.d_sae}], got {self.k}")
-        if self.sparse and self.family not in SPARSE_FAMILIES:
-            raise ValueError(f"sparse=True needs family in {list(SPARSE_FAMILIES)}, got {self.family!r}; "
-                             f"use sparse=None or False")
+        check_sparse(self.family, self.sparse)
         if self.family == "panneal" and not 0 < self.p_end <= 1:
             raise ValueError(f"p_end must lie in (0, 1], got {self.p_end}")
         if not 0 <= self.anneal_ema < 1:
