@@ -11,6 +11,11 @@
   scored NLL into object tokens and all other tokens (``nll_split``): a model that does not
   know the facts pays for every wrong object under an original that is certain of them,
   while the other tokens measure fluency proper.
+* ``innocent_floor``: the seamlessness ratio that no model innocent of the facts can beat on
+  these prompts: the original model's own continuations with each erased fact object
+  replaced by the least surprising other token (a strict bound at those slots) or by a
+  random other object of the same relation (a typical innocent writer), scored by the
+  original against its own continuations.
 * Robustness = ``mc_accuracy`` on paraphrased prompts and with a hint prefix.
 
 Every function takes ``logits_fn(tokens [B, L]) -> logits [B, L, V]`` so it serves a
@@ -28,7 +33,7 @@ import numpy as np
 from jaxinterp.elm import guided_generate, pad_batch
 
 __all__ = ["mc_accuracy", "perplexity", "continuation_token_nll", "continuation_nll", "nll_split", "generate",
-           "repetition_rate", "seamlessness"]
+           "repetition_rate", "seamlessness", "innocent_floor"]
 
 
 def _chunks(n: int, size: int):
@@ -49,17 +54,22 @@ def mc_accuracy(logits_fn: Callable, prompts: Sequence[Sequence[int]], choice_id
     return float(np.concatenate(hits).mean())
 
 
-def continuation_token_nll(logits_fn: Callable, seqs: Sequence[Sequence[int]], starts: Sequence[int], *,
-                           pad_id: int = 0, batch_size: int = 64) -> list[np.ndarray]:
-    """Per-sequence arrays of the NLL of each token at index >= ``starts[i]`` (in order)."""
-    out = []
+def _continuation_logp(logits_fn: Callable, seqs: Sequence[Sequence[int]], starts: Sequence[int], *,
+                       pad_id: int = 0, batch_size: int = 64):
+    """Per sequence, in order: (log-probs [n, V] predicting each token at index >= ``starts[i]``, those n tokens)."""
     for sl in _chunks(len(seqs), batch_size):
         tokens, valid = pad_batch(seqs[sl], pad_id=pad_id)
         logp = np.asarray(jax.nn.log_softmax(logits_fn(jnp.asarray(tokens)).astype(jnp.float32), -1))
-        tok_lp = np.take_along_axis(logp[:, :-1], tokens[:, 1:, None], -1)[..., 0]    # [b, L-1]: token t+1
-        for row, start, n in zip(tok_lp, starts[sl], valid.sum(1)):
-            out.append(-row[max(start, 1) - 1:n - 1])
-    return out
+        for row_lp, row_tok, start, n in zip(logp, tokens, starts[sl], valid.sum(1)):
+            first = max(start, 1)
+            yield row_lp[first - 1:n - 1], row_tok[first:n]
+
+
+def continuation_token_nll(logits_fn: Callable, seqs: Sequence[Sequence[int]], starts: Sequence[int], *,
+                           pad_id: int = 0, batch_size: int = 64) -> list[np.ndarray]:
+    """Per-sequence arrays of the NLL of each token at index >= ``starts[i]`` (in order)."""
+    return [-np.take_along_axis(lp, tok[:, None], -1)[:, 0]
+            for lp, tok in _continuation_logp(logits_fn, seqs, starts, pad_id=pad_id, batch_size=batch_size)]
 
 
 def continuation_nll(logits_fn: Callable, seqs: Sequence[Sequence[int]], starts: Sequence[int], **kw) -> np.ndarray:
@@ -111,9 +121,64 @@ def repetition_rate(seqs: Sequence[Sequence[int]]) -> float:
     return float(np.mean(rates)) if rates else 0.0
 
 
+def innocent_floor(original_fn: Callable, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
+                   object_groups: Sequence[Sequence[int]], *, seed: int = 0, pad_id: int = 0) -> dict[str, float]:
+    """How low a model that does not know the facts can push the seamlessness ratio.
+
+    ``continuations`` are the original model's own continuations of ``prompts``;
+    ``object_groups`` lists the token ids of each erased relation's objects (a token may be in
+    one group only). Every continuation token found in a group is a fact the original states,
+    and an innocent model must write something else there. Returns
+
+    * ``floor_ratio_best_wrong``: the per-token NLL at each such slot replaced by
+      -log max_{v != token} P(v | prefix), every other token's NLL kept, as a perplexity ratio
+      against the original's own. No model that avoids the original's object at these slots
+      scores lower there (later tokens keep their NLL given the original object);
+    * ``floor_ratio_random_wrong``: each such token replaced by a uniformly drawn other object
+      of its group and the whole continuation rescored: the ratio of a writer exactly as
+      fluent as the original but at chance on the facts;
+    * ``floor_obj_share``: share of continuation tokens that are erased-fact objects.
+
+    Ratios use the per-sequence mean NLL, like ``seamlessness``'s ``ppl_ratio``.
+    """
+    group_of: dict[int, int] = {}
+    for g, ids in enumerate(object_groups):
+        for i in ids:
+            if int(i) in group_of:
+                raise ValueError(f"token {int(i)} is in object groups {group_of[int(i)]} and {g}")
+            group_of[int(i)] = g
+    if any(len(ids) < 2 for ids in object_groups):
+        raise ValueError("every object group needs at least two tokens (a wrong object to write)")
+    seqs = [list(p) + list(c) for p, c in zip(prompts, continuations)]
+    starts = [len(p) for p in prompts]
+    own, best, n_obj, n_tok = [], [], 0, 0
+    for lp, tok in _continuation_logp(original_fn, seqs, starts, pad_id=pad_id):
+        rows = np.arange(len(tok))
+        nll = -lp[rows, tok]
+        other = lp.copy()
+        other[rows, tok] = -np.inf
+        is_obj = np.asarray([int(t) in group_of for t in tok], bool)
+        own.append(nll)
+        best.append(np.where(is_obj, -other.max(-1), nll))
+        n_obj, n_tok = n_obj + int(is_obj.sum()), n_tok + len(tok)
+    rng = np.random.default_rng(seed)
+
+    def wrong(t: int) -> int:
+        options = [int(o) for o in object_groups[group_of[t]] if int(o) != t]
+        return options[rng.integers(len(options))]
+
+    swapped = [[wrong(int(t)) if int(t) in group_of else int(t) for t in c] for c in continuations]
+    rand = continuation_token_nll(original_fn, [list(p) + s for p, s in zip(prompts, swapped)], starts, pad_id=pad_id)
+    mean = lambda v: float(np.mean([x.mean() for x in v]))
+    return {"floor_ratio_best_wrong": float(np.exp(mean(best) - mean(own))),
+            "floor_ratio_random_wrong": float(np.exp(mean(rand) - mean(own))),
+            "floor_obj_share": n_obj / max(n_tok, 1)}
+
+
 def seamlessness(erased_fn: Callable, original_fn: Callable, prompts: Sequence[Sequence[int]], n_new: int,
                  key, *, pad_id: int = 0, object_ids=None, temperature: float = 1.0,
-                 score_prefix: Sequence[int] | None = None) -> dict[str, float]:
+                 score_prefix: Sequence[int] | None = None,
+                 erased_object_groups: Sequence[Sequence[int]] | None = None) -> dict[str, float]:
     """Original-model perplexity of the erased model's continuations vs of its own.
 
     Both sets of ``n_new``-token continuations are sampled at ``temperature`` from the same
@@ -123,7 +188,9 @@ def seamlessness(erased_fn: Callable, original_fn: Callable, prompts: Sequence[S
     exp(nll_other_erased - nll_other_original), the ratio on non-object tokens. With
     ``score_prefix`` (tokens that replace each prompt's first token, e.g. bos + a context tag)
     the same continuations are also scored after that prefix: ``prefixed_ppl_ratio`` (and
-    ``prefixed_ppl_ratio_other`` with ``object_ids``).
+    ``prefixed_ppl_ratio_other`` with ``object_ids``). With ``erased_object_groups`` (the
+    erased relations' object ids, one list per relation) it adds ``innocent_floor`` of the
+    original's own continuations (``floor_*``).
     """
     k1, k2 = jax.random.split(key)
     erased = generate(erased_fn, prompts, n_new, k1, pad_id=pad_id, temperature=temperature)
@@ -152,4 +219,7 @@ def seamlessness(erased_fn: Callable, original_fn: Callable, prompts: Sequence[S
         if object_ids is not None:
             other = {k: nll_split(nll[k], gens[k], object_ids)["nll_other"] for k in nll}
             out["prefixed_ppl_ratio_other"] = float(np.exp(other["erased"] - other["original"]))
+    if erased_object_groups is not None:
+        seed = int(jax.random.randint(jax.random.fold_in(key, 3), (), 0, 2**31 - 1))
+        out.update(innocent_floor(original_fn, prompts, own, erased_object_groups, seed=seed, pad_id=pad_id))
     return out

@@ -266,3 +266,43 @@ def test_seamlessness_split_matches_direct_computation(base):
     np.testing.assert_allclose(got["prefixed_ppl_ratio_other"],
                                np.exp(prefixed["erased"][1] - prefixed["original"][1]), rtol=1e-4)
     assert 0 < got["obj_share_erased"] < 1 and got["nll_obj_erased"] != got["nll_other_erased"]
+
+
+def test_innocent_floor_matches_direct_computation(base):
+    """Best-wrong slot NLL and the rescored same-relation swap equal a per-token numpy
+    computation; pairs as groups make the swap deterministic (the other member)."""
+    from jaxinterp import unlearning_metrics as um
+
+    rng = np.random.default_rng(6)
+    prompts = [[0] + list(rng.integers(3, 61, n)) for n in (3, 5, 4, 2)]
+    orig_fn = jax.jit(lambda t: base.run(t).logits)
+    gens = um.generate(orig_fn, prompts, 8, jax.random.PRNGKey(2), pad_id=1)
+    groups = [[i, i + 1] for i in range(3, 43, 2)]            # 20 relations of two objects each
+    partner = {a: b for a, b in groups} | {b: a for a, b in groups}
+    got = um.innocent_floor(orig_fn, prompts, gens, groups, pad_id=1)
+
+    def token_nll(seq, start):
+        lp = _np_log_softmax(np.asarray(base.run(np.asarray(seq)[None]).logits[0], np.float64))
+        return lp, [-lp[j - 1, seq[j]] for j in range(start, len(seq))]
+
+    own, best, rand, n_obj = [], [], [], 0
+    for p, g in zip(prompts, gens):
+        lp, nll = token_nll(p + g, len(p))
+        slot = []
+        for j, t in enumerate(g):
+            if t in partner:
+                n_obj += 1
+                slot.append(-max(lp[len(p) + j - 1, v] for v in range(lp.shape[1]) if v != t))
+            else:
+                slot.append(nll[j])
+        own.append(np.mean(nll))
+        best.append(np.mean(slot))
+        rand.append(np.mean(token_nll(p + [partner.get(t, t) for t in g], len(p))[1]))
+    assert n_obj > 0
+    np.testing.assert_allclose(got["floor_obj_share"], n_obj / sum(len(g) for g in gens))
+    np.testing.assert_allclose(got["floor_ratio_best_wrong"], np.exp(np.mean(best) - np.mean(own)), rtol=1e-4)
+    np.testing.assert_allclose(got["floor_ratio_random_wrong"], np.exp(np.mean(rand) - np.mean(own)), rtol=1e-4)
+    with pytest.raises(ValueError, match="object groups"):
+        um.innocent_floor(orig_fn, prompts, gens, [[3, 4], [4, 5]])
+    with pytest.raises(ValueError, match="at least two"):
+        um.innocent_floor(orig_fn, prompts, gens, [[3]])

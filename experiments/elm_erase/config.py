@@ -25,6 +25,10 @@ class ExperimentConfig:
         multiple-choice questions, ending where the object must come).
       gen_new_open: continuation length on the document-opening prompts (the first fact
         sentence of held-out erased-domain documents, then free generation).
+      template_objects: which fact objects ELM's template term leaves free (it keeps the
+        frozen model's predictions everywhere else on erase text): ``"erased"``, only the
+        objects of the erased domain's own relations (the shared facts of its entities, e.g.
+        where they live, are kept), or ``"all"``, every relation's objects.
     """
 
     model: str = "facts-gpt"
@@ -45,14 +49,18 @@ class ExperimentConfig:
     gen_prompts: int = 48
     gen_new: int = 12
     gen_new_open: int = 24
+    template_objects: str = "erased"
     lora: LoraConfig = LoraConfig(rank=8, alpha=16.0, dropout=0.05)
-    # template_weight=1: retain on erase text with object positions masked (README: seamlessness)
-    elm: ElmConfig = ElmConfig.tiny(eta=4.0, lr=2e-3, template_weight=1.0)
+    # template_weight=1: retain on erase text with the erased objects' positions masked; retain_soft:
+    # retain / template against the frozen distribution, not its argmax (README: seamlessness)
+    elm: ElmConfig = ElmConfig.tiny(eta=4.0, lr=2e-3, template_weight=1.0, retain_soft=True)
 
     def __post_init__(self):
         unknown = sorted(set(self.methods) - {"elm", "ga", "rmu"})
         if unknown:
             raise ValueError(f"unknown methods {unknown}; choose from ['elm', 'ga', 'rmu']")
+        if self.template_objects not in ("erased", "all"):
+            raise ValueError(f"template_objects must be 'erased' or 'all', got {self.template_objects!r}")
         if self.steps <= 0 or self.batch_size <= 0:
             raise ValueError("steps and batch_size must be positive")
 

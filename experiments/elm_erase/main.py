@@ -65,7 +65,8 @@ def build_corpus(world: FactsWorld, cfg: ExperimentConfig) -> dict:
     retain_text = [t for d in kept for t in world.domain_documents(d, cfg.n_retain_docs // (len(kept) + 1), seed=cfg.seed)]
     retain_text += world.filler_text(cfg.n_retain_docs - len(retain_text), seed=cfg.seed)
     retain = [_ids(world, t, cfg.retain_len) for t in retain_text]
-    return {"erase": erase, "retain": retain, "kept": kept, "object_ids": object_ids(world),
+    erased_groups = [world.object_ids(r.name) for r in world.relations if r.domain == cfg.domain]
+    return {"erase": erase, "retain": retain, "kept": kept, "object_ids": object_ids(world), "erased_groups": erased_groups,
             "expert": _ids(world, world.expert_prefix(cfg.domain)), "novice": _ids(world, world.novice_prefix(cfg.domain))}
 
 
@@ -99,6 +100,8 @@ def fluency_data(base, world, corpus, cfg: ExperimentConfig, key) -> tuple[list,
 
 def batch_fn(corpus, fluency, starts, world, cfg: ExperimentConfig):
     fl_len = max(len(f) for f in fluency)
+    template_free = (corpus["object_ids"] if cfg.template_objects == "all"
+                     else sorted(i for ids in corpus["erased_groups"] for i in ids))
 
     def batches(step: int) -> dict:
         rng = np.random.default_rng([cfg.seed, 11, step])
@@ -107,7 +110,7 @@ def batch_fn(corpus, fluency, starts, world, cfg: ExperimentConfig):
         return elm.make_elm_batch([corpus["erase"][i] for i in ie], corpus["expert"], corpus["novice"],
                                   [corpus["retain"][i] for i in ir], [fluency[i] for i in ie], [starts[i] for i in ie],
                                   erase_len=cfg.erase_len, retain_len=cfg.retain_len, fluency_len=fl_len,
-                                  pad_id=world.pad_id, object_ids=corpus["object_ids"])
+                                  pad_id=world.pad_id, object_ids=template_free)
 
     return batches
 
@@ -159,10 +162,11 @@ def evaluate(logits_fn, original_fn, world, corpus, cfg: ExperimentConfig, key) 
     # seamlessness on the fact prompts (end where an object must come) and on document openings
     # (also scored by the original under the novice tag: a fluent writer of this world who does not know the facts)
     res.update(um.seamlessness(logits_fn, original_fn, prompts, cfg.gen_new, key, pad_id=pad,
-                               object_ids=corpus["object_ids"], score_prefix=corpus["novice"]))
+                               object_ids=corpus["object_ids"], score_prefix=corpus["novice"],
+                               erased_object_groups=corpus["erased_groups"]))
     opening = um.seamlessness(logits_fn, original_fn, opening_prompts(world, cfg), cfg.gen_new_open,
                               jax.random.fold_in(key, 1), pad_id=pad, object_ids=corpus["object_ids"],
-                              score_prefix=corpus["novice"])
+                              score_prefix=corpus["novice"], erased_object_groups=corpus["erased_groups"])
     res.update({f"open_{k}": v for k, v in opening.items()})
     return res
 
@@ -177,7 +181,11 @@ COLUMNS = [("innocence_acc", "erased MC acc (chance .25)"), ("paraphrase_acc", "
            ("repetition_erased", "bigram repeat"),
            ("open_ppl_ratio", "openings: ratio"), ("open_nll_obj_erased", "openings: object NLL"),
            ("open_ppl_ratio_other", "openings: ratio, non-object"),
-           ("prefixed_ppl_ratio", "novice-tag scorer: ratio"), ("open_prefixed_ppl_ratio", "openings, novice-tag scorer: ratio")]
+           ("prefixed_ppl_ratio", "novice-tag scorer: ratio"), ("open_prefixed_ppl_ratio", "openings, novice-tag scorer: ratio"),
+           ("floor_ratio_random_wrong", "innocent floor: random wrong"),
+           ("floor_ratio_best_wrong", "innocent floor: best wrong"),
+           ("open_floor_ratio_random_wrong", "openings, innocent floor: random wrong"),
+           ("open_floor_ratio_best_wrong", "openings, innocent floor: best wrong")]
 
 
 def table(results: dict) -> str:
