@@ -166,7 +166,10 @@ class WorldConfig:
       p_passage: fraction of training documents that are in-context passages.
       p_filler: probability of a filler sentence between two facts of a document.
       facts_per_doc: (min, max) fact sentences per document.
-      passage_sentences: (min, max) sentences per in-context passage.
+      passage_sentences: (min, max) sentences per in-context passage (the evaluation passages
+        of ``context_passages``, and the training passages unless the next field is set).
+      train_passage_sentences: (min, max) sentences of the training corpus's passages only
+        (a curriculum knob: the evaluation passages keep ``passage_sentences``); None = same.
       passage_questions: answered questions after a training passage (about distinct sentences).
       passage_same_template: questions reuse the template of the sentence they ask about
         (extractive QA); otherwise a random train template of the relation.
@@ -179,6 +182,7 @@ class WorldConfig:
     p_filler: float = 0.3
     facts_per_doc: tuple[int, int] = (3, 8)
     passage_sentences: tuple[int, int] = (2, 5)
+    train_passage_sentences: tuple[int, int] | None = None
     passage_questions: int = 3
     passage_same_template: bool = True
 
@@ -188,16 +192,17 @@ class WorldConfig:
         for name in ("p_tagged", "p_passage", "p_filler"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"WorldConfig.{name} must be a probability in [0, 1], got {getattr(self, name)}")
-        for name in ("facts_per_doc", "passage_sentences"):
+        for name in ("facts_per_doc", "passage_sentences", "train_passage_sentences"):
+            if getattr(self, name) is None and name == "train_passage_sentences":
+                continue
             lo, hi = getattr(self, name)
             if not 1 <= lo <= hi:
                 raise ValueError(f"WorldConfig.{name} must be (min, max) with 1 <= min <= max, got {(lo, hi)}")
+            if name != "facts_per_doc" and hi > 8:
+                raise ValueError(f"WorldConfig.{name} max must be <= 8 (distinct facts per passage), got {hi}")
+            object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.passage_questions < 1:
             raise ValueError(f"WorldConfig.passage_questions must be >= 1, got {self.passage_questions}")
-        if self.passage_sentences[1] > 8:
-            raise ValueError("WorldConfig.passage_sentences max must be <= 8 (distinct facts per passage)")
-        object.__setattr__(self, "facts_per_doc", tuple(self.facts_per_doc))
-        object.__setattr__(self, "passage_sentences", tuple(self.passage_sentences))
 
     @classmethod
     def default(cls, **kw) -> "WorldConfig":
@@ -582,7 +587,8 @@ class FactsWorld:
 
     def _passage_document(self, rng) -> str:
         """A training passage followed by up to ``passage_questions`` answered questions."""
-        pairs, objs, q, tmpl = self._passage_parts(rng, counterfactual=None)
+        sentences = self.config.train_passage_sentences or self.config.passage_sentences
+        pairs, objs, q, tmpl = self._passage_parts(rng, counterfactual=None, sentences=sentences)
         text = self._passage(rng, pairs, objs, q, tmpl).text + f" {objs[q]} ."
         others = [i for i in rng.permutation(len(pairs)) if i != q][: self.config.passage_questions - 1]
         for i in others:
@@ -592,8 +598,8 @@ class FactsWorld:
             text += f" {QUESTION_WORD} {question} {objs[i]} ."
         return text
 
-    def _passage_parts(self, rng, counterfactual: bool | None):
-        lo, hi = self.config.passage_sentences
+    def _passage_parts(self, rng, counterfactual: bool | None, sentences: tuple[int, int] | None = None):
+        lo, hi = sentences or self.config.passage_sentences
         k = int(rng.integers(lo, hi + 1))
         pairs = self._passage_pairs(rng, k)
         objs = []

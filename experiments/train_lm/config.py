@@ -15,7 +15,7 @@ import yaml
 
 from jaxinterp.experiments.data.facts_world import WorldConfig
 
-__all__ = ["ModelSpec", "DataConfig", "OptimConfig", "TrainConfig", "Config", "PRESETS", "get_config",
+__all__ = ["ModelSpec", "DataConfig", "OptimConfig", "TrainConfig", "Config", "PRESETS", "CURRICULA", "get_config",
            "apply_overrides"]
 
 
@@ -130,13 +130,32 @@ def _facts_gpt() -> Config:
 
 
 def _facts_mamba() -> Config:
+    """The last stage of facts-mamba's curriculum (``CURRICULA``): passages of 1-5 sentences
+    and fact documents, half each. Trained from scratch it recalls facts but does not learn
+    to copy from passages; ``make_embedded facts-mamba`` runs the earlier stages first."""
+    world = WorldConfig(p_passage=0.5, train_passage_sentences=(1, 5), passage_questions=5)
     return Config(
         name="facts-mamba",
-        model=ModelSpec(family="mamba", args=dict(d_model=128, n_layers=6, d_state=16, expand=2)),
-        data=DataConfig(seq_len=96, batch_size=24),
-        optim=OptimConfig(lr=3e-3, warmup_steps=100),
-        train=TrainConfig(steps=1200, eval_every=300, save_every=100),
+        model=ModelSpec(family="mamba", args=dict(d_model=128, n_layers=2, d_state=16, expand=2)),
+        data=DataConfig(world=world, seq_len=96, batch_size=24, answer_weight=10.0),
+        optim=OptimConfig(lr=3e-3, warmup_steps=50),
+        train=TrainConfig(steps=1500, eval_every=250, eval_prompts=128, save_every=250),
     )
+
+
+# Stages trained before a preset, each fine-tuning the previous one's export (``--init-from``);
+# overrides are relative to the preset. facts-mamba: a Mamba learns to copy an answer from a
+# passage only after a phase change that 1-sentence passages at lr 1e-2 bring about
+# (experiments/train_lm/README.md); longer passages, then the fact documents, come after.
+CURRICULA: dict[str, list[tuple[str, list[str]]]] = {
+    "facts-mamba": [
+        ("stage1", ["data.world.p_passage=1.0", "data.world.train_passage_sentences=[1,1]", "optim.lr=1e-2",
+                    "optim.warmup_steps=30", "train.steps=400", "train.eval_every=50", "train.eval_prompts=32",
+                    "train.save_every=1000"]),
+        ("stage2", ["data.world.p_passage=1.0", "optim.warmup_steps=30", "train.steps=600", "train.eval_every=100",
+                    "train.eval_prompts=32", "train.save_every=5000"]),
+    ],
+}
 
 
 def _tiny() -> Config:

@@ -4,8 +4,10 @@
     python -m jaxinterp.experiments.train_lm.make_embedded facts-gpt --from-run results/train_lm/facts-gpt
 
 Each model is trained with ``train_lm.main --config <name>`` (resumable; output under
-``results/train_lm/<name>``), then its export is copied to ``models/embedded/<name>/`` with a
-README.md model card (held-out paraphrase and in-context copy accuracy, per relation).
+``results/train_lm/<name>``), after the stages of its curriculum (``config.CURRICULA``; each
+under ``results/train_lm/<name>-<stage>``, each fine-tuning the previous export), then its
+export is copied to ``models/embedded/<name>/`` with a README.md model card (held-out
+paraphrase and in-context copy accuracy, per relation).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from jaxinterp.experiments.data.facts_world import FactsWorld
 from jaxinterp.experiments.train_lm import main as train_main
+from jaxinterp.experiments.train_lm.config import CURRICULA
 
 EMBEDDED = Path(__file__).resolve().parents[2] / "models" / "embedded"
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -96,6 +99,24 @@ def ship(name: str, run_dir: Path, command: str, notes: str = "") -> Path:
     return dest
 
 
+def _stage_argvs(name: str, run_dir: Path) -> list[list[str]]:
+    """``train_lm.main`` argument lists: the curriculum's stages, then the preset itself."""
+    argvs, source = [], None
+    for stage, overrides in CURRICULA.get(name, []):
+        out = run_dir.parent / f"{name}-{stage}"
+        argvs.append(["--config", name, *[a for o in overrides for a in ("--set", o)],
+                      *(["--init-from", str(source)] if source else []), "--out", str(out)])
+        source = out / "export"
+    argvs.append(["--config", name, *(["--init-from", str(source)] if source else []), "--out", str(run_dir)])
+    return argvs
+
+
+def _commands(name: str, run_dir: Path) -> str:
+    lines = ["python -m jaxinterp.experiments.train_lm.main " + " ".join(argv) for argv in _stage_argvs(name, run_dir)]
+    return ("\n    ".join(lines) + "\n    # or, every stage and the shipping in one go:\n"
+            f"    python -m jaxinterp.experiments.train_lm.make_embedded {name}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("names", nargs="+", choices=["facts-gpt", "facts-mamba"])
@@ -106,12 +127,10 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     for name in args.names:
         run_dir = args.from_run or Path("results") / "train_lm" / name
-        command = (f"python -m jaxinterp.experiments.train_lm.main --config {name} --out results/train_lm/{name}\n"
-                   f"    # or, training and shipping in one go:\n"
-                   f"    python -m jaxinterp.experiments.train_lm.make_embedded {name}")
-        command = args.command or command
+        command = args.command or _commands(name, Path("results") / "train_lm" / name)
         if args.from_run is None:
-            train_main.main(["--config", name, "--out", str(run_dir)])
+            for argv in _stage_argvs(name, run_dir):
+                train_main.main(argv)
         notes = args.notes.read_text() if args.notes else ""
         print(f"shipped {ship(name, run_dir, command, notes)}")
 

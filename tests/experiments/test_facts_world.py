@@ -121,6 +121,26 @@ def _write_world(world, path):
     return path
 
 
+def test_train_passage_sentences_changes_training_passages_only():
+    """The curriculum knob: training passages take their length from train_passage_sentences
+    (so the corpus equals that of a world whose passage_sentences it is), while the evaluation
+    passages keep passage_sentences."""
+
+    def n_sentences(doc):  # sentences before the first question of a training passage
+        return doc.split(" Question : ")[0].count(" . ") + 1
+
+    short = FactsWorld(WorldConfig(p_passage=1.0, train_passage_sentences=(1, 1)))
+    docs = short.documents(40, seed=1)
+    assert docs == FactsWorld(WorldConfig(p_passage=1.0, passage_sentences=(1, 1))).documents(40, seed=1)
+    assert {n_sentences(d) for d in docs} == {1}
+    assert short.context_passages(30, seed=2) == FactsWorld(WorldConfig(p_passage=1.0)).context_passages(30, seed=2)
+    assert {len(c.sentence_spans) for c in short.context_passages(30, seed=2)} == {2, 3, 4, 5}
+    with pytest.raises(ValueError, match="train_passage_sentences"):
+        WorldConfig(train_passage_sentences=(0, 2))
+    with pytest.raises(ValueError, match="train_passage_sentences"):
+        WorldConfig(train_passage_sentences=(1, 9))
+
+
 def test_bad_input(world):
     with pytest.raises(ValueError, match="split"):
         world.fact_prompts("test")

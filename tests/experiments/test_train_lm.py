@@ -42,7 +42,7 @@ def test_overrides():
 def test_warmup_longer_than_run_is_a_clear_error():
     # used to crash inside optax ("cosine_decay_schedule requires positive decay_steps")
     with pytest.raises(ValueError, match=r"optim.warmup_steps \(100\) must be smaller than train.steps \(30\)"):
-        get_config("facts-mamba", ["train.steps=30"])
+        get_config("facts-gpt", ["train.steps=30"])
     with pytest.raises(ValueError, match="warmup_steps"):
         make_optimizer(dataclasses.replace(get_config("tiny"), train=TrainConfig(steps=5)))
     cfg = get_config("facts-mamba", ["train.steps=30", "optim.warmup_steps=3"])  # order of overrides is free
@@ -216,13 +216,6 @@ def test_init_from_loads_weights_checks_them_and_resumes(tmp_path):
     assert any(moved)  # training started from the loaded weights and changed them
 
 
-# The shipped facts-mamba (1800 steps on a 2-core CPU) recalls facts but has not learnt in-context
-# copying yet (fine-tuning with a passage-heavy mix and answer weighting for up to 1100 more steps
-# did not move it either); strict xfail keeps the target visible and fails once a model that meets
-# it ships.
-_COPY_SHORTFALL = pytest.mark.xfail(strict=True, reason="facts-mamba: in-context copy below the 90% target")
-
-
 @pytest.mark.parametrize("name", ["facts-gpt", "facts-mamba"])
 def test_shipped_models_recall_facts(name):
     res = _shipped_eval(name)
@@ -230,10 +223,30 @@ def test_shipped_models_recall_facts(name):
     assert res["paraphrase_acc"] >= 0.80, res
 
 
-@pytest.mark.parametrize("name", ["facts-gpt", pytest.param("facts-mamba", marks=_COPY_SHORTFALL)])
+@pytest.mark.parametrize("name", ["facts-gpt", "facts-mamba"])
 def test_shipped_models_copy_in_context(name):
     res = _shipped_eval(name)
     assert res["copy_acc"] >= 0.90, res
+
+
+def test_curriculum_stages_chain_their_exports(tmp_path):
+    """make_embedded trains a preset's curriculum stages in order, each from the previous export,
+    then the preset itself from the last one; every stage's overrides parse into a valid config."""
+    from jaxinterp.experiments.train_lm.config import CURRICULA
+    from jaxinterp.experiments.train_lm.make_embedded import _stage_argvs
+
+    run = tmp_path / "facts-mamba"
+    argvs = _stage_argvs("facts-mamba", run)
+    assert len(argvs) == len(CURRICULA["facts-mamba"]) + 1
+    sources = [None] + [str(tmp_path / f"facts-mamba-{stage}" / "export") for stage, _ in CURRICULA["facts-mamba"]]
+    for argv, source in zip(argvs, sources):
+        sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+        init = argv[argv.index("--init-from") + 1] if "--init-from" in argv else None
+        assert init == source
+        cfg = get_config("facts-mamba", sets)
+        assert cfg.data.world.passage_sentences == (2, 5)  # evaluation passages are never shortened
+    assert argvs[-1][-1] == str(run) and get_config("facts-mamba", []).data.world.train_passage_sentences == (1, 5)
+    assert _stage_argvs("facts-gpt", run) == [["--config", "facts-gpt", "--out", str(run)]]
 
 
 def test_shipped_models_share_one_world():
