@@ -74,10 +74,14 @@ def batch_fn_for(acts: np.ndarray, batch_size: int, seed: int):
     n = len(acts) // batch_size * batch_size
     per_epoch = n // batch_size
 
+    cache = {}  # the current epoch's permutation (one permutation of all rows per epoch, not per step)
+
     def batch(t: int) -> np.ndarray:
         epoch, i = divmod(t, per_epoch)
-        perm = np.random.default_rng([seed, epoch]).permutation(len(acts))[:n]
-        return acts[perm[i * batch_size:(i + 1) * batch_size]]
+        if epoch not in cache:
+            cache.clear()
+            cache[epoch] = np.random.default_rng([seed, epoch]).permutation(len(acts))[:n]
+        return acts[cache[epoch][i * batch_size:(i + 1) * batch_size]]
 
     return batch
 
