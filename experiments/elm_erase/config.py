@@ -51,9 +51,9 @@ class ExperimentConfig:
     gen_new_open: int = 24
     template_objects: str = "erased"
     lora: LoraConfig = LoraConfig(rank=8, alpha=16.0, dropout=0.05)
-    # template_weight=1: retain on erase text with the erased objects' positions masked; retain_soft:
+    # template_weight=40: retain on erase text with the erased objects' positions masked; retain_soft:
     # retain / template against the frozen distribution, not its argmax (README: seamlessness)
-    elm: ElmConfig = ElmConfig.tiny(eta=4.0, lr=2e-3, template_weight=1.0, retain_soft=True)
+    elm: ElmConfig = ElmConfig.tiny(eta=4.0, lr=2e-3, template_weight=40.0, retain_soft=True)
 
     def __post_init__(self):
         unknown = sorted(set(self.methods) - {"elm", "ga", "rmu"})
