@@ -14,20 +14,16 @@ just played". Writes ``diagnose.json`` to ``--out``.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-from pathlib import Path
 
 import numpy as np
 
-import jaxinterp as ji
-from jaxinterp.experiments.data import othello
-from jaxinterp.sae import SAETrainer, unstack
+from jaxinterp.sae import unstack
 from jaxinterp.sae.board import _fires, board_reconstruction, f1_matrix
 from jaxinterp.sae.metrics import latent_acts
 
-from .main import PRESETS, batch_fn_for, board_size_of, collect, make_runs, parse_overrides
+from .main import models_of, setup, train_saes
 
 STAGES = ((0, 5), (5, 10), (10, 20), (20, 10_000))  # input-position buckets [lo, hi)
 
@@ -79,38 +75,24 @@ def last_move_detectors(acts: np.ndarray, last_square: np.ndarray, n_squares: in
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="default")
-    ap.add_argument("--out", default="results/sae_boardgame_diagnose")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields (tuples: a,b,c)")
-    args = ap.parse_args(argv)
-    cfg = PRESETS[args.preset](**parse_overrides(args.set))
-    trained = ji.load(cfg.model)
-    board = othello.OthelloConfig(size=board_size_of(trained))
-    games = {"train": othello.random_games(board, cfg.n_train_games, seed=cfg.seed + 100, full_only=True),
-             "test": othello.random_games(board, cfg.n_test_games, seed=cfg.seed + 200, full_only=True)}
-    site = f"blocks.{cfg.layer}.resid_post"
+    cfg, path, trained, board, games = setup(argv, __doc__.split("\n\n")[0], "results/sae_boardgame_diagnose")
     n_in = board.n_moves - 1
     positions = np.tile(np.arange(n_in), cfg.n_test_games)
     last_sq = {k: g.squares[:, :-1].reshape(-1) for k, g in games.items()}
     last_prop = last_sq["test"] * 3 + 1  # mine / theirs / empty layout of mine_theirs_blank_masked
     n_label = cfg.n_label_games * n_in
     out = {"config": dataclasses.asdict(cfg)}
-    for name, model in (("trained", trained), ("random_init", ji.init(trained.config, cfg.random_seed))):
-        train_acts, train_props, _ = collect(model, games["train"], board, site)
-        test_acts, test_props, _ = collect(model, games["test"], board, site)
-        runs = make_runs(cfg, train_acts.shape[1])
-        trainer = SAETrainer(runs)
-        states, _ = trainer.fit(trainer.init(train_acts[:8192]), batch_fn_for(train_acts, cfg.batch_size, cfg.seed),
-                                progress=False)
+    for name, model in models_of(cfg, trained):
+        runs, states, _, data = train_saes(cfg, model, games, board, progress=False)
+        p_lab, test_props = data["label_props"], data["test_props"]
         rows = []
         for fam, (_, grid) in runs.items():
             for i, override in enumerate(grid):
                 sae = unstack(states[fam], i).sae
-                a_label, a_test = latent_acts(sae, train_acts[:n_label]), latent_acts(sae, test_acts)
-                rec = board_reconstruction(a_label, train_props[:n_label], a_test, test_props)
+                a_label, a_test = latent_acts(sae, data["label_acts"]), latent_acts(sae, data["test_acts"])
+                rec = board_reconstruction(a_label, p_lab, a_test, test_props)
                 row = {"family": fam, **override, "reconstruction": rec["reconstruction"],
-                       **reconstruction_breakdown(a_label, train_props[:n_label], a_test, test_props,
+                       **reconstruction_breakdown(a_label, p_lab, a_test, test_props,
                                                   rec["best_threshold"], positions, last_prop)}
                 det = last_move_detectors(a_label, last_sq["train"][:n_label], board.n_squares, rec["best_threshold"])
                 row["last_move_detector_f1_median"] = float(np.median(det[np.bincount(
@@ -122,8 +104,6 @@ def main(argv=None) -> dict:
                       + f"  last-move share {row['last_move_share_of_tp']:.2f}  "
                         f"last-move detector F1 {row['last_move_detector_f1_median']:.2f}", flush=True)
         out[name] = rows
-    path = Path(args.out)
-    path.mkdir(parents=True, exist_ok=True)
     (path / "diagnose.json").write_text(json.dumps(out, indent=1))
     return out
 

@@ -105,20 +105,28 @@ def evaluate(cfg: BoardgameConfig, model, site: str, runs: dict, states: dict, d
     return rows
 
 
-def run_model(cfg: BoardgameConfig, model, name: str, games: dict, board: othello.OthelloConfig) -> dict:
+def train_saes(cfg: BoardgameConfig, model, games: dict, board: othello.OthelloConfig, **fit_kw):
+    """Capture the site on the train / test games and train every family's grid on the train
+    activations. Returns (runs, states, history, data); ``data`` holds the test and labelling
+    activations and properties and the CE-loss tokens."""
     site = f"blocks.{cfg.layer}.resid_post"
     train_acts, train_props, _ = collect(model, games["train"], board, site)
     test_acts, test_props, test_tokens = collect(model, games["test"], board, site)
     n_label = cfg.n_label_games * (board.n_moves - 1)
-    data = {"test_acts": test_acts, "test_props": test_props, "label_acts": train_acts[:n_label],
+    data = {"site": site, "test_acts": test_acts, "test_props": test_props, "label_acts": train_acts[:n_label],
             "label_props": train_props[:n_label], "ce_tokens": test_tokens[:cfg.n_ce_games]}
     runs = make_runs(cfg, train_acts.shape[1])
     trainer = SAETrainer(runs)
-    t0 = time.time()
     states, history = trainer.fit(trainer.init(train_acts[:8192]), batch_fn_for(train_acts, cfg.batch_size, cfg.seed),
-                                  log_every=max(cfg.steps // 10, 1))
+                                  **fit_kw)
+    return runs, states, history, data
+
+
+def run_model(cfg: BoardgameConfig, model, name: str, games: dict, board: othello.OthelloConfig) -> dict:
+    t0 = time.time()
+    runs, states, history, data = train_saes(cfg, model, games, board, log_every=max(cfg.steps // 10, 1))
     print(f"[{name}] trained {sum(len(g) for _, g in runs.values())} SAEs in {time.time() - t0:.0f}s; evaluating")
-    return {"rows": evaluate(cfg, model, site, runs, states, data), "train_seconds": time.time() - t0,
+    return {"rows": evaluate(cfg, model, data["site"], runs, states, data), "train_seconds": time.time() - t0,
             "history": history}
 
 
@@ -178,10 +186,12 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def setup(argv, description: str, default_out: str):
+    """The experiment's command line (``--preset``, ``--out``, ``--set``) and its data: returns
+    (config, output dir (created), the trained model, the board, the train / test games)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="default")
-    ap.add_argument("--out", default="results/sae_boardgame")
+    ap.add_argument("--out", default=default_out)
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields (tuples: a,b,c)")
     args = ap.parse_args(argv)
     cfg = PRESETS[args.preset](**parse_overrides(args.set))
@@ -191,8 +201,18 @@ def main(argv=None) -> dict:
     board = othello.OthelloConfig(size=board_size_of(trained))
     games = {"train": othello.random_games(board, cfg.n_train_games, seed=cfg.seed + 100, full_only=True),
              "test": othello.random_games(board, cfg.n_test_games, seed=cfg.seed + 200, full_only=True)}
+    return cfg, out, trained, board, games
+
+
+def models_of(cfg: BoardgameConfig, trained) -> tuple:
+    """(name, model) of the trained model and its random-init control."""
+    return ("trained", trained), ("random_init", ji.init(trained.config, cfg.random_seed))
+
+
+def main(argv=None) -> dict:
+    cfg, out, trained, board, games = setup(argv, __doc__.split("\n\n")[0], "results/sae_boardgame")
     results = {"config": dataclasses.asdict(cfg)}
-    for name, model in (("trained", trained), ("random_init", ji.init(trained.config, cfg.random_seed))):
+    for name, model in models_of(cfg, trained):
         print(f"== {name}")
         results[name] = run_model(cfg, model, name, games, board)
     (out / "results.json").write_text(json.dumps(results, indent=1))
