@@ -587,8 +587,8 @@ class FactsWorld:
 
     def _passage_document(self, rng) -> str:
         """A training passage followed by up to ``passage_questions`` answered questions."""
-        sentences = self.config.train_passage_sentences or self.config.passage_sentences
-        pairs, objs, q, tmpl = self._passage_parts(rng, counterfactual=None, sentences=sentences)
+        pairs, objs, q, tmpl = self._passage_parts(rng, counterfactual=None,
+                                                   sentences=self.config.train_passage_sentences)
         text = self._passage(rng, pairs, objs, q, tmpl).text + f" {objs[q]} ."
         others = [i for i in rng.permutation(len(pairs)) if i != q][: self.config.passage_questions - 1]
         for i in others:
@@ -599,6 +599,8 @@ class FactsWorld:
         return text
 
     def _passage_parts(self, rng, counterfactual: bool | None, sentences: tuple[int, int] | None = None):
+        """One passage's (pairs, objects, question index, templates); ``sentences`` (min, max)
+        defaults to ``passage_sentences``."""
         lo, hi = sentences or self.config.passage_sentences
         k = int(rng.integers(lo, hi + 1))
         pairs = self._passage_pairs(rng, k)
