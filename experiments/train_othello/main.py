@@ -1,6 +1,6 @@
 """Train othello-gpt: a GPT-2-style next-move predictor on random legal Othello games.
 
-    python -m jaxinterp.experiments.train_othello.main --preset medium --out models/embedded/othello-gpt
+    python -m jaxinterp.experiments.train_othello.main --preset long --out models/embedded/othello-gpt
 
 Writes the model as a Hugging Face directory (config.json + model.safetensors) with a
 ``token_map.json`` (token -> square name), and ``metrics.json``: legal-move accuracy
@@ -37,8 +37,8 @@ from jaxinterp.models.gpt2 import GPT2Config
 
 from .config import TrainOthelloConfig
 
-PRESETS = {"small": TrainOthelloConfig.small, "medium": TrainOthelloConfig.medium, "tiny": TrainOthelloConfig.tiny,
-           "standard8": TrainOthelloConfig.standard8}
+PRESETS = {"small": TrainOthelloConfig.small, "medium": TrainOthelloConfig.medium, "long": TrainOthelloConfig.long,
+           "tiny": TrainOthelloConfig.tiny, "standard8": TrainOthelloConfig.standard8}
 
 
 def model_config(cfg: TrainOthelloConfig) -> GPT2Config:
