@@ -32,7 +32,7 @@ from jaxinterp.sae.metrics import downstream_metrics, latent_acts, reconstructio
 
 from .config import BoardgameConfig
 
-PRESETS = {"default": BoardgameConfig.default, "smoke": BoardgameConfig.smoke}
+PRESETS = {"default": BoardgameConfig.default, "scaled": BoardgameConfig.scaled, "smoke": BoardgameConfig.smoke}
 
 
 def board_size_of(model) -> int:
