@@ -67,8 +67,7 @@ class TrainOthelloConfig:
 
         About 50 minutes on an idle 2-core CPU (0.145 s per step).
         """
-        defaults = dict(d_model=128, d_mlp=512, n_train_games=400_000, steps=20_000)
-        return cls(**{**defaults, **kw})
+        return cls.medium(**{"n_train_games": 400_000, "steps": 20_000, **kw})
 
     @classmethod
     def tiny(cls, **kw) -> "TrainOthelloConfig":
