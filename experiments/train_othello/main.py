@@ -2,6 +2,8 @@
 
     python -m jaxinterp.experiments.train_othello.main --preset long --out models/embedded/othello-gpt
 
+(``--preset long`` is the default: the shipped model's config.)
+
 Writes the model as a Hugging Face directory (config.json + model.safetensors) with a
 ``token_map.json`` (token -> square name), and ``metrics.json``: legal-move accuracy
 (the top-1 predicted move is legal) and a linear probe's board-state accuracy (mine /
@@ -39,6 +41,7 @@ from .config import TrainOthelloConfig
 
 PRESETS = {"small": TrainOthelloConfig.small, "medium": TrainOthelloConfig.medium, "long": TrainOthelloConfig.long,
            "tiny": TrainOthelloConfig.tiny, "standard8": TrainOthelloConfig.standard8}
+DEFAULT_PRESET = "long"  # the preset of the shipped models/embedded/othello-gpt
 
 
 def model_config(cfg: TrainOthelloConfig) -> GPT2Config:
@@ -231,7 +234,8 @@ def write_model_dir(model, cfg: TrainOthelloConfig, out: Path, metrics: dict) ->
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
+                    help=f"config preset (default: {DEFAULT_PRESET}, the shipped othello-gpt's)")
     ap.add_argument("--out", default="results/othello-gpt")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields")
     ap.add_argument("--ckpt", default=None, help="checkpoint directory (default: <out>/ckpt); re-running the same "

@@ -125,6 +125,18 @@ def test_embedded_othello_gpt_predicts_legal_moves():
     assert legal_move_accuracy(control, cfg, games) < 0.3
 
 
+def test_default_preset_is_the_shipped_models_config():
+    """``train_othello.main`` with no ``--preset`` retrains the shipped model (same config, field for field)."""
+    import dataclasses
+    import json
+
+    from jaxinterp.experiments.train_othello.main import DEFAULT_PRESET, PRESETS
+    from jaxinterp.loading import embedded_dir
+
+    shipped = json.loads((embedded_dir("othello-gpt") / "metrics.json").read_text())["config"]
+    assert dataclasses.asdict(PRESETS[DEFAULT_PRESET]()) == shipped
+
+
 def test_train_resumes_bit_identical(tmp_path):
     """A run killed mid-training and re-run resumes from its checkpoint and ends with the same params."""
     import jax
