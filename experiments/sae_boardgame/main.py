@@ -1,6 +1,7 @@
 """SAEs of six families on othello-gpt vs its random-init twin, judged by board-game metrics.
 
     python -m jaxinterp.experiments.sae_boardgame.main --out results/sae_boardgame
+    python -m jaxinterp.experiments.sae_boardgame.main --preset long   # the README's headline run
 
 For each model (trained othello-gpt, and a random-initialised model of the same config)
 the residual stream ``blocks.{layer}.resid_post`` is collected on random legal games;
@@ -32,7 +33,8 @@ from jaxinterp.sae.metrics import downstream_metrics, latent_acts, reconstructio
 
 from .config import BoardgameConfig
 
-PRESETS = {"default": BoardgameConfig.default, "scaled": BoardgameConfig.scaled, "smoke": BoardgameConfig.smoke}
+PRESETS = {"default": BoardgameConfig.default, "long": BoardgameConfig.long, "scaled": BoardgameConfig.scaled,
+           "smoke": BoardgameConfig.smoke}
 
 
 def board_size_of(model) -> int:

@@ -46,6 +46,21 @@ def test_vmapped_grid_equals_separate_runs(family, grid):
             np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-6, err_msg=f"{family}[{i}] {path}")
 
 
+def test_a_family_trains_the_same_whichever_families_run_beside_it():
+    """Families share only the batches: relu trained alone equals relu trained with topk and gated."""
+    base = dict(d_in=D, d_sae=F, steps=12, lr=1e-3, lr_warmup_steps=3, dead_tokens=128, aux_k=4)
+    relu = (SAETrainConfig(family="relu", **base), [{"sparsity_coeff": 0.05}, {"sparsity_coeff": 0.2, "seed": 1}])
+    others = {"t": (SAETrainConfig(family="topk", k=3, **base), [{"seed": 5}]),
+              "g": (SAETrainConfig(family="gated", sparsity_coeff=0.1, **base), [{"seed": 6}])}
+    alone, together = SAETrainer({"r": relu}), SAETrainer({"r": relu, **others})
+    a, _ = alone.fit(alone.init(SAMPLE), batch_fn, progress=False)
+    b, _ = together.fit(together.init(SAMPLE), batch_fn, progress=False)
+    assert set(b) == {"r", "t", "g"}
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a["r"]), jax.tree_util.tree_leaves(b["r"]),
+                            strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7, err_msg=str(path))
+
+
 def test_decoder_rows_stay_unit_norm_and_training_reduces_mse():
     cfg = SAETrainConfig(family="relu", d_in=D, d_sae=F, steps=60, lr=3e-3, sparsity_coeff=0.01, lr_warmup_steps=1)
     trainer = SAETrainer({"r": (cfg, [{}])})
