@@ -10,7 +10,9 @@ is then scored on held-out games: L0, MSE, FVE, cosine, dead/dense fractions, re
 reconstruction bias, CE loss recovered and KL (splicing the SAE into the model; zero
 ablation as the floor), and the board-game coverage and board reconstruction of the
 "mine / theirs" (blank-masked) board state (METHODS §4). Writes ``results.json`` and
-``frontier.png`` to ``--out``.
+``frontier.png`` to ``--out``. SAE training state is checkpointed in ``<out>/ckpt`` (every
+tenth of the run); re-running the same command resumes from it, and a different config with
+the same ``--out`` is refused.
 """
 
 from __future__ import annotations
@@ -124,9 +126,14 @@ def train_saes(cfg: BoardgameConfig, model, games: dict, board: othello.OthelloC
     return runs, states, history, data
 
 
-def run_model(cfg: BoardgameConfig, model, name: str, games: dict, board: othello.OthelloConfig) -> dict:
+def run_model(cfg: BoardgameConfig, model, name: str, games: dict, board: othello.OthelloConfig,
+              ckpt_dir: Path | None = None) -> dict:
+    """Train and evaluate one model's SAEs. With ``ckpt_dir``, training state is checkpointed
+    every tenth of the run and a re-run resumes from the latest checkpoint (``history`` then
+    covers the resumed steps only)."""
     t0 = time.time()
-    runs, states, history, data = train_saes(cfg, model, games, board, log_every=max(cfg.steps // 10, 1))
+    runs, states, history, data = train_saes(cfg, model, games, board, log_every=max(cfg.steps // 10, 1),
+                                             ckpt_dir=ckpt_dir, save_every=max(cfg.steps // 10, 1))
     print(f"[{name}] trained {sum(len(g) for _, g in runs.values())} SAEs in {time.time() - t0:.0f}s; evaluating")
     return {"rows": evaluate(cfg, model, data["site"], runs, states, data), "train_seconds": time.time() - t0,
             "history": history}
@@ -211,12 +218,29 @@ def models_of(cfg: BoardgameConfig, trained) -> tuple:
     return ("trained", trained), ("random_init", ji.init(trained.config, cfg.random_seed))
 
 
+def checkpoint_root(out: Path, config: dict) -> Path:
+    """``<out>/ckpt``, holding the config it was written for: a re-run of the same command resumes
+    from it; a different config is refused rather than mixed in."""
+    root = out / "ckpt"
+    saved = root / "config.json"
+    if saved.exists():
+        old = json.loads(saved.read_text())
+        if old != json.loads(json.dumps(config)):
+            diff = sorted(k for k in set(old) | set(config) if old.get(k) != json.loads(json.dumps(config)).get(k))
+            raise SystemExit(f"{root} holds checkpoints of a different config (fields {diff} differ); "
+                             f"use another --out or delete {root}")
+    root.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(config, indent=1))
+    return root
+
+
 def main(argv=None) -> dict:
     cfg, out, trained, board, games = setup(argv, __doc__.split("\n\n")[0], "results/sae_boardgame")
     results = {"config": dataclasses.asdict(cfg)}
+    ckpt_root = checkpoint_root(out, results["config"])
     for name, model in models_of(cfg, trained):
         print(f"== {name}")
-        results[name] = run_model(cfg, model, name, games, board)
+        results[name] = run_model(cfg, model, name, games, board, ckpt_dir=ckpt_root / name)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     plot(results, out / "frontier.png")
     print(summary_table(results))

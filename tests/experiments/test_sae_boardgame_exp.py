@@ -33,3 +33,47 @@ def test_smoke_run_writes_consistent_results(tmp_path):
                 assert r["l0"] == pytest.approx(r["k"], abs=1e-6)
     # The trained model predicts moves; the random-init control does not.
     assert results["trained"]["rows"][0]["ce_clean"] < results["random_init"]["rows"][0]["ce_clean"]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_results(tmp_path, monkeypatch):
+    """A run killed mid-training, re-run with the same command, resumes from its checkpoint and
+    ends with the results of an uninterrupted run; a different config in the same --out is refused."""
+    from jaxinterp.experiments.sae_boardgame import main as mod
+
+    args = ["--preset", "smoke", "--set", "families=relu,topk"]
+    full = main(args + ["--out", str(tmp_path / "full")])
+
+    class Killed(Exception):
+        pass
+
+    real = mod.batch_fn_for
+
+    def dies_at_step_12(acts, batch_size, seed):
+        fn = real(acts, batch_size, seed)
+
+        def batch(t):
+            if t == 12:
+                raise Killed
+            return fn(t)
+
+        return batch
+
+    monkeypatch.setattr(mod, "batch_fn_for", dies_at_step_12)
+    with pytest.raises(Killed):
+        main(args + ["--out", str(tmp_path / "killed")])
+    assert sorted(p.name for p in (tmp_path / "killed/ckpt/trained").iterdir()) == ["10", "12"]
+    monkeypatch.setattr(mod, "batch_fn_for", real)
+    resumed = main(args + ["--out", str(tmp_path / "killed")])
+    assert full["trained"]["history"][0][0] == 2  # logged every 2 of the 20 steps
+    assert resumed["trained"]["history"][0][0] == 14  # trained from the step-12 checkpoint, not from 0
+    for name in ("trained", "random_init"):
+        for a, b in zip(full[name]["rows"], resumed[name]["rows"], strict=True):
+            assert a.keys() == b.keys()
+            for key in a:
+                if isinstance(a[key], float):
+                    assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (name, a["family"], key)
+                else:
+                    assert a[key] == b[key], (name, a["family"], key)
+    with pytest.raises(SystemExit, match=r"different config \(fields \['steps'\]"):
+        main(args[:-1] + ["families=relu,topk", "steps=30", "--out", str(tmp_path / "killed")])
