@@ -19,6 +19,7 @@ the latest good one.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,28 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ["Checkpointer"]
+__all__ = ["Checkpointer", "check_run_config"]
+
+
+def check_run_config(directory: str | os.PathLike, config: dict, hint: str = "delete that directory") -> None:
+    """Tie a checkpoint directory to the run config it is written for (``<directory>/config.json``).
+
+    The first call records ``config``; later calls with a different config raise ``ValueError``
+    naming the fields that differ (so a resume never mixes two runs' state). ``config`` is
+    compared after a JSON round trip, so tuples and lists are the same value.
+    """
+    directory = Path(directory)
+    path = directory / "config.json"
+    want = json.loads(json.dumps(config))
+    if path.exists():
+        have = json.loads(path.read_text())
+        diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+        if diff:
+            raise ValueError(f"checkpoints in {directory} were written for a different config (fields {diff}: "
+                             f"{ {k: have.get(k) for k in diff} } vs {({k: want.get(k) for k in diff})}); {hint}")
+    else:
+        directory.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(want, indent=1))
 
 
 def _is_typed_key(x) -> bool:

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxinterp as ji
+from jaxinterp.checkpoint import check_run_config
 from jaxinterp.experiments.data import othello
 from jaxinterp.sae import SAETrainConfig, SAETrainer, unstack
 from jaxinterp.sae.board import board_reconstruction, coverage
@@ -132,8 +133,9 @@ def run_model(cfg: BoardgameConfig, model, name: str, games: dict, board: othell
     every tenth of the run and a re-run resumes from the latest checkpoint (``history`` then
     covers the resumed steps only)."""
     t0 = time.time()
-    runs, states, history, data = train_saes(cfg, model, games, board, log_every=max(cfg.steps // 10, 1),
-                                             ckpt_dir=ckpt_dir, save_every=max(cfg.steps // 10, 1))
+    tenth = max(cfg.steps // 10, 1)
+    runs, states, history, data = train_saes(cfg, model, games, board, log_every=tenth, ckpt_dir=ckpt_dir,
+                                             save_every=tenth)
     print(f"[{name}] trained {sum(len(g) for _, g in runs.values())} SAEs in {time.time() - t0:.0f}s; evaluating")
     return {"rows": evaluate(cfg, model, data["site"], runs, states, data), "train_seconds": time.time() - t0,
             "history": history}
@@ -218,26 +220,14 @@ def models_of(cfg: BoardgameConfig, trained) -> tuple:
     return ("trained", trained), ("random_init", ji.init(trained.config, cfg.random_seed))
 
 
-def checkpoint_root(out: Path, config: dict) -> Path:
-    """``<out>/ckpt``, holding the config it was written for: a re-run of the same command resumes
-    from it; a different config is refused rather than mixed in."""
-    root = out / "ckpt"
-    saved = root / "config.json"
-    if saved.exists():
-        old = json.loads(saved.read_text())
-        if old != json.loads(json.dumps(config)):
-            diff = sorted(k for k in set(old) | set(config) if old.get(k) != json.loads(json.dumps(config)).get(k))
-            raise SystemExit(f"{root} holds checkpoints of a different config (fields {diff} differ); "
-                             f"use another --out or delete {root}")
-    root.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(config, indent=1))
-    return root
-
-
 def main(argv=None) -> dict:
     cfg, out, trained, board, games = setup(argv, __doc__.split("\n\n")[0], "results/sae_boardgame")
     results = {"config": dataclasses.asdict(cfg)}
-    ckpt_root = checkpoint_root(out, results["config"])
+    ckpt_root = out / "ckpt"
+    try:
+        check_run_config(ckpt_root, results["config"], hint=f"use another --out or delete {ckpt_root}")
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     for name, model in models_of(cfg, trained):
         print(f"== {name}")
         results[name] = run_model(cfg, model, name, games, board, ckpt_dir=ckpt_root / name)

@@ -33,7 +33,7 @@ import optax
 from tqdm import tqdm
 
 import jaxinterp as ji
-from jaxinterp.checkpoint import Checkpointer
+from jaxinterp.checkpoint import Checkpointer, check_run_config
 from jaxinterp.experiments.data import othello
 from jaxinterp.models.gpt2 import GPT2Config
 
@@ -80,22 +80,6 @@ def _train_step(cfg: TrainOthelloConfig):
     return step
 
 
-def _check_resumable(ckpt_dir: Path, cfg: TrainOthelloConfig) -> None:
-    """Refuse to resume a checkpoint directory written for a different config."""
-    path = ckpt_dir / "config.json"
-    want = dataclasses.asdict(cfg)
-    if path.exists():
-        have = json.loads(path.read_text())
-        diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
-        if diff:
-            raise ValueError(f"checkpoints in {ckpt_dir} were written for a different config (fields {diff}: "
-                             f"{ {k: have.get(k) for k in diff} } vs {({k: want.get(k) for k in diff})}); "
-                             f"pass another --ckpt or delete that directory")
-    else:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(want, indent=1))
-
-
 def train(cfg: TrainOthelloConfig, tokens: np.ndarray, *, ckpt_dir: str | Path | None = None,
           save_every: int = 500, eval_every: int = 0, eval_fn=None, progress: bool = True, log=print):
     """Train (or resume) on ``tokens [G, n_moves]``; returns (model, losses).
@@ -113,7 +97,7 @@ def train(cfg: TrainOthelloConfig, tokens: np.ndarray, *, ckpt_dir: str | Path |
     ckpt = None
     if ckpt_dir is not None:
         ckpt_dir = Path(ckpt_dir)
-        _check_resumable(ckpt_dir, cfg)
+        check_run_config(ckpt_dir, dataclasses.asdict(cfg), hint="pass another --ckpt or delete that directory")
         ckpt = Checkpointer(ckpt_dir, keep=2, save_every=max(save_every, 1))
         if ckpt.latest_step() is not None:
             state = ckpt.restore(template=state)
