@@ -23,7 +23,8 @@ import numpy as np
 import optax
 
 import jaxinterp as ji
-from jaxinterp import elm, lora
+from jaxinterp import lora
+from jaxinterp.unlearning import elm
 from jaxinterp.models.gpt2 import GPT2Config
 
 

@@ -29,8 +29,8 @@ __version__ = "0.1.0"
 # Subpackages imported on first attribute access (``ji.patching.trace(...)``), so that
 # ``import jaxinterp`` stays fast and pulls in no optional machinery.
 _LAZY_SUBMODULES = (
-    "patching", "rome", "sae", "lora", "elm", "unlearning_baselines", "unlearning_metrics", "sharding",
-    "distributed", "checkpoint", "heads", "grads", "hf", "interventions", "sites", "models", "experiments",
+    "patching", "editing", "sae", "lora", "unlearning", "sharding", "checkpoint", "heads", "grads", "hf",
+    "interventions", "sites", "models",
 )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxinterp.elm import ElmConfig
+from jaxinterp.unlearning.elm import ElmConfig
 from jaxinterp.lora import LoraConfig
 
 

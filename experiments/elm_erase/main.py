@@ -20,9 +20,10 @@ import numpy as np
 import optax
 
 import jaxinterp as ji
-from jaxinterp import elm, lora
-from jaxinterp import unlearning_baselines as ub
-from jaxinterp import unlearning_metrics as um
+from jaxinterp import lora
+from jaxinterp.unlearning import elm
+from jaxinterp.unlearning import baselines as ub
+from jaxinterp.unlearning import metrics as um
 from jaxinterp.experiments.data.facts_world import BOS, DOMAINS, PAD, FactsWorld, WorldConfig
 from jaxinterp.experiments.elm_erase.config import ExperimentConfig, override
 

@@ -20,7 +20,7 @@ import numpy as np
 from jaxinterp.experiments.causal_trace.main import load_world_model
 from jaxinterp.experiments.rome.config import RomeExperimentConfig
 from jaxinterp.experiments.rome.main import corpus_batches, make_contexts, request_of, rome_config
-from jaxinterp.rome import edit, key_covariances, target_logprobs
+from jaxinterp.editing.rome import edit, key_covariances, target_logprobs
 
 
 def frame(prompt, n: int) -> tuple[int, ...]:
@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="any ji.load source of a facts-world model (default facts-gpt)")
     p.add_argument("--mamba", action="store_true", help="facts-mamba (out_proj by default)")
-    p.add_argument("--target", default=None, help="edit target (jaxinterp.rome.TARGETS)")
+    p.add_argument("--target", default=None, help="edit target (jaxinterp.editing.rome.TARGETS)")
     p.add_argument("--layer", type=int, default=0)
     p.add_argument("--n-edits", type=int, default=8)
     p.add_argument("--frame-tokens", type=int, default=2, help="tokens before the subject that define the frame")

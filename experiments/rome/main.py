@@ -23,7 +23,7 @@ from tqdm import tqdm
 from jaxinterp.experiments.causal_trace.main import load_world_model, parse_overrides
 from jaxinterp.experiments.data.facts_world import PAD
 from jaxinterp.experiments.rome.config import RomeExperimentConfig
-from jaxinterp.rome import (EditRequest, RomeConfig, counterfact_scores, edit, key_covariances, sample_contexts,
+from jaxinterp.editing.rome import (EditRequest, RomeConfig, counterfact_scores, edit, key_covariances, sample_contexts,
                             target_logprobs)
 
 METRICS = ("efficacy", "paraphrase", "neighborhood", "score")

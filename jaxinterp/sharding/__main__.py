@@ -181,7 +181,7 @@ def _simulate(target, family, config, shapes, rules, args) -> dict:
 
 
 def patch_sweep(args) -> int:
-    from jaxinterp import distributed
+    from jaxinterp.sharding import distributed
     from jaxinterp import sharding as jsh
     from jaxinterp.model import init
 
@@ -242,7 +242,7 @@ def _write_patching(out_dir: Path, out: dict, args, target, seconds: float) -> N
 
 
 def _parser() -> argparse.ArgumentParser:
-    from jaxinterp import distributed
+    from jaxinterp.sharding import distributed
 
     p = argparse.ArgumentParser(prog="python -m jaxinterp.sharding", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)

@@ -17,7 +17,7 @@ from jaxinterp.experiments.rome.main import eval_record
 from jaxinterp.experiments.rome.main import run as run_rome
 from jaxinterp.experiments.train_lm.config import get_config
 from jaxinterp.experiments.train_lm.main import build_model, export
-from jaxinterp.rome import counterfact_scores, target_logprobs
+from jaxinterp.editing.rome import counterfact_scores, target_logprobs
 
 
 @pytest.fixture(scope="module")

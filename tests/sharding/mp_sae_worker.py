@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from jaxinterp import distributed
+from jaxinterp.sharding import distributed
 from jaxinterp import sharding as jsh
 from jaxinterp.checkpoint import Checkpointer
 

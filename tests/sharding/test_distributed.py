@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxinterp import distributed
+from jaxinterp.sharding import distributed
 
 WORKER = Path(__file__).with_name("mp_sae_worker.py")
 ROOT = Path(__file__).resolve().parents[2]

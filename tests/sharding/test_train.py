@@ -132,7 +132,7 @@ def test_lora_steps_match_single_device(lora_setup, shape):
 
 @pytest.fixture(scope="module")
 def elm_setup():
-    from jaxinterp import elm
+    from jaxinterp.unlearning import elm
 
     model = ji.init(GPT2Config.tiny(n_layers=2, d_model=64, n_heads=4, d_mlp=128, vocab_size=256), 7)
     lm = lora.init(model, lora.LoraConfig(rank=4, alpha=8.0), key=2)
@@ -158,7 +158,7 @@ def elm_setup():
 @pytest.mark.parametrize("shape", [(4, 2)], ids=["4x2"])
 def test_elm_steps_match_single_device(elm_setup, shape):
     """ELM (erase/retain/fluency with LoRA): FSDP x TP frozen base, replicated adapters, batch split."""
-    from jaxinterp import elm
+    from jaxinterp.unlearning import elm
 
     lm, batch, opt, step, state0, ref, losses = elm_setup
     mesh = jsh.make_mesh({"data": 1, "fsdp": shape[0], "tensor": shape[1]})

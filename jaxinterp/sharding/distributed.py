@@ -4,7 +4,8 @@ Every host runs the same program. ``initialize`` connects the processes (a no-op
 single process), after which ``jax.devices()`` lists every device of every host and a
 mesh over them spans the whole slice or cluster::
 
-    from jaxinterp import distributed, sharding as jsh
+    from jaxinterp import sharding as jsh
+    from jaxinterp.sharding import distributed
     distributed.initialize()                    # env / SLURM / TPU metadata
     mesh = jsh.make_mesh(target.mesh)           # over all hosts' devices
     rows = distributed.process_rows(dataset)    # this host's deterministic share

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxinterp import lora as lora_lib
-from jaxinterp.elm import _masked_mean, next_token_nll, retain_loss
+from jaxinterp.unlearning.elm import _masked_mean, next_token_nll, retain_loss
 from jaxinterp.model import Model, run
 
 __all__ = ["GAConfig", "ga_loss", "RMUConfig", "rmu_direction", "rmu_loss"]

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinterp.elm import guided_generate, pad_batch
+from jaxinterp.unlearning.elm import guided_generate, pad_batch
 
 __all__ = ["mc_accuracy", "perplexity", "continuation_token_nll", "continuation_nll", "nll_split", "generate",
            "repetition_rate", "seamlessness", "innocent_floor"]

@@ -7,7 +7,7 @@ import pytest
 
 import jaxinterp as ji
 from jaxinterp.models.gpt2 import GPT2Config
-from jaxinterp.rome import (
+from jaxinterp.editing.rome import (
     EditRequest,
     RomeConfig,
     counterfact_scores,
@@ -207,7 +207,7 @@ def test_target_nll_has_no_gradient_at_last_gpt_layer(gpt):
     assert np.abs(bumped[0, 2] - np.asarray(ji.run(gpt, prompt[None]).logits[0, 2])).max() > 1.0
     # So the gradient of ROME's target NLL w.r.t. delta (added at that token) is exactly zero there,
     # while one layer lower it is not: only the KL / norm terms (minimal at delta = 0) remain.
-    from jaxinterp.rome import _v_loss
+    from jaxinterp.editing.rome import _v_loss
 
     tokens = jnp.asarray(prompt[None])
     batch = (tokens, jnp.asarray([2]), jnp.asarray([[len(prompt) - 1]]), jnp.asarray([[49]]))

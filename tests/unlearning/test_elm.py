@@ -8,7 +8,8 @@ import optax
 import pytest
 
 import jaxinterp as ji
-from jaxinterp import elm, lora
+from jaxinterp import lora
+from jaxinterp.unlearning import elm
 from jaxinterp.models.gpt2 import GPT2Config
 
 CFG = GPT2Config.tiny(vocab_size=61, max_seq_len=64, n_layers=2)
@@ -188,7 +189,7 @@ def test_elm_on_facts_gpt_erases_pathogens_keeps_other_domains(tmp_path):
     well below the original's while the kept domains stay close to theirs."""
     if "facts-gpt" not in ji.embedded_models():
         pytest.skip("facts-gpt is not shipped yet")
-    from jaxinterp import unlearning_metrics as um
+    from jaxinterp.unlearning import metrics as um
     from jaxinterp.experiments.elm_erase import main as exp
     from jaxinterp.experiments.elm_erase.config import ExperimentConfig
 
@@ -222,7 +223,7 @@ def test_elm_on_facts_gpt_erases_pathogens_keeps_other_domains(tmp_path):
 def test_seamlessness_split_matches_direct_computation(base):
     """Continuation NLLs under the scorer, their object / other split and the ratios equal a
     per-sequence numpy computation on the same sampled continuations."""
-    from jaxinterp import unlearning_metrics as um
+    from jaxinterp.unlearning import metrics as um
 
     rng = np.random.default_rng(5)
     prompts = [[0] + list(rng.integers(3, 61, n)) for n in (3, 5, 4)]
@@ -271,7 +272,7 @@ def test_seamlessness_split_matches_direct_computation(base):
 def test_innocent_floor_matches_direct_computation(base):
     """Best-wrong slot NLL and the rescored same-relation swap equal a per-token numpy
     computation; pairs as groups make the swap deterministic (the other member)."""
-    from jaxinterp import unlearning_metrics as um
+    from jaxinterp.unlearning import metrics as um
 
     rng = np.random.default_rng(6)
     prompts = [[0] + list(rng.integers(3, 61, n)) for n in (3, 5, 4, 2)]
