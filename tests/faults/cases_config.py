@@ -1,0 +1,84 @@
+"""config.json type faults for every family's ``from_hf``: strings, floats and bools where ints are required."""
+
+from __future__ import annotations
+
+import json
+
+from jaxinterp.hf import ConversionError
+from jaxinterp.models.gpt2 import GPT2Config
+from jaxinterp.models.gpt_neox import GPTNeoXConfig
+from jaxinterp.models.llama import LlamaConfig
+from jaxinterp.models.mamba import MambaConfig
+from tests.faults.harness import Case, Raises, Returns, expect
+
+BASE = {
+    "gpt2": (GPT2Config, GPT2Config.tiny()),
+    "gpt_neox": (GPTNeoXConfig, GPTNeoXConfig.tiny()),
+    "llama": (LlamaConfig, LlamaConfig.llama_tiny()),
+    "mistral": (LlamaConfig, LlamaConfig.mistral_tiny()),
+    "mamba": (MambaConfig, MambaConfig.tiny()),
+}
+
+
+def _from_hf(family: str, **changes):
+    cls, config = BASE[family]
+    d = json.loads(json.dumps(config.to_hf()))  # what config.json holds
+    d.update(changes)
+    return lambda tmp: cls.from_hf(d)
+
+
+def bad(family: str, field: str, value, expected: str) -> Case:
+    shown = json.dumps(value)
+    return Case(f"cfg-{family}-{field}-{shown}", _from_hf(family, **{field: value}),
+                Raises(ConversionError, rf"{family}.*'{field}'.*{expected}.*got"))
+
+
+def good(family: str, field: str, value, attr: str, want) -> Case:
+    def check(result, tmp):
+        expect(getattr(result, attr) == want and type(getattr(result, attr)) is type(want),
+               (attr, getattr(result, attr), want))
+    return Case(f"cfg-ok-{family}-{field}-{json.dumps(value)}", _from_hf(family, **{field: value}), Returns(check))
+
+
+CASES = [
+    bad("gpt2", "n_layer", "2", "int"),
+    bad("gpt2", "n_layer", 2.0, "int"),
+    bad("gpt2", "n_layer", True, "int"),
+    bad("gpt2", "n_embd", 64.5, "int"),
+    bad("gpt2", "vocab_size", "512", "int"),
+    bad("gpt2", "n_head", None, "int"),
+    bad("gpt2", "n_inner", "256", "int"),
+    bad("gpt2", "layer_norm_epsilon", "1e-5", "float"),
+    bad("gpt2", "layer_norm_epsilon", True, "float"),
+    bad("gpt2", "activation_function", 3, "str"),
+    bad("gpt2", "tie_word_embeddings", "false", "bool"),
+    bad("gpt2", "scale_attn_by_inverse_layer_idx", 1, "bool"),
+    bad("gpt_neox", "num_hidden_layers", "2", "int"),
+    bad("gpt_neox", "hidden_size", 64.0, "int"),
+    bad("gpt_neox", "use_parallel_residual", "false", "bool"),
+    bad("gpt_neox", "layer_norm_eps", "1e-5", "float"),
+    bad("gpt_neox", "rotary_pct", "0.25", "float"),
+    bad("gpt_neox", "attention_bias", 0, "bool"),
+    bad("llama", "num_key_value_heads", "2", "int"),
+    bad("llama", "head_dim", 16.0, "int"),
+    bad("llama", "rms_norm_eps", "1e-6", "float"),
+    bad("llama", "tie_word_embeddings", "false", "bool"),
+    bad("llama", "attention_bias", 1, "bool"),
+    bad("llama", "max_position_embeddings", 128.0, "int"),
+    bad("llama", "hidden_act", ["silu"], "str"),
+    bad("mistral", "sliding_window", "16", "int"),
+    bad("mamba", "state_size", "8", "int"),
+    bad("mamba", "conv_kernel", 4.0, "int"),
+    bad("mamba", "use_bias", "false", "bool"),
+    bad("mamba", "residual_in_fp32", "true", "bool"),
+    bad("mamba", "time_step_rank", 8.0, "int"),
+    bad("mamba", "time_step_rank", "x", "int"),
+    bad("mamba", "layer_norm_epsilon", "1e-5", "float"),
+    good("gpt2", "layer_norm_epsilon", 1, "ln_eps", 1.0),  # an int is a valid float
+    good("gpt2", "n_inner", None, "d_mlp", 4 * 64),  # null means the default
+    good("gpt_neox", "rotary_pct", 1, "rotary_pct", 1.0),
+    good("llama", "num_key_value_heads", None, "n_kv_heads", 4),
+    good("mistral", "sliding_window", None, "sliding_window", None),
+    good("mamba", "time_step_rank", "auto", "dt_rank", 4),
+    good("mamba", "time_step_rank", 8, "dt_rank", 8),
+]
