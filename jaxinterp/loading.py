@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -129,19 +128,27 @@ def save_pretrained(model: Model, path: str | os.PathLike, tokenizer_dir: str | 
                     dtype: str = "float32", max_shard_bytes: int | None = None) -> Path:
     """Write ``model`` as a Hugging Face directory readable by ``ji.load`` and ``transformers``.
 
-    ``tokenizer_dir``: a directory whose tokenizer files (tokenizer.json, tokenizer_config.json,
-    special_tokens_map.json) are copied alongside.
+    Atomic, and the directory is replaced as a whole (``jaxinterp.hf.write_hf_dir``): the export
+    is written to a temporary sibling directory and swapped into place, so a kill or a full disk
+    mid-write leaves the previous export intact, and no file of an earlier export (stale shards,
+    an old index, old tokenizer files) nor anything else put in the directory survives a new
+    export. A directory holding subdirectories, or files but no config.json, is refused rather
+    than deleted. ``tokenizer_dir``: a directory whose tokenizer files (tokenizer.json,
+    tokenizer_config.json, special_tokens_map.json) are copied in before the swap; it may be
+    ``path`` itself, to keep the export's current tokenizer. ``max_shard_bytes``: split the
+    weights into shards of at most this size with a model.safetensors.index.json.
     """
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     fam = family_for_config(model.config)
     np_dtype = {"float32": np.float32, "bfloat16": jnp.bfloat16, "float16": np.float16}[dtype]
     tensors = {k: np.asarray(jnp.asarray(v).astype(np_dtype)) for k, v in fam.to_hf(model.config, model.params).items()}
     hf_config = dict(model.config.to_hf())
     hf_config["torch_dtype"] = dtype
-    path = Path(path)
-    write_hf_dir(path, hf_config, tensors, max_shard_bytes=max_shard_bytes)
+    extra = {}
     if tokenizer_dir is not None:
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            src = Path(tokenizer_dir) / name
-            if src.exists() and src.resolve() != (path / name).resolve():
-                shutil.copy(src, path / name)
-    return path
+            if (Path(tokenizer_dir) / name).is_file():
+                extra[name] = Path(tokenizer_dir) / name
+    write_hf_dir(path, hf_config, tensors, max_shard_bytes=max_shard_bytes, extra_files=extra)
+    return Path(path)

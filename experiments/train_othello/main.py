@@ -11,7 +11,8 @@ theirs / empty per square) on held-out games, for the trained model and its
 random-initialised twin (the control).
 
 Training state (params, optimizer, step, RNG key) is checkpointed with orbax under
-``--ckpt`` (default ``<out>/ckpt``) every ``--save-every`` steps; re-running the same
+``--ckpt`` (default ``<out>-ckpt``, beside the export, which ``ji.save_pretrained`` replaces as a
+whole) every ``--save-every`` steps; re-running the same
 command after a kill resumes from the latest checkpoint and ends with the same parameters,
 bit for bit, as an uninterrupted run (a checkpoint of a different config is refused).
 Legal-move accuracy on 200 held-out games is logged every ``--eval-every`` steps.
@@ -222,7 +223,7 @@ def main(argv=None) -> dict:
                     help=f"config preset (default: {DEFAULT_PRESET}, the shipped othello-gpt's)")
     ap.add_argument("--out", default="results/othello-gpt")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields")
-    ap.add_argument("--ckpt", default=None, help="checkpoint directory (default: <out>/ckpt); re-running the same "
+    ap.add_argument("--ckpt", default=None, help="checkpoint directory (default: <out>-ckpt); re-running the same "
                     "command resumes from its latest checkpoint")
     ap.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps")
     ap.add_argument("--eval-every", type=int, default=500,
@@ -250,8 +251,9 @@ def main(argv=None) -> dict:
     def eval_fn(model):  # progress check on 200 of the held-out games
         return f"legal-move acc {legal_move_accuracy(model, board, monitor):.4f}"
 
-    model, losses = train(cfg, othello.square_to_token(board, train_games.squares),
-                          ckpt_dir=Path(args.ckpt) if args.ckpt else out / "ckpt", save_every=args.save_every,
+    ckpt_dir = Path(args.ckpt) if args.ckpt else out.with_name(out.name + "-ckpt")  # not inside the export
+    model, losses = train(cfg, othello.square_to_token(board, train_games.squares), ckpt_dir=ckpt_dir,
+                          save_every=args.save_every,
                           eval_every=args.eval_every, eval_fn=eval_fn, progress=not args.no_progress,
                           log=lambda m: print(m, flush=True))
     ji.save_pretrained(model, out)  # before evaluation, so a failed evaluation loses no training

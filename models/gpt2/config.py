@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from jaxinterp.hf import ConversionError, check_config_fields
+from jaxinterp.hf import ConversionError, check_config_fields, check_config_types
 from jaxinterp.models.common import check_activation
 
 _HANDLED = {
@@ -17,6 +17,12 @@ _HANDLED = {
 _IGNORED = {
     "resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_type", "summary_use_proj", "summary_activation",
     "summary_proj_to_labels", "summary_first_dropout", "n_special", "predict_special_tokens",
+}
+_TYPES = {
+    "vocab_size": int, "n_positions": int, "n_ctx": int, "n_embd": int, "n_layer": int, "n_head": int,
+    "n_inner": (int, None), "activation_function": str, "layer_norm_epsilon": float, "scale_attn_weights": bool,
+    "scale_attn_by_inverse_layer_idx": bool, "reorder_and_upcast_attn": bool, "tie_word_embeddings": bool,
+    "add_cross_attention": bool,
 }
 
 
@@ -60,6 +66,7 @@ class GPT2Config:
     @classmethod
     def from_hf(cls, d: Mapping[str, Any]) -> "GPT2Config":
         check_config_fields("gpt2", d, _HANDLED, _IGNORED)
+        d = check_config_types("gpt2", d, _TYPES)
         if d.get("add_cross_attention", False):
             raise ConversionError("gpt2: add_cross_attention=True (encoder-decoder GPT-2) is not supported")
         if not d.get("scale_attn_weights", True):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from jaxinterp.hf import ConversionError, check_config_fields
+from jaxinterp.hf import ConversionError, check_config_fields, check_config_types
 from jaxinterp.models.common import check_activation
 from jaxinterp.models.common import read_rope
 
@@ -18,6 +18,13 @@ _HANDLED = {
 # Dropout and the classification head's dropout do not change the eval forward.
 _IGNORED = {"attention_dropout", "hidden_dropout", "classifier_dropout", "attention_probs_dropout_prob",
             "hidden_dropout_prob"}
+_TYPES = {
+    "vocab_size": int, "max_position_embeddings": int, "hidden_size": int, "num_hidden_layers": int,
+    "num_attention_heads": int, "intermediate_size": int, "hidden_act": str, "layer_norm_eps": float,
+    "use_parallel_residual": bool, "attention_bias": bool, "tie_word_embeddings": bool,
+    "rope_parameters": (dict, None), "rope_scaling": (dict, None), "rotary_pct": float, "rotary_emb_base": float,
+    "rope_theta": float, "partial_rotary_factor": float,
+}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -92,6 +99,7 @@ class GPTNeoXConfig:
     @classmethod
     def from_hf(cls, d: Mapping[str, Any]) -> "GPTNeoXConfig":
         check_config_fields("gpt_neox", d, _HANDLED, _IGNORED)
+        d = check_config_types("gpt_neox", d, _TYPES)
         theta, factor = read_rope("gpt_neox", d, default_factor=0.25, legacy_theta="rotary_emb_base",
                                   legacy_factor="rotary_pct")
         try:

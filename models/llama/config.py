@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Optional
 
-from jaxinterp.hf import ConversionError, check_config_fields
+from jaxinterp.hf import ConversionError, check_config_fields, check_config_types
 from jaxinterp.models.common import check_activation, read_rope
 
 VARIANTS = ("llama", "mistral", "qwen2")
@@ -28,6 +28,14 @@ _HANDLED = {
 }
 # Dropout does not change the eval forward; pretraining_tp only split matmuls during training.
 _IGNORED = {"attention_dropout", "pretraining_tp"}
+_TYPES = {
+    "vocab_size": int, "max_position_embeddings": int, "hidden_size": int, "num_hidden_layers": int,
+    "num_attention_heads": int, "num_key_value_heads": (int, None), "head_dim": (int, None), "intermediate_size": int,
+    "hidden_act": str, "rms_norm_eps": float, "tie_word_embeddings": bool, "rope_parameters": (dict, None),
+    "rope_theta": float, "rope_scaling": (dict, None), "attention_bias": bool, "mlp_bias": bool,
+    "sliding_window": (int, None), "use_sliding_window": bool, "max_window_layers": (int, None),
+    "layer_types": (list, None),
+}
 
 
 
@@ -168,6 +176,7 @@ class LlamaConfig:
         if variant not in VARIANTS:
             raise ConversionError(f"llama family reads model types {VARIANTS}, got {variant!r}")
         check_config_fields(variant, d, _HANDLED[variant], _IGNORED)
+        d = check_config_types(variant, d, _TYPES)
         theta, factor = read_rope(variant, d)
         if factor != 1.0:
             raise ConversionError(f"{variant}: partial_rotary_factor={factor} is not supported (only 1.0)")

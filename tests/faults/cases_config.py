@@ -33,11 +33,12 @@ def bad(family: str, field: str, value, expected: str) -> Case:
                 Raises(ConversionError, rf"{family}.*'{field}'.*{expected}.*got"))
 
 
-def good(family: str, field: str, value, attr: str, want) -> Case:
+def good(family: str, field: str, value, attr: str, want, **also) -> Case:
     def check(result, tmp):
         expect(getattr(result, attr) == want and type(getattr(result, attr)) is type(want),
                (attr, getattr(result, attr), want))
-    return Case(f"cfg-ok-{family}-{field}-{json.dumps(value)}", _from_hf(family, **{field: value}), Returns(check))
+    return Case(f"cfg-ok-{family}-{field}-{json.dumps(value)}", _from_hf(family, **{field: value}, **also),
+                Returns(check))
 
 
 CASES = [
@@ -76,7 +77,7 @@ CASES = [
     bad("mamba", "layer_norm_epsilon", "1e-5", "float"),
     good("gpt2", "layer_norm_epsilon", 1, "ln_eps", 1.0),  # an int is a valid float
     good("gpt2", "n_inner", None, "d_mlp", 4 * 64),  # null means the default
-    good("gpt_neox", "rotary_pct", 1, "rotary_pct", 1.0),
+    good("gpt_neox", "rotary_pct", 1, "rotary_pct", 1.0, rope_parameters=None),  # legacy fields, ints
     good("llama", "num_key_value_heads", None, "n_kv_heads", 4),
     good("mistral", "sliding_window", None, "sliding_window", None),
     good("mamba", "time_step_rank", "auto", "dt_rank", 4),

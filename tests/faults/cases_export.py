@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import functools
+import json
 import os
 import stat
 import subprocess
@@ -143,22 +144,25 @@ def _swap_fails(err: int, fallback_rename_fails: bool = False):
 
 
 def _killed_mid_write(tmp: Path):
+    """A writer process SIGKILLed halfway through its export (no cleanup runs)."""
     previous(tmp, max_shard_bytes=SHARD)
-    budget = _EXPORT_BYTES() // 2
+    family = ji.get_family("gpt2")
+    np.savez(tmp / "new.npz", **{k: np.asarray(v) for k, v in family.to_hf(tiny(2).config, tiny(2).params).items()})
+    (tmp / "config.json").write_text(json.dumps({**tiny(2).config.to_hf(), "torch_dtype": "float32"}))
     script = (
-        "import sys; sys.path.insert(0, sys.argv[1]);"
-        "from tests.faults.models import tiny; import jaxinterp as ji;"
-        "from tests.faults.faults_io import WriteFault, kill_self;"
-        f"f = WriteFault({budget}, kill_self).__enter__();"
-        f"ji.save_pretrained(tiny(2), sys.argv[2], max_shard_bytes={SHARD})"
+        "import json, sys; import numpy as np; sys.path.insert(0, sys.argv[1]);"
+        "from jaxinterp.hf import write_hf_dir; from tests.faults.faults_io import WriteFault, kill_self;"
+        "t = dict(np.load(sys.argv[3])); c = json.load(open(sys.argv[4]));"
+        f"WriteFault({_EXPORT_BYTES() // 2}, kill_self).__enter__();"
+        f"write_hf_dir(sys.argv[2], c, t, max_shard_bytes={SHARD})"
     )
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", script, str(REPO), str(tmp / "out")], env=env,
+    proc = subprocess.run([sys.executable, "-c", script, str(REPO), str(tmp / "out"), str(tmp / "new.npz"),
+                           str(tmp / "config.json")], env={**os.environ, "JAX_PLATFORMS": "cpu"},
                           capture_output=True, timeout=120)
     expect(proc.returncode == -9, (proc.returncode, proc.stderr[-2000:]))
     assert_export_is(tmp / "out", 1)  # the previous export survives the kill ...
     partial = [p.name for p in tmp.iterdir() if p.name.startswith(".out")]
-    expect(partial, "the killed writer should have left its partial directory")  # (proves the kill was mid-write)
+    expect(partial, "the killed writer should have left its partial directory")  # (so the kill was mid-write)
     ji.save_pretrained(tiny(2), tmp / "out")  # ... and the next export cleans up after the dead writer
     return tmp / "out"
 
