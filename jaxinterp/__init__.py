@@ -21,7 +21,8 @@ from jaxinterp.interventions import (
     positions_mask,
 )
 from jaxinterp.loading import ConversionError, embedded_models, load, save_pretrained
-from jaxinterp.model import Model, RunOutput, families, get_family, init, run
+from jaxinterp.families import families, get_family
+from jaxinterp.model import Model, RunOutput, init, run
 from jaxinterp.sites import UnknownSiteError, resolve_sites
 
 __version__ = "0.1.0"

@@ -23,13 +23,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinterp.families import family_for_config, family_for_model_type
 from jaxinterp.hf import ConversionError, read_hf_dir, write_hf_dir
-from jaxinterp.model import Model, families, family_for_config
+from jaxinterp.model import Model
+from jaxinterp.tokenizer import Tokenizer, check_vocab
 
 __all__ = ["load", "save_pretrained", "embedded_models", "embedded_dir", "resolve_source", "family_for_model_type",
            "ConversionError"]
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(jnp.bfloat16), "float16": np.dtype(np.float16)}
 
 
 def _embedded_root() -> Path:
@@ -52,14 +54,6 @@ def embedded_dir(name: str) -> Path:
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"no embedded model {name!r}; embedded models: {embedded_models()}")
     return path
-
-
-def family_for_model_type(model_type: str):
-    for fam in families().values():
-        if model_type in fam.hf_model_types:
-            return fam
-    known = sorted(t for fam in families().values() for t in fam.hf_model_types)
-    raise ConversionError(f"unsupported model_type {model_type!r}; supported: {known}")
 
 
 def resolve_source(source: str | os.PathLike) -> Path:
@@ -117,10 +111,11 @@ def load(source: str | os.PathLike, dtype: str = "float32", *, mesh=None, rules=
         raise ConversionError(f"{path}/config.json has no model_type")
     fam = family_for_model_type(model_type)
     config = fam.config_cls.from_hf(hf_config)
-    params = fam.from_hf(config, tensors)
-    target = _DTYPES[dtype]
-    params = jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a, dtype=np.float32)).astype(target), params)
-    model = Model(params, config, fam.name)
+    params = jax.tree_util.tree_map(jnp.asarray, fam.from_hf(config, tensors, _DTYPES[dtype]))
+    tokenizer = Tokenizer.from_dir(path)
+    if tokenizer is not None:
+        check_vocab(tokenizer, config.vocab_size, str(path))
+    model = Model(params, config, fam.name, tokenizer)
     model.source = str(path)  # informative only (not part of the pytree)
     return model
 
@@ -129,8 +124,9 @@ def save_pretrained(model: Model, path: str | os.PathLike, tokenizer_dir: str | 
                     dtype: str = "float32", max_shard_bytes: int | None = None) -> Path:
     """Write ``model`` as a Hugging Face directory readable by ``ji.load`` and ``transformers``.
 
-    ``tokenizer_dir``: a directory whose tokenizer files (tokenizer.json, tokenizer_config.json,
-    special_tokens_map.json) are copied alongside.
+    The model's tokenizer (if any) is written alongside; ``tokenizer_dir``: a directory whose
+    tokenizer files (tokenizer.json, tokenizer_config.json, special_tokens_map.json) are copied
+    instead.
     """
     fam = family_for_config(model.config)
     np_dtype = {"float32": np.float32, "bfloat16": jnp.bfloat16, "float16": np.float16}[dtype]
@@ -139,6 +135,8 @@ def save_pretrained(model: Model, path: str | os.PathLike, tokenizer_dir: str | 
     hf_config["torch_dtype"] = dtype
     path = Path(path)
     write_hf_dir(path, hf_config, tensors, max_shard_bytes=max_shard_bytes)
+    if tokenizer_dir is None and model.tokenizer is not None:
+        model.tokenizer.save(path)
     if tokenizer_dir is not None:
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             src = Path(tokenizer_dir) / name

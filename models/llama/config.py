@@ -12,7 +12,9 @@ import dataclasses
 from typing import Any, Mapping, Optional
 
 from jaxinterp.hf import ConversionError, check_config_fields
-from jaxinterp.models.common import check_activation, read_rope
+from jaxinterp.models.common import Rope, check_activation
+from jaxinterp.models.rope import read_rope
+from jaxinterp.models.transformer.arch import Arch
 
 VARIANTS = ("llama", "mistral", "qwen2")
 
@@ -120,6 +122,16 @@ class LlamaConfig:
         if self.sliding_layers is None or layer in self.sliding_layers:
             return self.sliding_window
         return None
+
+    @property
+    def arch(self) -> Arch:
+        """Llama on the shared block: RMSNorm, rotary, gated MLP, grouped-query attention."""
+        return Arch(vocab_size=self.vocab_size, d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads,
+                    n_kv_heads=self.n_kv_heads, head_dim=self.head_dim, d_mlp=self.d_mlp, max_seq_len=self.max_seq_len,
+                    norm="rmsnorm", norm_eps=self.rms_eps, qkv_bias=self.qkv_bias, o_bias=self.o_bias,
+                    windows=tuple(self.window_for(i) for i in range(self.n_layers)) if self.sliding_window else None,
+                    rope=Rope.default(self.head_dim, self.rope_theta), gated=True, activation=self.activation,
+                    mlp_bias=self.mlp_bias, tie_embeddings=self.tie_embeddings)
 
     # presets ---------------------------------------------------------------------------
     @classmethod
