@@ -8,6 +8,7 @@
 
 from jaxinterp.interventions import (
     Add,
+    ByLayer,
     Compose,
     Fn,
     Intervention,
@@ -47,6 +48,6 @@ def __getattr__(name):
 
 __all__ = [
     "load", "save_pretrained", "embedded_models", "init", "run", "Model", "RunOutput", "families", "get_family",
-    "Patch", "ZeroAblate", "MeanAblate", "Add", "Scale", "ProjectOut", "Noise", "Fn", "Compose", "Intervention",
+    "Patch", "ZeroAblate", "MeanAblate", "Add", "Scale", "ProjectOut", "Noise", "Fn", "Compose", "ByLayer", "Intervention",
     "positions_mask", "heads_mask", "resolve_sites", "UnknownSiteError", "ConversionError",
 ]

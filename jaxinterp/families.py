@@ -74,13 +74,18 @@ class Family:
       site_names: ``config -> tuple[str, ...]`` every site, in forward order.
       from_hf: ``(config, {hf_name: array}, dtype) -> params`` (refuses missing/extra/mis-shaped tensors).
       to_hf: ``(config, params) -> {hf_name: np.ndarray}`` (inverse of ``from_hf``).
-      param_axes: ``config -> pytree`` of logical-axis tuples, same structure as the params.
+      param_axes: rows ``(regex on the "/"-joined parameter path, logical axes of one layer's
+        parameter)``, first match wins; stacked per-layer parameters get ``layers`` in front
+        (``jaxinterp.sharding.param_axes``).
       projections: ``config -> {name: Projection}``: every linear map LoRA may adapt and ROME may edit.
       rome_targets: ``config -> names`` of the projections ROME can edit, the default first.
       embedding: ``params -> [V, D]`` token-embedding table (causal tracing's noise scale).
       attention: True for families with attention heads (``attn.z`` and ``attn.o`` exist).
-      stepper: the per-layer interface of the incremental causal-trace engine and of generation
-        (``jaxinterp.models.common.Stepper``); None where a family has none.
+      stepper: the per-layer interface of the incremental causal-trace engine: ``state_sites``
+        (per-layer sites of a reference run that summarise earlier positions), ``per_position``
+        (sites whose value at token t affects no other position of its layer),
+        ``prefix_state(config, captures, s0)``, ``layer(model, layer, x, sites, state, s0)`` and
+        ``head(model, x)``; None where a family has none.
       trace_kinds / trace_freeze: default site kinds traced / frozen by causal-tracing experiments.
     """
 
@@ -91,7 +96,7 @@ class Family:
     site_names: Callable[[Any], tuple[str, ...]]
     from_hf: Callable[..., Any]
     to_hf: Callable[[Any, Any], dict]
-    param_axes: Callable[[Any], Any]
+    param_axes: tuple[tuple[str, tuple], ...]
     projections: Callable[[Any], Mapping[str, Projection]]
     rome_targets: Callable[[Any], tuple[str, ...]]
     embedding: Callable[[Any], Any]

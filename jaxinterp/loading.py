@@ -28,8 +28,8 @@ from jaxinterp.hf import ConversionError, read_hf_dir, write_hf_dir
 from jaxinterp.model import Model
 from jaxinterp.tokenizer import Tokenizer, check_vocab
 
-__all__ = ["load", "save_pretrained", "embedded_models", "embedded_dir", "resolve_source", "family_for_model_type",
-           "ConversionError"]
+__all__ = ["load", "save_pretrained", "read_model", "embedded_models", "embedded_dir", "resolve_source",
+           "family_for_model_type", "ConversionError"]
 
 _DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(jnp.bfloat16), "float16": np.dtype(np.float16)}
 
@@ -93,31 +93,41 @@ def load(source: str | os.PathLike, dtype: str = "float32", *, mesh=None, rules=
     """Load a model from an embedded name, a local HF directory, or a hub id.
 
     With ``mesh`` (a ``jax.sharding.Mesh``) every parameter is placed sharded by ``rules``
-    (a rule-set name from ``tpu_configs/rules`` or a ``jaxinterp.sharding.Rules``; default
-    ``"fsdp_tp"``), each device reading only its slices (``jaxinterp.sharding.load_sharded``).
+    (a shipped rule-set name, a YAML path, or a ``jaxinterp.sharding.Rules``; default
+    ``"fsdp_tp"``), each device receiving only its slices.
     """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    if mesh is not None:
-        from jaxinterp.sharding import load_sharded
-
-        return load_sharded(source, mesh, "fsdp_tp" if rules is None else rules, dtype)
-    if rules is not None:
+    if rules is not None and mesh is None:
         raise ValueError("rules given without a mesh; pass mesh=jaxinterp.sharding.make_mesh(...) as well")
     path = resolve_source(source)
+    fam, config, host_params, tokenizer = read_model(path, dtype)
+    if mesh is None:
+        params = jax.tree_util.tree_map(jnp.asarray, host_params)
+    else:
+        from jaxinterp.sharding.place import place_host_params
+
+        params = place_host_params(host_params, fam.name, mesh, "fsdp_tp" if rules is None else rules, dtype)
+    model = Model(params, config, fam.name, tokenizer)
+    model.source = str(path)  # informative only (not part of the pytree)
+    return model
+
+
+def read_model(path: Path, dtype: str = "float32"):
+    """``(family, config, host params in dtype, tokenizer or None)`` of a local HF directory."""
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     hf_config, tensors = read_hf_dir(path)
     model_type = hf_config.get("model_type")
     if model_type is None:
         raise ConversionError(f"{path}/config.json has no model_type")
     fam = family_for_model_type(model_type)
     config = fam.config_cls.from_hf(hf_config)
-    params = jax.tree_util.tree_map(jnp.asarray, fam.from_hf(config, tensors, _DTYPES[dtype]))
+    host_params = fam.from_hf(config, tensors, _DTYPES[dtype])
     tokenizer = Tokenizer.from_dir(path)
     if tokenizer is not None:
         check_vocab(tokenizer, config.vocab_size, str(path))
-    model = Model(params, config, fam.name, tokenizer)
-    model.source = str(path)  # informative only (not part of the pytree)
-    return model
+    return fam, config, host_params, tokenizer
 
 
 def save_pretrained(model: Model, path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,

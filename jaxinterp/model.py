@@ -71,9 +71,10 @@ class Model:
         return get_family(self.family).module(self.config)
 
     def run(self, tokens, capture=None, interventions=None, *, attention_mask=None, positions=None, logits_at=None,
-            constrain=None, token_check="error") -> RunOutput:
+            constrain=None, token_check="error", stop_at=None) -> RunOutput:
         return run(self, tokens, capture=capture, interventions=interventions, attention_mask=attention_mask,
-                   positions=positions, logits_at=logits_at, constrain=constrain, token_check=token_check)
+                   positions=positions, logits_at=logits_at, constrain=constrain, token_check=token_check,
+                   stop_at=stop_at)
 
     def to_tokens(self, texts, *, padding_side: str = "left", add_bos: Optional[bool] = None):
         """``(tokens [B, T] int32, attention_mask [B, T] bool)`` for a string or a list of strings."""
@@ -118,14 +119,15 @@ def _is_traced(x) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
-def _raise_from_device(flag, message: str):
-    """Raise ``ValueError(message)`` when traced ``flag`` turns out true at run time."""
+def _raise_from_device(bad, message: str):
+    """Raise ``ValueError(message)`` when any element of the traced bool array ``bad`` is true at run
+    time. Each device checks its own shard (``partitioned``), so a sharded batch needs no collective."""
 
-    def check(bad):
-        if np.any(bad):
+    def check(values):
+        if np.any(values):
             raise ValueError(message)
 
-    jax.debug.callback(check, flag)
+    jax.debug.callback(check, bad, partitioned=True)
 
 
 def _check_int_range(values, low: int, high: int, what: str, mode: str):
@@ -139,7 +141,7 @@ def _check_int_range(values, low: int, high: int, what: str, mode: str):
         return jnp.asarray(arr, jnp.int32)
     if mode == "clip":
         return jnp.clip(values, low, high - 1).astype(jnp.int32)
-    _raise_from_device(jnp.any((values < low) | (values >= high)),
+    _raise_from_device((values < low) | (values >= high),
                        f"{what} must lie in [{low}, {high}) (checked at run time under jit/vmap; "
                        f"token_check='clip' clamps instead)")
     return values.astype(jnp.int32)
@@ -221,6 +223,8 @@ def _prepare_logits_at(logits_at, mask, b: int, t: int, token_check: str):
     if isinstance(logits_at, (int, np.integer)):
         logits_at = np.full((b,), logits_at)
     logits_at = _as_int_array(logits_at, "logits_at")
+    if logits_at.ndim == 0:  # a traced scalar: every row
+        logits_at = jnp.broadcast_to(logits_at, (b,))
     if logits_at.ndim not in (1, 2) or logits_at.shape[0] != b:
         raise ValueError(f"logits_at must be an int, an int array [B] = [{b}] (one position per row) or [B, P]; "
                          f"got shape {tuple(logits_at.shape)}")
@@ -240,16 +244,38 @@ def _prepare_logits_at(logits_at, mask, b: int, t: int, token_check: str):
 
 
 def forward(model: Model, tokens, ctx: SiteContext, *, positions, k_valid, logits_at=None, cache=None,
-            write_index=0, remat=None):
-    """The family module on prepared inputs: ``(logits, new cache)`` (generation and engines use it)."""
-    module = get_family(model.family).module(model.config) if remat is None else \
-        get_family(model.family).module(model.config).clone(remat=remat)
-    return module.apply({"params": model.params}, tokens, ctx, positions=positions, k_valid=k_valid,
-                        logits_at=logits_at, cache=cache, write_index=write_index)
+            write_index=0, remat=None, stop_at: Optional[int] = None):
+    """The family module on prepared inputs: ``(logits, new cache)`` (generation and engines use it).
+
+    ``stop_at``: run layers ``[0, stop_at)`` only (their stacked parameters sliced); logits None.
+    """
+    module = get_family(model.family).module(model.config)
+    params = model.params
+    if stop_at is not None:
+        params = {**params, "layers": jax.tree_util.tree_map(lambda a: a[:stop_at], params["layers"])}
+        module = module.clone(n_run=stop_at)
+    if remat is not None:
+        module = module.clone(remat=remat)
+    return module.apply({"params": params}, tokens, ctx, positions=positions, k_valid=k_valid, logits_at=logits_at,
+                        cache=cache, write_index=write_index)
+
+
+def _check_stop_at(model: Model, stop_at, ctx: SiteContext) -> Optional[int]:
+    if stop_at is None:
+        return None
+    n = model.config.n_layers
+    if isinstance(stop_at, bool) or not isinstance(stop_at, (int, np.integer)) or not 1 <= stop_at <= n:
+        raise ValueError(f"stop_at must be a layer count in [1, {n}], got {stop_at!r}")
+    late = sorted(s for s in (*ctx.capture, *ctx.interventions)
+                  if (s.startswith("blocks.") and int(s.split(".")[1]) >= stop_at) or s == "final_norm")
+    if late:
+        raise ValueError(f"stop_at={stop_at} runs layers 0..{stop_at - 1}, but {late[:3]} lie beyond it")
+    return None if stop_at == n else int(stop_at)
 
 
 def run(model: Model, tokens, capture=None, interventions=None, *, attention_mask=None, positions=None,
-        logits_at=None, constrain=None, token_check: str = "error", adapters=None, remat=None) -> RunOutput:
+        logits_at=None, constrain=None, token_check: str = "error", adapters=None, remat=None,
+        stop_at: Optional[int] = None) -> RunOutput:
     """Forward pass with captures and interventions.
 
     Args:
@@ -267,6 +293,8 @@ def run(model: Model, tokens, capture=None, interventions=None, *, attention_mas
         through a run-time check) or ``"clip"`` (clamp them under tracing; concrete inputs still raise).
       adapters: ``{projection: adapter}`` side paths (used by ``jaxinterp.lora``).
       remat: a rematerialisation policy name for training (see ``models.transformer.model.REMAT_POLICIES``).
+      stop_at: run only layers ``0 .. stop_at - 1`` (harvesting early sites of a deep model); the
+        output has ``logits=None`` and captures and interventions must lie in those layers.
 
     Returns:
       ``RunOutput(logits, cache)``.
@@ -274,7 +302,9 @@ def run(model: Model, tokens, capture=None, interventions=None, *, attention_mas
     tokens, mask, positions, logits_at = prepare_inputs(model, tokens, attention_mask, positions, logits_at,
                                                         token_check)
     ctx = SiteContext(model.sites, capture, interventions, constrain=constrain, adapters=adapters)
-    logits, _ = forward(model, tokens, ctx, positions=positions, k_valid=mask, logits_at=logits_at, remat=remat)
+    stop_at = _check_stop_at(model, stop_at, ctx)
+    logits, _ = forward(model, tokens, ctx, positions=positions, k_valid=mask, logits_at=logits_at, remat=remat,
+                        stop_at=stop_at)
     return RunOutput(logits=logits, cache=dict(ctx.cache))
 
 

@@ -213,9 +213,11 @@ class SiteContext:
         self._layer_order = []
         return LayerSites(self, layer, self._layer_order)
 
-    def finish_layers(self, stacked: Mapping[str, jax.Array]) -> None:
-        """Record the scan's stacked captures ``{suffix: [L, ...]}`` as ``blocks.{i}.<suffix>``."""
-        for i in range(self.n_layers):
+    def finish_layers(self, stacked: Mapping[str, jax.Array], n_run: Optional[int] = None) -> None:
+        """Record the scan's stacked captures ``{suffix: [L, ...]}`` as ``blocks.{i}.<suffix>``
+        (``n_run``: layers that ran, when a call stops early)."""
+        n_run = self.n_layers if n_run is None else n_run
+        for i in range(n_run):
             self.visited.extend(f"blocks.{i}.{s}" for s in self._layer_order)
         for suffix, layers in self._layer_capture.items():
             for i in sorted(layers):
@@ -251,6 +253,9 @@ class LayerSites:
         if constrain is not None:
             x = constrain(name, x)
         for layers, item in items:
+            per_layer = getattr(item, "at_layer", None)  # ji.ByLayer: leaves stacked on a layer axis
+            if per_layer is not None:
+                item = per_layer(self.layer)
             if layers is None:
                 x = apply_intervention(item, x, name)
             elif self.static:

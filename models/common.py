@@ -364,23 +364,3 @@ def drop_tied_copy(model_type: str, tensors: dict, head: str, embed: str) -> Non
         f"{model_type}: config ties the embeddings (tie_word_embeddings=true) but the checkpoint holds a "
         f"different {head!r}; set tie_word_embeddings=false to load it as a separate unembedding"
     )
-
-
-def axes_from_table(model_type: str, shapes: Any, table: Sequence[tuple[str, tuple]]) -> Any:
-    """Logical axes of every parameter from ``(path-suffix regex, axes)`` rows; stacked parameters
-    under ``layers`` get the ``layers`` axis in front. A parameter no row names is a port bug."""
-    import re
-
-    def axes(path, leaf):
-        keys = [str(getattr(k, "key", k)) for k in path]
-        joined = "/".join(keys)
-        stacked = keys[0] == "layers"
-        for pattern, names in table:
-            if re.search(pattern, joined):
-                names = (("layers",) if stacked else ()) + tuple(names)
-                if len(names) != leaf.ndim:
-                    raise AssertionError(f"{model_type}: axes {names} do not fit {joined} {leaf.shape}")
-                return names
-        raise AssertionError(f"{model_type}: no logical axes for parameter {joined}")
-
-    return jax.tree_util.tree_map_with_path(axes, shapes)

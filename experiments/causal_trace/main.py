@@ -68,7 +68,7 @@ def kinds_for(model) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 @jax.jit
 def _top(model, tokens):
-    return jnp.argmax(ji.run(model, tokens, logits_at=-1).logits[:, -1], axis=-1)
+    return jnp.argmax(ji.run(model, tokens, logits_at=-1).logits, axis=-1)  # logits [B, V]
 
 
 def select_facts(model, world, cfg: TraceExperimentConfig) -> list:

@@ -13,7 +13,7 @@ class RomeExperimentConfig:
       out: output directory (default ``results/rome/<model name>``).
       layers: edited layers (None = every layer: the layer sweep).
       n_edits: CounterFact records edited (one at a time) per layer.
-      target: edit target (``jaxinterp.editing.rome.TARGETS``; None = GPT MLP c_proj / Mamba out_proj).
+      target: edit target (a projection of ``jaxinterp.editing.rome.rome_targets(model)`` or its short name; None = the family's default: mlp.down / mixer.out_proj).
       n_contexts / context_lengths: sampled context prefixes per length (ROME: 10 of 5 and 10 of
         10 tokens); the bare prompt is always included.
       corpus_docs / corpus_len: documents from the world's corpus for the key covariance C.

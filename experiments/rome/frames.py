@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="any ji.load source of a facts-world model (default facts-gpt)")
     p.add_argument("--mamba", action="store_true", help="facts-mamba (out_proj by default)")
-    p.add_argument("--target", default=None, help="edit target (jaxinterp.editing.rome.TARGETS)")
+    p.add_argument("--target", default=None, help="edit target (jaxinterp.editing.rome.rome_targets(model))")
     p.add_argument("--layer", type=int, default=0)
     p.add_argument("--n-edits", type=int, default=8)
     p.add_argument("--frame-tokens", type=int, default=2, help="tokens before the subject that define the frame")

@@ -93,15 +93,17 @@ NO_DECAY_NAMES = ("A_log", "D")  # Mamba's SSM parameters (reference Mamba: ``_n
 
 
 def decay_mask(params) -> Any:
-    """True for the leaves AdamW decays: matrices (``ndim >= 2``) except Mamba's ``A_log`` and ``D``.
+    """True for the leaves AdamW decays: matrices (``ndim >= 2`` per layer) except Mamba's ``A_log`` and ``D``.
 
-    Norm scales and biases (1-D) are never decayed; neither are ``A_log`` (decaying it pulls every
-    ``A = -exp(A_log)`` toward -1 and erases the multi-timescale S4D init) or ``D`` (the skip).
-    GPT-style trees have no such names, so their mask is the plain ``ndim >= 2`` one.
+    Norm scales and biases (1-D per layer) are never decayed; neither are ``A_log`` (decaying it
+    pulls every ``A = -exp(A_log)`` toward -1 and erases the multi-timescale S4D init) or ``D`` (the
+    skip). GPT-style trees have no such names, so their mask is the plain matrix one. Parameters
+    under ``layers`` are stacked on a leading layer axis, which does not count.
     """
     def keep(path, p):
         name = str(getattr(path[-1], "key", path[-1])) if path else ""
-        return p.ndim >= 2 and name not in NO_DECAY_NAMES
+        stacked = bool(path) and getattr(path[0], "key", None) == "layers"
+        return p.ndim - stacked >= 2 and name not in NO_DECAY_NAMES
 
     return jax.tree_util.tree_map_with_path(keep, params)
 

@@ -72,14 +72,14 @@ def _cell_masks(shape: tuple, per: str) -> np.ndarray:
 
 
 def _last_logits(model, tokens, interventions):
-    return run(model, tokens, interventions=interventions, logits_at=-1).logits[:, -1]
+    return run(model, tokens, interventions=interventions, logits_at=-1).logits  # [B, V]
 
 
 @functools.partial(jax.jit, static_argnames=("names", "metric", "per", "chunk"))
 def _activation_jit(model, clean_tokens, corrupt_tokens, corrupt_ivs, metric_args, *, names, metric, per, chunk):
     clean = run(model, clean_tokens, capture=list(names), logits_at=-1)
     corrupt_ivs = dict(corrupt_ivs)
-    m_clean = metric(clean.logits[:, -1], *metric_args)
+    m_clean = metric(clean.logits, *metric_args)
     m_corrupt = metric(_last_logits(model, corrupt_tokens, corrupt_ivs), *metric_args)
     effects = {}
     for name in names:
@@ -140,7 +140,7 @@ def _reduce_cells(x: jax.Array, per: str) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("names", "metric", "per"))
 def _attribution_jit(model, clean_tokens, corrupt_tokens, corrupt_ivs, metric_args, *, names, metric, per):
     clean = run(model, clean_tokens, capture=list(names), logits_at=-1)
-    m_clean = metric(clean.logits[:, -1], *metric_args)
+    m_clean = metric(clean.logits, *metric_args)
     value, acts, grads = site_grads(model, corrupt_tokens, list(names),
                                     lambda out: metric(out.logits[:, -1], *metric_args),
                                     interventions=dict(corrupt_ivs))

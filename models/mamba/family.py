@@ -10,7 +10,7 @@ import numpy as np
 
 from jaxinterp.families import Family, Projection, layer_slice, register_family
 from jaxinterp.hf import ConversionError
-from jaxinterp.models.common import axes_from_table, params_from_hf, params_to_hf
+from jaxinterp.models.common import params_from_hf, params_to_hf
 from . import convert
 from .config import MambaConfig
 from .model import Block, Mamba, head, site_names
@@ -78,14 +78,17 @@ class MambaStepper:
     convolution inputs and SSM state before ``s0``."""
 
     state_sites = ("mixer.in_x", "mixer.ssm_state")
+    # Restoring these at token t changes no other position of the same layer.
+    per_position = ("mixer.in_z", "mixer.ssm_out", "mixer.gate", "mixer.gated", "mixer_out")
 
     @staticmethod
-    def prefix_state(config: MambaConfig, captures: Mapping[str, jax.Array], s0: int) -> dict:
+    def prefix_state(config: MambaConfig, captures: Mapping[str, jax.Array], s0) -> dict:
+        """Convolution inputs ``[s0 - K + 1, s0)`` and the SSM state after ``s0 - 1`` (``s0`` may be traced)."""
         x_in, states = captures["mixer.in_x"], captures["mixer.ssm_state"]  # [N, T, Di], [N, T, Di, Ns]
         k = config.d_conv - 1
-        conv = x_in[:, max(0, s0 - k):s0]
-        conv = jnp.pad(conv, ((0, 0), (k - conv.shape[1], 0), (0, 0)))  # [N, K-1, Di]
-        ssm = states[:, s0 - 1] if s0 > 0 else jnp.zeros_like(states[:, 0])
+        padded = jnp.pad(x_in, ((0, 0), (k, 0), (0, 0)))  # position p sits at p + k
+        conv = jax.lax.dynamic_slice_in_dim(padded, s0, k, axis=1)  # [N, K-1, Di]
+        ssm = jnp.where(s0 > 0, jnp.take(states, jnp.maximum(s0 - 1, 0), axis=1), 0)  # [N, Di, Ns]
         return {"conv": conv, "ssm": ssm.astype(jnp.float32)}
 
     @staticmethod
@@ -109,7 +112,7 @@ FAMILY = register_family(Family(
     site_names=site_names,
     from_hf=from_hf,
     to_hf=to_hf,
-    param_axes=lambda cfg: axes_from_table("mamba", param_shapes(cfg), AXES_TABLE),
+    param_axes=tuple(AXES_TABLE),
     projections=projections,
     rome_targets=lambda cfg: ("mixer.out_proj", "mixer.in_proj_x", "mixer.in_proj_z"),
     embedding=lambda params: params["embed"],

@@ -189,8 +189,12 @@ class Block(nn.Module):
 
 
 class Mamba(nn.Module):
+    """The Mamba LM. ``n_run``: run only the first ``n_run`` layers (their parameters sliced by the
+    caller) and return no logits (``run(..., stop_at=)``)."""
+
     cfg: MambaConfig
     remat: Optional[str] = None
+    n_run: Optional[int] = None
 
     @nn.compact
     def __call__(self, tokens, sites, *, positions, k_valid, logits_at=None, cache=None, write_index=0):
@@ -202,13 +206,15 @@ class Mamba(nn.Module):
         t = tokens.shape[1]
         mask = k_valid if k_valid.shape[1] == t else jax.lax.dynamic_slice_in_dim(k_valid, write_index, t, axis=1)
         env = {"mask": mask}
-        xs = {"layer": jnp.arange(cfg.n_layers)}
+        n_run = cfg.n_layers if self.n_run is None else self.n_run
+        xs = {"layer": jnp.arange(n_run)}
         if cache is not None:
             xs["cache"] = cache
-        layers = scan_layers(Block, cfg.n_layers, self.remat, cfg=cfg, sites_ctx=sites, dtype=emb.dtype,
-                             name="layers")
+        layers = scan_layers(Block, n_run, self.remat, cfg=cfg, sites_ctx=sites, dtype=emb.dtype, name="layers")
         x, (captured, new_cache) = layers(x, xs, env)
-        sites.finish_layers(captured)
+        sites.finish_layers(captured, n_run)
+        if n_run < cfg.n_layers:
+            return None, new_cache
         x = sites("final_norm", RMSNorm(cfg.norm_eps, name="final_norm")(x))
         x = gather_positions(x, logits_at).astype(emb.dtype)
         if cfg.tie_embeddings:

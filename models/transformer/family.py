@@ -13,7 +13,7 @@ import numpy as np
 from jaxinterp.families import Family, Projection, layer_slice, register_family
 from jaxinterp.hf import ConversionError
 from jaxinterp.models.common import (
-    Entry, axes_from_table, drop_tied_copy, params_from_hf, params_to_hf, rotary_tables,
+    Entry, drop_tied_copy, params_from_hf, params_to_hf, rotary_tables,
 )
 from .arch import Arch
 from .model import Block, Transformer, make_norm
@@ -80,6 +80,8 @@ class TransformerStepper:
     summarised by the keys and values of a reference run (incremental causal tracing)."""
 
     state_sites = ("attn.k", "attn.v")
+    # Restoring these at token t changes no other position of the same layer.
+    per_position = ("attn_out", "resid_mid", "ln2", "mlp.pre", "mlp.up", "mlp.post", "mlp_out")
 
     @staticmethod
     def prefix_state(config, captures: Mapping[str, jax.Array], s0: int) -> dict:
@@ -162,7 +164,7 @@ def transformer_family(*, name: str, config_cls: type, hf_model_types: tuple[str
         site_names=lambda config: config.arch.site_names(),
         from_hf=from_hf,
         to_hf=to_hf,
-        param_axes=lambda config: axes_from_table(name, param_shapes(config.arch), AXES_TABLE),
+        param_axes=tuple(AXES_TABLE),
         projections=lambda config: projections(config.arch, hf_modules(config), fan_in_fan_out),
         rome_targets=rome_targets,
         embedding=lambda params: params["embed"],

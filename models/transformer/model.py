@@ -162,8 +162,12 @@ def scan_layers(block_cls, arch_n_layers: int, remat: Optional[str], **block_kw)
 
 
 class Transformer(nn.Module):
+    """The decoder. ``n_run``: run only the first ``n_run`` layers (their parameters sliced by the
+    caller) and return no logits (``run(..., stop_at=)``)."""
+
     arch: Arch
     remat: Optional[str] = None
+    n_run: Optional[int] = None
 
     @nn.compact
     def __call__(self, tokens, sites, *, positions, k_valid, logits_at=None, cache=None, write_index=0):
@@ -181,12 +185,15 @@ class Transformer(nn.Module):
             env["cos"], env["sin"] = rotary_tables(positions, a.rope)
             if a.local_rope is not None:
                 env["cos_local"], env["sin_local"] = rotary_tables(positions, a.rope_local)
-        xs = {"layer": jnp.arange(a.n_layers)}
+        n_run = a.n_layers if self.n_run is None else self.n_run
+        xs = {"layer": jnp.arange(n_run)}
         if cache is not None:
             xs["cache"] = cache
-        layers = scan_layers(Block, a.n_layers, self.remat, arch=a, sites_ctx=sites, name="layers")
+        layers = scan_layers(Block, n_run, self.remat, arch=a, sites_ctx=sites, name="layers")
         x, (captured, new_cache) = layers(x, xs, env)
-        sites.finish_layers(captured)
+        sites.finish_layers(captured, n_run)
+        if n_run < a.n_layers:
+            return None, new_cache
         x = sites("final_norm", make_norm(a, "final_norm")(x))
         return unembed(self, a, x, embed, logits_at), new_cache
 

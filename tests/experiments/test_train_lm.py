@@ -62,14 +62,17 @@ def test_weight_decay_mask_excludes_ssm_params_norms_and_biases():
         params = build_model(get_config(name), world, jax.random.PRNGKey(0)).params
         mask = decay_mask(params)
         decayed = _leaf_names(mask, lambda m: m)
-        matrices = _leaf_names(params, lambda p: p.ndim >= 2)
+        # per-layer matrices: parameters under 'layers' carry a leading layer axis
+        layer_ndim = {jax.tree_util.keystr(path): v.ndim - (getattr(path[0], "key", None) == "layers")
+                      for path, v in jax.tree_util.tree_leaves_with_path(params)}
+        matrices = sorted(k for k, n in layer_ndim.items() if n >= 2)
         if name == "tiny":
             assert decayed == matrices
         else:
-            ssm = {f"['layers_{i}']['mixer']['{n}']" for i in range(2) for n in ("A_log", "D")}
+            ssm = {f"['layers']['mixer']['{n}']" for n in ("A_log", "D")}
             assert set(matrices) - set(decayed) == {k for k in ssm if "A_log" in k}
             assert not set(decayed) & ssm and all("bias" not in k and "scale" not in k for k in decayed)
-            assert "['layers_0']['mixer']['conv1d']['kernel']" in decayed
+            assert "['layers']['mixer']['conv1d']['kernel']" in decayed
     # the optimizer applies it: AdamW steps with zero gradients (pure weight decay) move only decayed leaves
     cfg = get_config("tiny-mamba")
     params = build_model(cfg, world, jax.random.PRNGKey(0)).params

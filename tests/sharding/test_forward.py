@@ -64,9 +64,9 @@ def test_forward_capture_interventions_match_single_device(model, tokens, rules,
 def test_parameters_are_actually_split(model):
     mesh = _mesh("fsdp_tp", 4, 2)
     sharded = jsh.shard_model(model, mesh, "fsdp_tp")
-    kernel = sharded.params["h_0"]["mlp"]["c_fc"]["kernel"]  # [embed 64, mlp 128]
-    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
-    assert {s.data.shape for s in kernel.addressable_shards} == {(16, 64)}
+    kernel = sharded.params["layers"]["mlp"]["up"]["kernel"]  # [layers 2, embed 64, mlp 128]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    assert {s.data.shape for s in kernel.addressable_shards} == {(2, 16, 64)}
     per_device = jsh.per_device_bytes(sharded.params)
     total = sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(model.params))
     assert len(per_device) == 8 and max(per_device.values()) < total / 4

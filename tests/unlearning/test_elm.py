@@ -147,7 +147,7 @@ def test_train_step_learns_and_resumes(base, tmp_path):
     data = {k: np.asarray(v) for k, v in _batch().items()}
     erase_only = elm.ElmConfig.tiny(eta=3.0, top_k=10, retain_weight=0.0, fluency_weight=0.0)
     _, hist = elm.train(lm, lambda a, b, batch, k: elm.elm_loss(a, b, batch, k, erase_only), lambda s: data,
-                        steps=5, optimizer=optax.adam(1e-2), key=jax.random.PRNGKey(0), progress=False)
+                        steps=5, optimizer=optax.adam(5e-3), key=jax.random.PRNGKey(0), progress=False)
     assert hist[-1]["erase"] < hist[0]["erase"] - 0.05
     loss_fn = lambda a, b, batch, k: elm.elm_loss(a, b, batch, k, ECFG)
     opt = optax.adamw(ECFG.lr)
