@@ -19,7 +19,8 @@ from typing import Sequence
 __all__ = ["COMMANDS", "DEFAULT", "main"]
 
 COMMANDS: dict[str, tuple[str | None, str]] = {  # name -> (module with main(argv, prog), one-line help)
-    "trace": ("jaxinterp.experiments.causal_trace.main", "causal tracing (ROME) of known facts: where a model recalls them"),
+    "trace": ("jaxinterp.experiments.causal_trace.main",
+              "causal tracing (ROME) of known facts: where a model recalls them"),
     "recall": ("jaxinterp.experiments.recall.main", "fact-recall accuracy of a facts-world model"),
     "rome": ("jaxinterp.experiments.rome.main", "ROME fact edits at every layer, scored on a synthetic CounterFact"),
     "sae-boardgame": ("jaxinterp.experiments.sae_boardgame.main",

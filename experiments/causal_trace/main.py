@@ -275,7 +275,8 @@ AIE_MEANING = ("AIE (average indirect effect): probability of the answer restore
 def table(summary: dict, n_facts: int) -> str:
     """Per kind: the peak AIE (token class, layer) and the peaks at the last subject token and the last token."""
     rows = [f"{AIE_MEANING} ({n_facts} facts). Peak: the largest over token classes and layers; x@l: AIE x at layer l.",
-            f"{'restored kind':<32} {'peak class':<17} {'layer':>5} {'AIE':>7} {'last-subj AIE@l':>16} {'last AIE@l':>12}"]
+            f"{'restored kind':<32} {'peak class':<17} {'layer':>5} {'AIE':>7} {'last-subj AIE@l':>16} "
+            f"{'last AIE@l':>12}"]
     for name, s in summary.items():
         ls = f"{s.get('last_subject_peak_aie', float('nan')):.3f}@{s.get('last_subject_peak_layer', '-')}"
         lt = f"{s.get('last_peak_aie', float('nan')):.3f}@{s.get('last_peak_layer', '-')}"

@@ -220,14 +220,15 @@ def plot(results: dict, model_name: str, path: Path) -> None:
     width = 0.8 / len(results)
     for i, (name, r) in enumerate(results.items()):
         axes[0].bar(np.arange(len(keys)) + i * width, [r[k] for k in keys], width, label=name)
-        axes[1].bar(i, r["ppl_ratio"], 0.6, label=name)
+        axes[1].bar(i, r["ppl_ratio"], 0.6)
     axes[0].axhline(0.25, color="k", ls="--", lw=1, label="chance")
     axes[0].set_xticks(np.arange(len(keys)) + 0.4 - width / 2,
-                       ["erased", "erased, paraphrased", "erased, expert hint", "kept domains"])
+                       ["erased", "erased,\nparaphrased", "erased,\nexpert hint", "kept\ndomains"])
     axes[0].set_xlabel("multiple-choice question set")
     axes[0].set_ylabel("4-choice accuracy (fraction)")
     axes[0].set_title("innocence and specificity", fontsize=9)
-    axes[0].legend(fontsize=8)
+    axes[0].set_ylim(0, 1.25)
+    axes[0].legend(fontsize=8, ncol=len(results) + 1, loc="upper center")
     axes[1].axhline(1.5, color="r", ls="--", lw=1, label="target 1.5")
     axes[1].set_xticks(range(len(results)), list(results))
     axes[1].set_xlabel("method")

@@ -60,8 +60,8 @@ def plot(res: dict, png: Path) -> None:
     ax.set_yticks([0, 1], ["train templates", "paraphrases"])
     ax.set_xlabel("relation")
     ax.set_ylabel("prompt set")
-    ax.set_title(f"{Path(res['model']).name}: first-token recall accuracy (in-context copy {res['copy_acc']:.2f})",
-                 fontsize=9)
+    ax.set_title(f"{Path(res['model']).name}: first-token recall accuracy (in-context copy {res['copy_acc']:.2f}; "
+                 f"blank: no prompt)", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.03).set_label("accuracy (fraction)")
     fig.tight_layout()
     fig.savefig(png, dpi=120)

@@ -97,7 +97,8 @@ def run(cfg: CeilingConfig, out_dir: Path) -> dict:
     out = {"last_move": score_last_move(games, board, n_label)}
     print(f"last-move dictionary  coverage {out['last_move']['coverage']:.3f}  "
           f"reconstruction {out['last_move']['reconstruction']:.3f}", flush=True)
-    models = [] if cfg.baseline_only else [("trained", trained), ("random_init", ji.init(trained.config, cfg.random_seed))]
+    control = ji.init(trained.config, cfg.random_seed)
+    models = [] if cfg.baseline_only else [("trained", trained), ("random_init", control)]
     for name, model in models:
         for layer in layers:
             r = score(model, f"blocks.{layer}.resid_post", games, board, n_label)

@@ -3,7 +3,8 @@
     jaxinterp train-lm --preset facts-gpt --set train.steps=2000 --out results/facts-gpt
 
 (``jaxinterp train-lm`` = ``python -m jaxinterp.experiments.train_lm.main``; ``--config`` is an old
-name of ``--preset``.) Writes under ``--out`` (default ``results/train_lm/<preset>/``): ``config.json``, ``ckpt/`` (orbax checkpoints of params, optimizer state, step = data
+name of ``--preset``.) Writes under ``--out`` (default ``results/train_lm/<preset>/``): ``config.json``,
+``ckpt/`` (orbax checkpoints of params, optimizer state, step = data
 position, RNG key), ``metrics.jsonl``, ``results.json``, ``loss.png`` and ``export/`` (config.json
 + model.safetensors + tokenizer files + world.json, loadable by ``ji.load`` and transformers).
 Re-running the same command after a kill resumes from the latest checkpoint and ends with the
@@ -230,7 +231,8 @@ def _plot_loss(metrics_path: Path, title: str, png: Path) -> None:
 
 # CLI ---------------------------------------------------------------------------------------------
 def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", dest="preset", choices=sorted(PRESETS), default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.add_argument("--config", dest="preset", choices=sorted(PRESETS), default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)
     set_shortcut(p, "--init-from", "train.init_from", "start from these weights (ji.load source) with a fresh "
                                                       "optimizer (= --set train.init_from=SOURCE)")
     p.add_argument("--eval-prompts", type=int, default=None,
@@ -238,7 +240,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def run(cfg: Config, out: Path, *, eval_prompts: int | None = None, progress: bool = True) -> dict:
+def train_and_export(cfg: Config, out: Path, *, eval_prompts: int | None = None, progress: bool = True) -> dict:
+    """``train``, then export, evaluate and plot; returns the results."""
     log = lambda msg: print(msg, flush=True)
     t0 = time.perf_counter()
     model, _ = train(cfg, out, progress=progress, log=log)
@@ -258,8 +261,8 @@ def run(cfg: Config, out: Path, *, eval_prompts: int | None = None, progress: bo
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    return run_experiment("train_lm", PRESETS, lambda cfg, out, args: run(cfg, out, eval_prompts=args.eval_prompts,
-                                                                          progress=not args.no_progress),
+    return run_experiment("train_lm", PRESETS, lambda cfg, out, args: train_and_export(
+                              cfg, out, eval_prompts=args.eval_prompts, progress=not args.no_progress),
                           argv=argv, prog=prog, doc=__doc__, model_keys=("train.init_from",), add_arguments=_arguments)
 
 

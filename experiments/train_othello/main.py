@@ -254,7 +254,8 @@ def run(cfg: TrainOthelloConfig, out: Path, args: argparse.Namespace) -> dict:
           f"{cfg.n_eval_games} held-out games")
     for name in ("trained", "random_init"):
         m = metrics[name]
-        print(f"{name:<12} legal-move accuracy {m['legal_move_accuracy']:.4f}  probe accuracy {m['probe_accuracy']:.4f}")
+        print(f"{name:<12} legal-move accuracy {m['legal_move_accuracy']:.4f}  "
+              f"probe accuracy {m['probe_accuracy']:.4f}")
     return metrics
 
 

@@ -29,7 +29,7 @@ def test_overrides():
                                    "data.world.entities_per_domain=5"])
     assert cfg.train.steps == 700 and cfg.model.args["d_model"] == 64 and cfg.optim.lr == 1e-3
     assert cfg.data.world.entities_per_domain == 5 and cfg.model.args["n_layers"] == 4
-    with pytest.raises(ValueError, match=r"unknown key 'train.stepz' \(did you mean train.steps\?\); valid keys"):
+    with pytest.raises(ValueError, match=r"unknown key 'train.stepz' \(did you mean train.steps"):
         get_config("facts-gpt", ["train.stepz=1"])
     with pytest.raises(ValueError, match="presets"):
         get_config("nope")
