@@ -1,4 +1,4 @@
-"""The jaxinterp CLI: recall (dispatched to experiments/recall) numbers vs a direct loop, errors."""
+"""The jaxinterp CLI: recall (dispatched to experiments/train_lm/evaluate.py) numbers vs a direct loop, errors."""
 
 import json
 

@@ -16,7 +16,6 @@ import dataclasses
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +24,8 @@ from tqdm import tqdm
 
 import jaxinterp as ji
 from jaxinterp.experiments.causal_trace.config import TraceExperimentConfig
-from jaxinterp.experiments.common import UsageError, preset_shortcut, run_experiment
+from jaxinterp.experiments.common import UsageError, experiment_main, pyplot, save_figure
+from jaxinterp.experiments.data.facts_world import load_world_model
 from jaxinterp.patching import (
     TOKEN_CLASSES,
     TraceConfig,
@@ -43,18 +43,6 @@ GPT_KINDS = ("resid_post", "mlp_out", "attn_out")
 GPT_FREEZE = ("mlp_out", "attn_out")
 MAMBA_KINDS = ("resid_post", "mixer_out", "mixer.ssm_out", "mixer.gate")
 MAMBA_FREEZE = ("mixer.ssm_out", "mixer.gate", "mixer_out")
-
-
-def load_world_model(source: str):
-    """The model and its facts world (``world.json`` next to the weights)."""
-    from jaxinterp.experiments.data.facts_world import FactsWorld
-
-    model = ji.load(source)
-    path = Path(getattr(model, "source", source))
-    if not (path / "world.json").exists():
-        raise UsageError(f"{source!r} has no world.json; this experiment needs a facts-world model "
-                         f"(embedded: {ji.embedded_models()})")
-    return model, FactsWorld.from_dir(path)
 
 
 def kinds_for(model) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -289,15 +277,6 @@ _CMAPS = {"resid_post": "Purples", "mlp_out": "Greens", "attn_out": "Reds", "mix
           "mixer.ssm_out": "Blues", "mixer.gate": "Oranges"}
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _pretty(kind: str) -> str:
     return kind.replace("|freeze=", ", later ") + (" frozen" if "|freeze=" in kind else "")
 
@@ -309,7 +288,7 @@ def _layer_axis(ax, n_layers: int, window: int) -> None:
 
 def plot_fact(world, fact, traces: dict, model_name: str, png: Path) -> None:
     """ROME-style heatmaps: tokens x layers, one panel per restored kind (subject tokens starred)."""
-    plt = _plt()
+    plt = pyplot()
     names = list(traces)
     fig, axes = plt.subplots(1, len(names), figsize=(3.4 * len(names), 0.35 * len(fact.ids) + 2.0), squeeze=False)
     labels = [world.decode([t]) + ("*" if fact.subject_span[0] <= i < fact.subject_span[1] else "")
@@ -325,13 +304,11 @@ def plot_fact(world, fact, traces: dict, model_name: str, png: Path) -> None:
         ax.set_title(f"restore {_pretty(name)}\nclean {r.p_clean:.2f} / corrupted {r.p_corrupt:.2f}", fontsize=8)
         fig.colorbar(im, ax=ax, fraction=0.05).set_label(f"p({fact.answer}) (probability)", fontsize=7)
     fig.suptitle(f"{model_name}: p(answer) with one cell restored\n{fact.text} -> {fact.answer}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+    save_figure(fig, png)
 
 
 def plot_aie(aie: dict, model_name: str, window: int, png: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     names = list(aie)
     fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.2), squeeze=False)
     for i, (ax, name) in enumerate(zip(axes[0], names)):
@@ -346,13 +323,11 @@ def plot_aie(aie: dict, model_name: str, window: int, png: Path) -> None:
         ax.set_title(f"restore {_pretty(name)}", fontsize=8)
         fig.colorbar(im, ax=ax, fraction=0.05).set_label("AIE (probability)", fontsize=7)
     fig.suptitle(f"{model_name}: average indirect effect (restored p(answer) - corrupted p(answer))", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+    save_figure(fig, png)
 
 
 def plot_knockout(curves: dict, title: str, window: int, png: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     for name, c in curves.items():
         ax.plot(range(len(c)), 100 * np.asarray(c), marker="o", label=name.replace("_", " "))
@@ -361,9 +336,7 @@ def plot_knockout(curves: dict, title: str, window: int, png: Path) -> None:
     ax.set_ylabel("change in p(answer) (%)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, title="source tokens knocked out", title_fontsize=7)
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+    save_figure(fig, png)
 
 
 # ----------------------------------------------------------------------------- main
@@ -412,9 +385,7 @@ PRESETS = {"facts-gpt": TraceExperimentConfig, "facts-mamba": TraceExperimentCon
            "smoke": TraceExperimentConfig.smoke}
 
 
-def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    return run_experiment("causal_trace", PRESETS, lambda cfg, out, args: run(cfg, out), argv=argv, prog=prog,
-                          doc=__doc__, add_arguments=preset_shortcut("--mamba", "facts-mamba"))
+main = experiment_main("causal_trace", PRESETS, run, doc=__doc__)
 
 
 if __name__ == "__main__":

@@ -19,24 +19,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import jaxinterp as ji
 from jaxinterp import lora
 from jaxinterp.unlearning import elm
 from jaxinterp.unlearning import baselines as ub
 from jaxinterp.unlearning import metrics as um
-from jaxinterp.experiments.data.facts_world import BOS, DOMAINS, PAD, FactsWorld, WorldConfig
-from jaxinterp.experiments.common import run_experiment
+from jaxinterp.experiments.data.facts_world import DOMAINS, FactsWorld, load_world_model
+from jaxinterp.experiments.common import experiment_main, pyplot, save_figure
 from jaxinterp.experiments.elm_erase.config import ExperimentConfig
 
 
 # ----------------------------------------------------------------------------- data
-
-
-def load_world(model) -> FactsWorld:
-    source = getattr(model, "source", None)
-    if source and (Path(source) / "world.json").exists():
-        return FactsWorld.from_dir(source)
-    return FactsWorld(WorldConfig())
 
 
 def _ids(world, text, max_len=None):
@@ -210,10 +202,7 @@ def table(results: dict) -> str:
 
 
 def plot(results: dict, model_name: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     keys = ["innocence_acc", "paraphrase_acc", "hint_acc", "kept_acc"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -236,15 +225,12 @@ def plot(results: dict, model_name: str, path: Path) -> None:
     axes[1].set_title("seamlessness on fact prompts (original model scores)", fontsize=9)
     axes[1].legend(fontsize=8)
     fig.suptitle(f"{model_name}: erasing the facts of one domain")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run(cfg: ExperimentConfig, out: Path) -> dict:
     key = jax.random.PRNGKey(cfg.seed)
-    base = ji.load(cfg.model)
-    world = load_world(base)
+    base, world = load_world_model(cfg.model)
     corpus = build_corpus(world, cfg)
     fluency, starts = fluency_data(base, world, corpus, cfg, jax.random.fold_in(key, 5))
     batches = batch_fn(corpus, fluency, starts, world, cfg)
@@ -270,9 +256,7 @@ def run(cfg: ExperimentConfig, out: Path) -> dict:
 PRESETS = {"facts-gpt": ExperimentConfig, "facts-mamba": lambda: ExperimentConfig(model="facts-mamba")}
 
 
-def main(argv=None, prog=None) -> int:
-    return run_experiment("elm_erase", PRESETS, lambda cfg, out, args: run(cfg, out), argv=argv, prog=prog,
-                          doc=__doc__)
+main = experiment_main("elm_erase", PRESETS, run, doc=__doc__)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from jaxinterp.experiments.causal_trace.main import load_world_model
-from jaxinterp.experiments.common import preset_shortcut, run_experiment
+from jaxinterp.experiments.common import experiment_main
+from jaxinterp.experiments.data.facts_world import load_world_model
 from jaxinterp.experiments.rome.config import RomeExperimentConfig
 from jaxinterp.experiments.rome.main import corpus_batches, make_contexts, request_of, rome_config
 from jaxinterp.editing.rome import edit, key_covariances, target_logprobs
@@ -78,9 +77,7 @@ def run(cfg: FramesConfig, out: Path) -> dict:
 PRESETS = {"facts-gpt": FramesConfig, "facts-mamba": lambda: FramesConfig(model="facts-mamba")}
 
 
-def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    return run_experiment("rome_frames", PRESETS, lambda cfg, out, args: run(cfg, out), argv=argv, prog=prog,
-                          doc=__doc__, add_arguments=preset_shortcut("--mamba", "facts-mamba"))
+main = experiment_main("rome_frames", PRESETS, run, doc=__doc__)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,8 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from jaxinterp.experiments.causal_trace.main import load_world_model
-from jaxinterp.experiments.common import preset_shortcut, run_experiment
-from jaxinterp.experiments.data.facts_world import PAD
+from jaxinterp.experiments.common import experiment_main, pyplot, save_figure
+from jaxinterp.experiments.data.facts_world import PAD, load_world_model
 from jaxinterp.experiments.rome.config import RomeExperimentConfig
 from jaxinterp.editing.rome import (EditRequest, RomeConfig, counterfact_scores, edit, key_covariances, sample_contexts,
                             target_logprobs)
@@ -126,25 +125,22 @@ SCORES_MEANING = ("% of prompts where the edit wins: efficacy = P(new) > P(true)
 
 
 def plot(per_layer: dict, baseline: dict, title: str, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     layers = sorted(per_layer)
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for m, c in zip(METRICS, ("tab:blue", "tab:orange", "tab:green", "black")):
-        ax.plot(layers, [per_layer[l]["mean"][m] for l in layers], marker="o", color=c, label=m)
+    labels = ("efficacy: rewrite prompt, P(new) > P(true)", "paraphrase: P(new) > P(true)",
+              "neighborhood: other subjects, P(true) > P(new)", "score: harmonic mean")
+    for m, c, label in zip(METRICS, ("tab:blue", "tab:orange", "tab:green", "black"), labels):
+        ax.plot(layers, [per_layer[l]["mean"][m] for l in layers], marker="o", color=c, label=label)
         ax.axhline(baseline[m], color=c, ls="--", lw=0.8)
     ax.set_xticks(layers)
     ax.set_xlabel("edited layer")
-    ax.set_ylabel("% of prompts the edit wins")
+    ax.set_ylabel("% of prompts")
     ax.set_ylim(-2, 102)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+    save_figure(fig, png)
 
 
 def run(cfg: RomeExperimentConfig, out: Path) -> dict:
@@ -173,9 +169,7 @@ PRESETS = {"facts-gpt": RomeExperimentConfig, "facts-mamba": RomeExperimentConfi
            "smoke": RomeExperimentConfig.smoke}
 
 
-def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    return run_experiment("rome", PRESETS, lambda cfg, out, args: run(cfg, out), argv=argv, prog=prog, doc=__doc__,
-                          add_arguments=preset_shortcut("--mamba", "facts-mamba"))
+main = experiment_main("rome", PRESETS, run, doc=__doc__)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 import jaxinterp as ji
-from jaxinterp.experiments.common import run_experiment
+from jaxinterp.experiments.common import experiment_main
 from jaxinterp.experiments.data import othello
 from jaxinterp.experiments.train_othello.main import fit_probe, probe_logits
 from jaxinterp.sae.board import board_reconstruction, coverage
@@ -109,11 +109,7 @@ def run(cfg: CeilingConfig, out_dir: Path) -> dict:
 
 
 PRESETS = {"default": CeilingConfig}
-
-
-def main(argv=None, prog=None) -> int:
-    return run_experiment("sae_boardgame_ceiling", PRESETS, lambda cfg, out, args: run(cfg, out), argv=argv,
-                          prog=prog, doc=__doc__)
+main = experiment_main("sae_boardgame_ceiling", PRESETS, run, doc=__doc__)
 
 
 if __name__ == "__main__":

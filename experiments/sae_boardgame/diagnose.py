@@ -25,7 +25,7 @@ from jaxinterp.sae import unstack
 from jaxinterp.sae.board import _fires, board_reconstruction, f1_matrix
 from jaxinterp.sae.metrics import latent_acts
 
-from jaxinterp.experiments.common import run_experiment
+from jaxinterp.experiments.common import experiment_main
 
 from .config import BoardgameConfig
 from .main import PRESETS, load_data, models_of, train_saes
@@ -114,9 +114,7 @@ def run(cfg: BoardgameConfig, out: Path) -> dict:
     return res
 
 
-def main(argv=None, prog=None) -> int:
-    return run_experiment("sae_boardgame_diagnose", PRESETS, lambda cfg, out, args: run(cfg, out), argv=argv,
-                          prog=prog, doc=__doc__)
+main = experiment_main("sae_boardgame_diagnose", PRESETS, run, doc=__doc__)
 
 
 if __name__ == "__main__":

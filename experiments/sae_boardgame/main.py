@@ -28,7 +28,7 @@ import numpy as np
 
 import jaxinterp as ji
 from jaxinterp.checkpoint import check_run_config
-from jaxinterp.experiments.common import run_experiment
+from jaxinterp.experiments.common import experiment_main, pyplot, save_figure
 from jaxinterp.experiments.data import othello
 from jaxinterp.sae import SAETrainConfig, SAETrainer, unstack
 from jaxinterp.sae.board import board_reconstruction, coverage
@@ -142,10 +142,7 @@ def run_model(cfg: BoardgameConfig, model, name: str, games: dict, board: othell
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     metrics = [("coverage", "board coverage (F1)"), ("reconstruction", "board reconstruction (F1)"),
                ("loss_recovered", "CE loss recovered (fraction)")]
@@ -168,9 +165,7 @@ def plot(results: dict, path: Path) -> None:
     cfg = results["config"]
     fig.suptitle(f"SAEs on {Path(cfg['model']).name} blocks.{cfg['layer']}.resid_post (o, solid) vs its random-init "
                  f"twin (x, dotted): board metrics and CE recovered against sparsity")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 METRICS_MEANING = ("L0: active latents per token; FVE: fraction of variance explained; CE recovered: (CE zero-ablated "
@@ -220,9 +215,7 @@ def run(cfg: BoardgameConfig, out: Path) -> dict:
     return results
 
 
-def main(argv=None, prog=None) -> int:
-    return run_experiment("sae_boardgame", PRESETS, lambda cfg, out, args: run(cfg, out), argv=argv, prog=prog,
-                          doc=__doc__)
+main = experiment_main("sae_boardgame", PRESETS, run, doc=__doc__)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from jaxinterp.checkpoint import Checkpointer
-from jaxinterp.experiments.common import run_experiment, set_shortcut
+from jaxinterp.experiments.common import experiment_main, pyplot, save_figure
 from jaxinterp.experiments.data.facts_world import FactsWorld
 from jaxinterp.experiments.train_lm.config import PRESETS, Config
 from jaxinterp.experiments.train_lm.data import FactsBatches, answer_weights
@@ -211,10 +211,7 @@ def export(model: Model, world: FactsWorld, directory: Path) -> Path:
 
 
 def _plot_loss(metrics_path: Path, title: str, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     pts = sorted({r["step"]: r["loss"] for r in rows if r.get("loss") is not None}.items())
@@ -224,20 +221,16 @@ def _plot_loss(metrics_path: Path, title: str, png: Path) -> None:
     ax.plot([p[0] for p in pts], [p[1] for p in pts])
     ax.set_xlabel("step"), ax.set_ylabel("train loss (nats per token, log scale)"), ax.set_yscale("log")
     ax.set_title(f"{title}: next-token cross-entropy", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+    save_figure(fig, png)
 
 
 # CLI ---------------------------------------------------------------------------------------------
 def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", dest="preset", choices=sorted(PRESETS), default=argparse.SUPPRESS,
                    help=argparse.SUPPRESS)
-    set_shortcut(p, "--init-from", "train.init_from", "start from these weights (ji.load source) with a fresh "
-                                                      "optimizer (= --set train.init_from=SOURCE)")
     p.add_argument("--eval-prompts", type=int, default=None,
                    help="prompts per split in the final evaluation (default: all)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (for log files)")
 
 
 def train_and_export(cfg: Config, out: Path, *, eval_prompts: int | None = None, progress: bool = True) -> dict:
@@ -260,10 +253,8 @@ def train_and_export(cfg: Config, out: Path, *, eval_prompts: int | None = None,
     return results
 
 
-def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    return run_experiment("train_lm", PRESETS, lambda cfg, out, args: train_and_export(
-                              cfg, out, eval_prompts=args.eval_prompts, progress=not args.no_progress),
-                          argv=argv, prog=prog, doc=__doc__, model_keys=("train.init_from",), add_arguments=_arguments)
+main = experiment_main("train_lm", PRESETS, train_and_export, doc=__doc__, model_keys=("train.init_from",),
+                       shortcuts={"--init-from": "train.init_from"}, add_arguments=_arguments)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import jaxinterp as ji
 from jaxinterp.checkpoint import Checkpointer, check_run_config
-from jaxinterp.experiments.common import UsageError, run_experiment
+from jaxinterp.experiments.common import UsageError, experiment_main
 from jaxinterp.experiments.data import othello
 from jaxinterp.models.gpt2 import GPT2Config
 
@@ -223,12 +223,14 @@ def _arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps")
     ap.add_argument("--eval-every", type=int, default=500,
                     help="log legal-move accuracy on 200 held-out games every N steps (0: never)")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar (for log files)")
+    ap.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (for log files)")
 
 
-def run(cfg: TrainOthelloConfig, out: Path, args: argparse.Namespace) -> dict:
-    if args.save_every < 1 or args.eval_every < 0:
-        raise UsageError(f"--save-every must be >= 1 and --eval-every >= 0, got {args.save_every}, {args.eval_every}")
+def run(cfg: TrainOthelloConfig, out: Path, *, ckpt: str | None = None, save_every: int = 500, eval_every: int = 500,
+        progress: bool = True) -> dict:
+    """Generate the games, train (resumably), export to ``out/export`` and evaluate; returns the metrics."""
+    if save_every < 1 or eval_every < 0:
+        raise UsageError(f"--save-every must be >= 1 and --eval-every >= 0, got {save_every}, {eval_every}")
     board = othello.OthelloConfig(size=cfg.board_size)
     t0 = time.time()
     train_games = othello.random_games(board, cfg.n_train_games, seed=cfg.seed, full_only=True)
@@ -240,8 +242,8 @@ def run(cfg: TrainOthelloConfig, out: Path, args: argparse.Namespace) -> dict:
         return f"legal-move acc {legal_move_accuracy(model, board, monitor):.4f}"
 
     model, losses = train(cfg, othello.square_to_token(board, train_games.squares),
-                          ckpt_dir=Path(args.ckpt) if args.ckpt else out / "ckpt", save_every=args.save_every,
-                          eval_every=args.eval_every, eval_fn=eval_fn, progress=not args.no_progress,
+                          ckpt_dir=Path(ckpt) if ckpt else out / "ckpt", save_every=save_every,
+                          eval_every=eval_every, eval_fn=eval_fn, progress=progress,
                           log=lambda m: print(m, flush=True))
     ji.save_pretrained(model, out / "export")  # before evaluation, so a failed evaluation loses no training
     metrics = {"config": dataclasses.asdict(cfg), "final_loss": losses[-1][1] if losses else None,
@@ -259,8 +261,7 @@ def run(cfg: TrainOthelloConfig, out: Path, args: argparse.Namespace) -> dict:
     return metrics
 
 
-def main(argv=None, prog=None) -> int:
-    return run_experiment("train_othello", PRESETS, run, argv=argv, prog=prog, doc=__doc__, add_arguments=_arguments)
+main = experiment_main("train_othello", PRESETS, run, doc=__doc__, add_arguments=_arguments)
 
 
 if __name__ == "__main__":

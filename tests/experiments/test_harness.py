@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional
 
 import pytest
 
-from jaxinterp.experiments.common import UsageError, apply_overrides, parse_value, run_experiment, setting_keys
+from jaxinterp.experiments.common import UsageError, apply_overrides, experiment_main, parse_value, setting_keys
 
 
 # ----------------------------------------------------------------------------- typed values
@@ -119,19 +119,22 @@ def test_real_configs_take_typed_overrides():
 
 
 def _toy_main(argv, tmp_path, fn=None):
-    def main_fn(cfg, out, args):
-        (out / "plot.png").write_bytes(b"png")
-        return fn(cfg) if fn else {"steps": cfg.steps, "lr": cfg.optim.lr}
+    def run(cfg, out, *, note):
+        (out / "plot.png").write_bytes(note.encode())
+        return fn(cfg) if fn else {"steps": cfg.steps, "lr": cfg.optim.lr, "note": note}
+
+    def own_flags(parser):  # the experiment's own flags reach run() by name
+        parser.add_argument("--note", default="png")
 
     presets = {"base": Toy, "short": lambda: Toy(steps=20)}
-    return run_experiment("toy", presets, main_fn, argv=argv, prog="toy")
+    return experiment_main("toy", presets, run, add_arguments=own_flags)(argv, prog="toy")
 
 
 def test_run_writes_config_and_results_and_ends_with_wrote(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert _toy_main(["--preset", "short", "--set", "optim.lr=0.5", "--set", "flag=no", "layers=3"], tmp_path) == 0
     out = tmp_path / "results" / "toy" / "short"  # results/<experiment>/<preset>/
-    assert json.loads((out / "results.json").read_text()) == {"steps": 20, "lr": 0.5}
+    assert json.loads((out / "results.json").read_text()) == {"steps": 20, "lr": 0.5, "note": "png"}
     assert json.loads((out / "config.json").read_text()) == json.loads(json.dumps(dataclasses.asdict(
         Toy(steps=20, optim=Optim(lr=0.5), flag=False, layers=(3,)))))
     last = capsys.readouterr().out.strip().splitlines()[-1]
@@ -171,7 +174,7 @@ def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, monkeypatch
 
 MAINS = {  # module -> an int-typed key of its config
     "jaxinterp.experiments.causal_trace.main": "n_facts",
-    "jaxinterp.experiments.recall.main": "n_passages",
+    "jaxinterp.experiments.train_lm.evaluate": "n_passages",
     "jaxinterp.experiments.rome.main": "n_edits",
     "jaxinterp.experiments.rome.frames": "layer",
     "jaxinterp.experiments.sae_boardgame.main": "steps",
