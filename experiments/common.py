@@ -232,12 +232,11 @@ def experiment_main(name: str, presets: Mapping[str, Callable[[], Any]], run: Ca
                     doc: str | None = None, model_keys: Sequence[str] = ("model",),
                     shortcuts: Mapping[str, str] | None = None,
                     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None):
-    """The ``main(argv=None, prog=None) -> exit status`` of an experiment: parse the command line,
-    resolve the config, ``run(cfg, out, **own_flags) -> results``, write ``results.json`` and
-    ``config.json``. ``presets``: name -> config factory (the first is the default); ``model_keys``:
-    dotted keys holding a ``ji.load`` source (checked before the run); ``shortcuts``: flag -> key,
-    ``--flag V`` = ``--set key=V`` (``--model`` where the config has a ``model``); ``add_arguments``:
-    the experiment's own flags (run controls outside the config), passed to ``run`` by name."""
+    """An experiment's ``main(argv=None, prog=None) -> exit status``. ``presets``: name -> config factory
+    (the first is the default); ``run(cfg, out, **own_flags) -> results``; ``model_keys``: dotted keys
+    holding a ``ji.load`` source, checked first; ``shortcuts``: ``{"--flag": key}``, ``--flag V`` =
+    ``--set key=V`` (``--model`` is one where the config has a ``model``); ``add_arguments``: the
+    experiment's own flags (run controls outside the config), passed to ``run`` by name."""
 
     def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         default, base = next(iter(presets)), next(iter(presets.values()))()
@@ -259,9 +258,9 @@ def experiment_main(name: str, presets: Mapping[str, Callable[[], Any]], run: Ca
             args = parser.parse_args(argv)
         except SystemExit as stop:  # --help, or an argparse error (already printed)
             return stop.code or 0
+        own = {k: v for k, v in vars(args).items() if k not in harness_flags}
+        args.sets = [f"{k[4:]}={v}" for k, v in vars(args).items() if k.startswith("set:") and v] + args.sets
         try:
-            own = {k: v for k, v in vars(args).items() if k not in harness_flags}
-            args.sets = [f"{k[4:]}={v}" for k, v in vars(args).items() if k.startswith("set:") and v] + args.sets
             return _run(name, presets[args.preset](), args, lambda cfg, out: run(cfg, out, **own), model_keys)
         except USER_ERRORS as err:
             if args.debug:
@@ -274,6 +273,7 @@ def experiment_main(name: str, presets: Mapping[str, Callable[[], Any]], run: Ca
 
 
 def _run(name: str, preset, args: argparse.Namespace, run: Callable[[Any, Path], dict], model_keys) -> int:
+    """Resolve and check the config; ``--list-config``, or run and write results.json + config.json."""
     try:
         cfg = apply_overrides(preset, args.sets)
     except ValueError as err:  # the config's own validation: a usage error too

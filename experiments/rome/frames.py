@@ -2,7 +2,7 @@
 
 For each edit (paper settings, one layer), every other training-template and paraphrase prompt of
 the record is scored (P(new) > P(true)) and put in one of two groups: prompts whose ``frame``
-tokens just before the subject equal the rewrite prompt's, and the rest. Prints one JSON object
+tokens just before the subject equal the rewrite prompt's, and the rest. Writes one JSON object
 with each group's success rate and count, plus every prompt's outcome (``results.json``).
 
     python -m jaxinterp.experiments.rome.frames --preset facts-mamba --set layer=0

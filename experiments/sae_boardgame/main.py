@@ -36,7 +36,7 @@ from jaxinterp.sae.metrics import downstream_metrics, latent_acts, reconstructio
 
 from .config import BoardgameConfig
 
-PRESETS = {"default": BoardgameConfig.default, "long": BoardgameConfig.long, "scaled": BoardgameConfig.scaled,
+PRESETS = {"default": BoardgameConfig, "long": BoardgameConfig.long, "scaled": BoardgameConfig.scaled,
            "smoke": BoardgameConfig.smoke}
 
 
@@ -182,10 +182,6 @@ def summary_table(results: dict) -> str:
             lines.append(f"| {model_name} | {r['family']} | {setting} | {r['l0']:.1f} | {r['fve']:.3f} | "
                          f"{r['loss_recovered']:.3f} | {r['coverage']:.3f} | {r['reconstruction']:.3f} |")
     return "\n".join(lines)
-
-
-PRESETS = {"default": BoardgameConfig.default, "long": BoardgameConfig.long, "scaled": BoardgameConfig.scaled,
-           "smoke": BoardgameConfig.smoke}
 
 
 def load_data(cfg: BoardgameConfig):

@@ -122,7 +122,7 @@ def plot(res: dict, png: Path) -> None:
     save_figure(fig, png)
 
 
-def run(cfg: RecallConfig, out: Path) -> dict:
+def recall(cfg: RecallConfig, out: Path) -> dict:
     model, world = load_world_model(cfg.model)
     res = evaluate_world(model, world, n_prompts=cfg.n_prompts, n_passages=cfg.n_passages, seed=cfg.seed)
     res = {"model": cfg.model, "source": str(getattr(model, "source", cfg.model)), "experiment": "recall", **res}
@@ -132,7 +132,7 @@ def run(cfg: RecallConfig, out: Path) -> dict:
 
 
 PRESETS = {"facts-gpt": RecallConfig, "facts-mamba": lambda: RecallConfig(model="facts-mamba")}
-main = experiment_main("recall", PRESETS, run, doc=__doc__)
+main = experiment_main("recall", PRESETS, recall, doc=__doc__)
 
 
 if __name__ == "__main__":
