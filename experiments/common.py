@@ -55,16 +55,6 @@ def type_name(tp) -> str:
     return "bool (true/false)" if tp is bool else getattr(tp, "__name__", str(tp))
 
 
-def _scalar(text: str, tp):
-    if tp is bool:
-        if text.strip().lower() not in TRUE + FALSE:
-            raise ValueError(text)
-        return text.strip().lower() in TRUE
-    if tp in (int, float, str):
-        return tp(text)
-    raise TypeError(f"no command-line syntax for fields of type {tp!r}")
-
-
 def guess_value(text: str):
     """A value of unknown type (free-form mappings): int, float, bool, none, else the string."""
     for cast in (int, float):
@@ -77,28 +67,27 @@ def parse_value(text: str, tp, key: str = "value"):
     """``text`` as a value of field type ``tp``; a ``UsageError`` names key, expected type and value."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     try:
-        if tp is Any:
-            return guess_value(text)
         if origin in (typing.Union, types.UnionType):
             if type(None) in args and text.strip().lower() in NONE:
                 return None
             for arg in (a for a in args if a is not type(None)):
-                try:
+                with contextlib.suppress(UsageError):
                     return parse_value(text, arg, key)
-                except UsageError:
-                    pass
-            raise ValueError(text)
-        if origin in SEQUENCES:
-            body = text.strip()[1:-1] if text.strip()[:1] + text.strip()[-1:] == "[]" else text
-            items = [v.strip() for v in body.split(",") if v.strip()]
-            if origin is tuple and args and args[-1] is not Ellipsis:  # fixed length, e.g. tuple[int, int]
-                if len(items) != len(args):
-                    raise ValueError(text)
-                return tuple(map(_scalar, items, args))
-            values = [_scalar(v, args[0] if args else str) for v in items]
-            return values if origin is list else tuple(values)
-        return _scalar(text, tp)
-    except ValueError:
+        elif origin in SEQUENCES:
+            items = [v.strip() for v in text.strip().strip("[]").split(",") if v.strip()]  # a,b or [a,b]
+            fixed = origin is tuple and args and args[-1] is not Ellipsis  # e.g. tuple[int, int]
+            types_ = args if fixed else [(args or (str,))[0]] * len(items)
+            if len(items) == len(types_):
+                values = [parse_value(v, a, key) for v, a in zip(items, types_)]
+                return values if origin is list else tuple(values)
+        elif tp is bool and text.strip().lower() in TRUE + FALSE:
+            return text.strip().lower() in TRUE
+        elif tp in (int, float, str):
+            return tp(text)
+        elif tp is Any:
+            return guess_value(text)
+        raise ValueError(text)
+    except ValueError:  # also an item's UsageError: reported for the whole value
         raise UsageError(f"--set {key}={text}: expected {type_name(tp)}, got {text!r}") from None
 
 
