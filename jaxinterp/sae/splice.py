@@ -33,7 +33,7 @@ class Splice(Intervention):
     latent_scale: Optional[jax.Array] = None
     add_error: bool = struct.field(pytree_node=False, default=False)
 
-    def _view(self, x: jax.Array) -> jax.Array:
+    def sae_input(self, x: jax.Array) -> jax.Array:
         """The site's value as the SAE's input ``[..., d_in]``."""
         reads = self.sae.reads
         if reads.head is not None:
@@ -42,7 +42,7 @@ class Splice(Intervention):
             return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
         return x
 
-    def _unview(self, x: jax.Array, y: jax.Array) -> jax.Array:
+    def _site_output(self, x: jax.Array, y: jax.Array) -> jax.Array:
         """``y`` (the SAE's output) put back into the site's layout of ``x``."""
         reads = self.sae.reads
         if reads.head is not None:
@@ -58,7 +58,7 @@ class Splice(Intervention):
         if reads.head is not None and reads.head >= x.shape[-2]:
             raise ValueError(f"Splice at {site!r}: the SAE reads head {reads.head}, but the site has {x.shape[-2]} heads "
                              f"(shape {tuple(x.shape)})")
-        width = self._view(x).shape[-1]
+        width = self.sae_input(x).shape[-1]
         if width != self.sae.d_in:
             how = "with its heads flattened " if reads.flatten_heads else ""
             trained = f" ({reads.site})" if reads.site else ""
@@ -72,10 +72,10 @@ class Splice(Intervention):
                              f"got {tuple(jnp.shape(self.latent_scale))}")
 
     def apply(self, x):
-        xf = self._view(x).astype(jnp.float32)
+        xf = self.sae_input(x).astype(jnp.float32)
         f = self.sae.encode(xf)
         edited = f if self.latent_scale is None else f * self.latent_scale
         out = self.sae.decode(edited, xf)
         if self.add_error:
             out = out + (xf - self.sae.decode(f, xf))
-        return self._unview(x, out.astype(x.dtype))
+        return self._site_output(x, out.astype(x.dtype))

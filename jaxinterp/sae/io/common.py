@@ -15,7 +15,7 @@ from ..families import Reads
 from .hooks import site_for_hook
 
 __all__ = ["FormatError", "check_tensors", "centre_free_b_enc", "jumprelu_log_threshold", "reads_for",
-           "atomic_dir", "PER_HEAD_SITES"]
+           "atomic_dir", "atomic_write_text", "PER_HEAD_SITES"]
 
 PER_HEAD_SITES = ("attn.q", "attn.k", "attn.v", "attn.z")  # laid out [..., heads, head_dim]
 
@@ -71,12 +71,19 @@ def reads_for(hook_or_site: str | None, head: int | None = None, flatten_heads: 
     return Reads(site=site, head=head, flatten_heads=bool(flatten_heads))
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling directory to write into; on success it replaces ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 -> what mkdir would give
     try:
         yield tmp
         old = None
@@ -89,3 +96,19 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary sibling file renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 -> what open() would give
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
