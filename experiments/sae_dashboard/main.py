@@ -1,19 +1,18 @@
 """Feature dashboards of an SAE on a facts-world model (facts-gpt by default).
 
-    python -m jaxinterp.experiments.sae_dashboard.main --out results/sae_dashboard
-    python -m jaxinterp.experiments.sae_dashboard.main --sae path/to/sae --out results/dash2   # any ji.sae.load format
+    jaxinterp sae-dashboard                                  # results/sae_dashboard/default/
+    jaxinterp sae-dashboard --set sae=path/to/sae --out results/dash2   # any ji.sae.load format
 
 Without ``--sae`` a TopK SAE is trained on the site's activations (``SAETrainer``) and saved in
 SAELens layout to ``<out>/sae`` (``--sae <out>/sae`` rebuilds the same page). The dashboard
 (``jaxinterp.sae.dashboard``) is written to ``<out>/index.html``, the SAE's reconstruction
 quality (L0, FVE, CE loss recovered when spliced) and timings to ``<out>/results.json``.
-Every config field is a flag (``--steps 500``, ``--site blocks.1.mlp_out``); ``--preset smoke``
+Config fields are set with ``--set`` (``--set steps=500 site=blocks.1.mlp_out``); ``--preset smoke``
 runs in seconds.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -29,29 +28,12 @@ import numpy as np
 import jaxinterp as ji
 from jaxinterp.sae import Reads, SAETrainConfig, SAETrainer, Splice, unstack
 from jaxinterp.sae.dashboard import DashboardConfig, build_dashboard, token_strings
-from jaxinterp.sae.io.common import atomic_write_text
+from jaxinterp.experiments.common import experiment_main
 from jaxinterp.sae.metrics import downstream_metrics, reconstruction_metrics
 
 from .config import SAEDashboardConfig
 
 PRESETS = {"default": SAEDashboardConfig.default, "smoke": SAEDashboardConfig.smoke}
-
-
-def parse_args(argv=None) -> tuple[SAEDashboardConfig, Path, bool]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="default")
-    ap.add_argument("--debug", action="store_true", help="show tracebacks")
-    ap.add_argument("--out", type=Path, default=Path("results/sae_dashboard"))
-    for f in dataclasses.fields(SAEDashboardConfig):
-        kind = type(f.default) if f.default is not None else str
-        ap.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None, help=f"(default {f.default})")
-    args = ap.parse_args(argv)
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(SAEDashboardConfig)
-             if getattr(args, f.name) is not None}
-    try:
-        return PRESETS[args.preset](**given), args.out, args.debug
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
 
 
 @contextlib.contextmanager
@@ -62,7 +44,7 @@ def locked(out: Path):
     try:
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
-        raise SystemExit(f"error: {out} is being written by another run ({lock} exists; delete it if that run "
+        raise ValueError(f"{out} is being written by another run ({lock} exists; delete it if that run "
                          f"died)") from None
     os.write(fd, str(os.getpid()).encode())
     os.close(fd)
@@ -79,7 +61,7 @@ def facts_rows(cfg: SAEDashboardConfig, model, n: int, seed: int) -> tuple[np.nd
 
     source = Path(getattr(model, "source", cfg.model))
     if not (source / "world.json").exists():
-        raise SystemExit(f"error: {cfg.model!r} has no world.json; this run needs a facts-world model "
+        raise ValueError(f"{cfg.model!r} has no world.json; this run needs a facts-world model "
                          f"(embedded: {ji.embedded_models()})")
     world = FactsWorld.from_dir(source)
     return FactsBatches(world, n, cfg.seq_len - 1, seed=seed).batch(0), world.bos_id
@@ -110,16 +92,6 @@ def train_sae(cfg: SAEDashboardConfig, model, out: Path):
     return sae, {"train_seconds": time.time() - t0, "train_tokens": int(len(acts))}
 
 
-def main(argv=None) -> dict:
-    cfg, out, debug = parse_args(argv)
-    try:
-        return run(cfg, out)
-    except (ValueError, KeyError, FileNotFoundError, ImportError) as err:
-        if debug:
-            raise
-        raise SystemExit(f"error: {err} (--debug for the traceback)") from None
-
-
 def run(cfg: SAEDashboardConfig, out: Path) -> dict:
     with locked(out):
         model = ji.load(cfg.model)
@@ -143,11 +115,14 @@ def run(cfg: SAEDashboardConfig, out: Path) -> dict:
         results = {"config": dataclasses.asdict(cfg), "site": site, **info, **quality,
                    "dashboard_seconds": time.time() - t0, "dead_frac_dashboard": float((stats.freq == 0).mean()),
                    "page": str(page)}
-        atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
+    print("L0: active latents per token; FVE: fraction of the site's variance the reconstruction explains; CE loss "
+          "recovered: 1 = splicing the SAE in keeps the LM loss, 0 = as bad as zero-ablating the site")
     print(f"{sae.family} SAE at {site}: L0 {quality['l0']:.1f}, FVE {quality['fve']:.3f}, CE loss recovered "
-          f"{quality['loss_recovered']:.3f}; wrote {page} and {out / 'results.json'}")
+          f"{quality['loss_recovered']:.3f}; dashboard {page}")
     return results
 
 
+main = experiment_main("sae_dashboard", PRESETS, run, doc=__doc__)
+
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    sys.exit(main())
