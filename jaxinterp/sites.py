@@ -324,8 +324,9 @@ class LayerSites:
             else:
                 member = np.zeros(self.ctx.n_layers, bool)
                 member[sorted(layers)] = True
+                where = _layers_name(layers, suffix)  # error messages name the layers the item acts on
                 x = jax.lax.cond(jnp.asarray(member)[self.layer],
-                                 lambda v, item=item: apply_intervention(item, v, name), lambda v: v, x)
+                                 lambda v, item=item, where=where: apply_intervention(item, v, where), lambda v: v, x)
         if constrain is not None and items:
             x = constrain(name, x)
         if suffix in self.ctx._layer_capture:
@@ -338,6 +339,12 @@ class LayerSites:
         if adapter is None:
             return y
         return y + adapter(x, self.layer).astype(y.dtype)
+
+
+def _layers_name(layers: frozenset, suffix: str) -> str:
+    """``blocks.3.attn.z`` for one layer, ``blocks.{1,4}.attn.z`` for several."""
+    ids = sorted(layers)
+    return f"blocks.{ids[0]}.{suffix}" if len(ids) == 1 else f"blocks.{{{','.join(map(str, ids))}}}.{suffix}"
 
 
 def apply_intervention(item: Any, x: jax.Array, site: str) -> jax.Array:
