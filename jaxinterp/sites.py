@@ -127,7 +127,10 @@ class Cache(collections.abc.Mapping):
             return self._flat[name]
         layer, suffix = split_layer_site(name)
         if suffix in self._stacked and layer is not None and name in self._names:
-            return self._stacked[suffix][layer]
+            stacked = self._stacked[suffix]
+            if isinstance(stacked, jax.ShapeDtypeStruct):  # under jax.eval_shape
+                return jax.ShapeDtypeStruct(stacked.shape[1:], stacked.dtype, sharding=None)
+            return stacked[layer]
         raise KeyError(name)
 
     @property

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinterp.hf import ConversionError, check_tensors
+from jaxinterp.placement import HostPlacer, release
 
 # ----------------------------------------------------------------------------- activations
 
@@ -308,10 +309,12 @@ def expected_hf_shapes(entries: Iterable[Entry], param_shapes: Any, n_layers: in
 
 def params_from_hf(model_type: str, entries: Iterable[Entry], param_shapes: Any, tensors: Mapping[str, np.ndarray],
                    n_layers: int, dtype=np.float32, ignorable: Iterable[str] = (),
-                   rename: Callable[[str], str] | None = None) -> dict:
+                   rename: Callable[[str], str] | None = None, placer: HostPlacer | None = None) -> dict:
     """Build the (layer-stacked) params tree from checkpoint tensors, refusing missing, extra or
     mis-shaped ones. Each parameter is allocated once in ``dtype`` and filled layer by layer, so a
-    bfloat16 checkpoint is never expanded to float32 on the host.
+    bfloat16 checkpoint is never expanded to float32; each tensor's mapped pages are released once it
+    has been read. ``placer`` decides where parameters live (``HostPlacer``: numpy; ``DevicePlacer``:
+    on the device as they are read).
 
     ``param_shapes``: the params tree of ``jax.ShapeDtypeStruct`` (``jax.eval_shape`` of the
     module's init), so expected checkpoint shapes follow from the config alone. ``rename`` maps
@@ -325,16 +328,20 @@ def params_from_hf(model_type: str, entries: Iterable[Entry], param_shapes: Any,
         raise AssertionError(f"{model_type}: params without HF mapping: {sorted(all_paths - covered)}")
     check_tensors(model_type, expected_hf_shapes(entries, param_shapes, n_layers), renamed, ignorable)
     dtype = np.dtype(dtype)
+    placer = placer or HostPlacer()
     params: dict = {}
     for e in entries:
         if not e.layered:
-            for path, part in zip(e.paths, e.split(renamed[e.hf])):
-                _set(params, path, np.asarray(part, dtype=dtype))
+            source = renamed[e.hf]
+            for path, part in zip(e.paths, e.split(source)):
+                _set(params, path, placer.single(path, np.asarray(part, dtype=dtype)))
+            release(source)
             continue
-        bufs = [np.empty(_get(param_shapes, p).shape, dtype) for p in e.paths]
+        bufs = [placer.stacked(p, _get(param_shapes, p).shape, dtype) for p in e.paths]
         for i in range(n_layers):
-            for buf, part in zip(bufs, e.split(renamed[e.hf.format(i=i)])):
-                buf[i] = part
+            source = renamed[e.hf.format(i=i)]
+            bufs = [placer.set_layer(buf, i, np.asarray(part, dtype=dtype)) for buf, part in zip(bufs, e.split(source))]
+            release(source)
         for path, buf in zip(e.paths, bufs):
             _set(params, path, buf)
     return params

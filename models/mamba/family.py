@@ -43,7 +43,7 @@ def param_shapes(cfg: MambaConfig):
     return jax.eval_shape(init)
 
 
-def from_hf(cfg: MambaConfig, tensors, dtype=np.float32):
+def from_hf(cfg: MambaConfig, tensors, dtype=np.float32, placer=None):
     renamed = {}
     for k, v in tensors.items():
         if convert.canonical(k) in renamed:
@@ -51,7 +51,8 @@ def from_hf(cfg: MambaConfig, tensors, dtype=np.float32):
         renamed[convert.canonical(k)] = v
     if cfg.tie_embeddings:
         renamed.pop("lm_head.weight", None)  # some exports write the tied copy explicitly
-    return params_from_hf("mamba", convert.entries(cfg), param_shapes(cfg), renamed, cfg.n_layers, dtype)
+    return params_from_hf("mamba", convert.entries(cfg), param_shapes(cfg), renamed, cfg.n_layers, dtype,
+                          placer=placer)
 
 
 def to_hf(cfg: MambaConfig, params):

@@ -137,7 +137,7 @@ def transformer_family(*, name: str, config_cls: type, hf_model_types: tuple[str
     """
     ignorable = tuple(ignorable)
 
-    def from_hf(config, tensors, dtype=np.float32):
+    def from_hf(config, tensors, dtype=np.float32, placer=None):
         if rename is not None:
             renamed = {}
             for k, v in tensors.items():
@@ -148,7 +148,7 @@ def transformer_family(*, name: str, config_cls: type, hf_model_types: tuple[str
         if tied is not None and config.arch.tie_embeddings:
             drop_tied_copy(name, tensors, *tied)
         return params_from_hf(name, entries(config), param_shapes(config.arch), tensors, config.n_layers, dtype,
-                              ignorable)
+                              ignorable, placer=placer)
 
     def to_hf(config, params):
         return params_to_hf(entries(config), params, config.n_layers)
