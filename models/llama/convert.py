@@ -1,4 +1,4 @@
-"""Hugging Face Llama / Mistral / Qwen2 ForCausalLM checkpoints <-> the shared block's parameters."""
+"""Hugging Face Llama / Mistral / Qwen2 / Qwen3 ForCausalLM checkpoints <-> the shared block's parameters."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ def entries(cfg: LlamaConfig) -> list[Entry]:
         out.append(linear(f"{h}.{mod}.{lin}.weight", ("layers", *ours, "kernel")))  # torch [out, in]
         if bias.get(lin, cfg.mlp_bias):
             out.append(copy(f"{h}.{mod}.{lin}.bias", ("layers", *ours, "bias")))
+    if cfg.qk_norm:
+        out += [copy(f"{h}.self_attn.{n}.weight", ("layers", "attn", n, "scale")) for n in ("q_norm", "k_norm")]
     out.append(copy("model.norm.weight", ("final_norm", "scale")))
     if not cfg.tie_embeddings:
         out.append(linear("lm_head.weight", ("lm_head", "kernel")))
