@@ -41,7 +41,8 @@ class Arch:
     Qwen3, Gemma-3) or over all heads (``"full"``: OLMo-2); ``attn_scale`` multiplies q.k
     (default ``head_dim ** -0.5``); ``scale_by_inverse_layer`` divides it by ``layer + 1``
     (GPT-2's option); ``attn_softcap``: ``tanh`` soft-capping of scores; ``windows``: per-layer
-    sliding window (``None`` = full causal).
+    sliding window (``None`` = full causal); ``clip_qkv``: q, k and v clamped to ``[-c, c]`` after
+    the projections (and a full q/k norm), as OLMo / OLMoE may.
 
     Positions: ``positions`` ``"rotary"`` or ``"learned"`` (a ``pos_embed`` table); ``rope`` the
     rotary spec, ``rope_local`` a second one for layers flagged in ``local_rope`` (Gemma-3).
@@ -77,6 +78,7 @@ class Arch:
     scale_by_inverse_layer: bool = False
     attn_softcap: Optional[float] = None
     windows: Optional[tuple[Optional[int], ...]] = None
+    clip_qkv: Optional[float] = None
     # positions
     positions: str = "rotary"
     rope: Optional[Rope] = None

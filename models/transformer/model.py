@@ -62,6 +62,8 @@ class Attention(nn.Module):
         if a.qk_norm == "full":  # OLMo-2: RMSNorm over all heads' features
             q = RMSNorm(a.norm_eps, scale_in_f32=a.norm_scale_f32, name="q_norm")(q)
             k = RMSNorm(a.norm_eps, scale_in_f32=a.norm_scale_f32, name="k_norm")(k)
+        if a.clip_qkv is not None:
+            q, k, v = (jnp.clip(t, -a.clip_qkv, a.clip_qkv) for t in (q, k, v))
         q = q.reshape(b, t, a.n_heads, a.head_dim)
         k = k.reshape(b, t, a.n_kv_heads, a.head_dim)
         v = v.reshape(b, t, a.n_kv_heads, a.head_dim)

@@ -34,6 +34,41 @@ def _gemma_hooks(hf, sandwich: bool):
     return outputs, inputs
 
 
+def _llama_like_hooks(hf, post_norm=False, mlp="mlp", router=None, fused=False):
+    """Module hooks of llama-like layers (``self_attn``, ``input_layernorm``, ``post_attention_layernorm``)."""
+    outputs, inputs = {}, {}
+    for i, layer in enumerate(hf.model.layers):
+        b, block = f"blocks.{i}", getattr(layer, mlp)
+        if post_norm:  # OLMo-2: raw sub-layer outputs, then the norms whose outputs join the residual
+            outputs.update({f"{b}.attn.out": layer.self_attn, f"{b}.attn_out": layer.post_attention_layernorm,
+                            f"{b}.mlp.out": block, f"{b}.mlp_out": layer.post_feedforward_layernorm})
+            inputs[f"{b}.resid_mid"] = block
+        else:
+            outputs.update({f"{b}.ln1": layer.input_layernorm, f"{b}.ln2": layer.post_attention_layernorm,
+                            f"{b}.attn_out": layer.self_attn, f"{b}.mlp_out": block})
+            inputs[f"{b}.resid_mid"] = layer.post_attention_layernorm
+        if router is not None:
+            outputs[f"{b}.moe.router_logits"] = getattr(block, router)
+        elif fused:
+            inputs[f"{b}.mlp.post"] = block.down_proj
+        else:
+            outputs.update({f"{b}.mlp.pre": block.gate_proj, f"{b}.mlp.up": block.up_proj})
+            inputs[f"{b}.mlp.post"] = block.down_proj
+    return outputs, inputs
+
+
+def _gptj_hooks(hf):
+    outputs, inputs = {}, {}
+    for i, layer in enumerate(hf.transformer.h):
+        b = f"blocks.{i}"
+        outputs.update({f"{b}.ln1": layer.ln_1, f"{b}.attn_out": layer.attn, f"{b}.mlp_out": layer.mlp,
+                        f"{b}.mlp.pre": layer.mlp.fc_in})
+        inputs[f"{b}.mlp.post"] = layer.mlp.fc_out
+    return outputs, inputs
+
+
+LONGROPE = {"rope_type": "longrope", "rope_theta": 500.0, "partial_rotary_factor": 0.5,
+            "short_factor": [1.0, 1.5], "long_factor": [2.0, 6.0]}
 SMALL = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48, vocab_size=61,
              max_position_embeddings=32)
 # case -> (family, HF config class, HF model class, config fields, hooks(hf) -> (outputs, inputs))
@@ -67,6 +102,50 @@ CASES = {
                                        tie_word_embeddings=False, final_logit_softcapping=1.5, query_pre_attn_scalar=8,
                                        layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
                                   lambda hf: _gemma_hooks(hf, True)),
+    "llama3.2-mqa-tied": ("llama", "LlamaConfig", "LlamaForCausalLM",
+                          dict(SMALL, num_key_value_heads=1, head_dim=16, tie_word_embeddings=True,
+                               rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 32.0,
+                                                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                "original_max_position_embeddings": 8}),
+                          _llama_like_hooks),
+    "qwen3-gqa-tied": ("llama", "Qwen3Config", "Qwen3ForCausalLM",
+                       dict(SMALL, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True),
+                       _llama_like_hooks),
+    "qwen3-mha-window-bias": ("llama", "Qwen3Config", "Qwen3ForCausalLM",
+                              dict(SMALL, num_key_value_heads=4, head_dim=8, attention_bias=True,
+                                   use_sliding_window=True, sliding_window=4, max_window_layers=1),
+                              _llama_like_hooks),
+    "olmo2-gqa-untied": ("olmo2", "Olmo2Config", "Olmo2ForCausalLM", dict(SMALL, num_key_value_heads=2),
+                         lambda hf: _llama_like_hooks(hf, post_norm=True)),
+    "olmo2-mha-tied-bias-dynamic": ("olmo2", "Olmo2Config", "Olmo2ForCausalLM",
+                                    dict(SMALL, num_key_value_heads=4, tie_word_embeddings=True,
+                                         attention_bias=True, max_position_embeddings=8,
+                                         rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e3}),
+                                    lambda hf: _llama_like_hooks(hf, post_norm=True)),
+    "phi3-gqa-window-longrope-partial": ("phi3", "Phi3Config", "Phi3ForCausalLM",
+                                         dict(SMALL, num_key_value_heads=2, sliding_window=5, pad_token_id=0,
+                                              original_max_position_embeddings=8, rope_parameters=LONGROPE),
+                                         lambda hf: _llama_like_hooks(hf, fused=True)),
+    "phi3-mha-tied": ("phi3", "Phi3Config", "Phi3ForCausalLM",
+                      dict(SMALL, num_key_value_heads=4, tie_word_embeddings=True, pad_token_id=0),
+                      lambda hf: _llama_like_hooks(hf, fused=True)),
+    "gptj-untied": ("gptj", "GPTJConfig", "GPTJForCausalLM",
+                    dict(n_embd=32, n_layer=3, n_head=4, rotary_dim=4, vocab_size=61, n_positions=32), _gptj_hooks),
+    "gptj-tied-full-rotary": ("gptj", "GPTJConfig", "GPTJForCausalLM",
+                              dict(n_embd=32, n_layer=2, n_head=2, rotary_dim=16, vocab_size=61, n_positions=32,
+                                   n_inner=40, tie_word_embeddings=True, activation_function="gelu"), _gptj_hooks),
+    "mixtral-gqa-window-top2": ("mixtral", "MixtralConfig", "MixtralForCausalLM",
+                                dict(SMALL, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                                     sliding_window=5),
+                                lambda hf: _llama_like_hooks(hf, router="gate")),
+    "mixtral-mha-tied-top1": ("mixtral", "MixtralConfig", "MixtralForCausalLM",
+                              dict(SMALL, num_key_value_heads=4, num_local_experts=3, num_experts_per_tok=1,
+                                   tie_word_embeddings=True),
+                              lambda hf: _llama_like_hooks(hf, router="gate")),
+    "olmoe-top2-unnormalised-clip": ("mixtral", "OlmoeConfig", "OlmoeForCausalLM",
+                                     dict(SMALL, num_key_value_heads=4, num_experts=4, num_experts_per_tok=2,
+                                          clip_qkv=0.05),
+                                     lambda hf: _llama_like_hooks(hf, router="gate")),
 }
 FAMILY_CASE = {}  # family -> its first case (padding / bf16 checks)
 for _name, (_fam, *_rest) in CASES.items():

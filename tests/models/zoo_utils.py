@@ -29,6 +29,8 @@ def assert_matches_hf(model, hf, tokens, outputs=None, inputs=None, *, tol: floa
         for i in range(n):
             assert max_err(c[f"blocks.{i}.attn.pattern"], ref.attentions[i]) < tol, i
     for site, value in rec.items():
+        if value.shape != c[site].shape and value.size == c[site].size:  # HF flattens [B * T, ...] (MoE routers)
+            value = value.reshape(c[site].shape)
         assert max_err(c[site], value) < tol, site
     return c
 
@@ -61,6 +63,8 @@ def assert_padded_matches_hf(model, hf, vocab: int, side: str = "left", tol: flo
     assert max_err(np.asarray(out.logits)[real], ref.logits.numpy()[real]) < tol
     for i in range(model.config.n_layers - 1):
         assert max_err(np.asarray(out.cache[f"blocks.{i}.resid_post"])[real], ref.hidden_states[i + 1].numpy()[real]) < tol
+    if model.config.arch.rope is not None and model.config.arch.rope.length_dependent:
+        return  # dynamic NTK / LongRoPE scale for the batch's length, so a row alone legitimately differs
     alone = np.asarray(model.run(rows[0][None]).logits[0])  # the most padded row, run without padding
     assert max_err(np.asarray(out.logits[0])[real[0]], alone) < tol
 
