@@ -42,6 +42,7 @@ from jaxinterp.errors import cap_list, short_repr
 
 __all__ = [
     "GENERIC_CONFIG_FIELDS",
+    "HF_FIELD_TYPES",
     "INDEX_NAME",
     "ConversionError",
     "check_config_fields",
@@ -105,8 +106,38 @@ class ConversionError(ValueError):
 # ----------------------------------------------------------------------------- config checks
 
 
-def check_config_fields(model_type: str, config: Mapping, handled: Iterable[str], ignored: Iterable[str] = ()) -> None:
-    """Refuse config.json fields that the port neither implements nor knows to be inert."""
+# The JSON type of every architecture field a port reads, by its Hugging Face name (the same name means
+# the same thing across families). ``check_config_fields`` checks the handled fields found here.
+_OPT_INT, _OPT_FLOAT = (int, None), (float, None)
+HF_FIELD_TYPES: Mapping[str, Any] = {
+    **dict.fromkeys((
+        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings",
+        "n_positions", "n_ctx", "n_embd", "n_layer", "n_head", "state_size", "conv_kernel", "num_experts",
+        "num_experts_per_tok", "num_local_experts", "original_max_position_embeddings"), int),
+    **dict.fromkeys((
+        "num_key_value_heads", "head_dim", "intermediate_size", "n_inner", "rotary_dim", "sliding_window",
+        "max_window_layers", "sliding_window_pattern", "_sliding_window_pattern"), _OPT_INT),
+    **dict.fromkeys((
+        "layer_norm_eps", "layer_norm_epsilon", "rms_norm_eps", "rope_theta", "rotary_emb_base", "rotary_pct",
+        "partial_rotary_factor", "rope_local_base_freq"), float),
+    **dict.fromkeys(("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar", "clip_qkv"),
+                    _OPT_FLOAT),
+    **dict.fromkeys((
+        "tie_word_embeddings", "attention_bias", "mlp_bias", "use_parallel_residual", "scale_attn_weights",
+        "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention", "use_bias",
+        "use_conv_bias", "residual_in_fp32", "norm_topk_prob", "use_sliding_window"), bool),
+    "use_bidirectional_attention": (bool, None),
+    "activation_function": str, "hidden_act": str, "hidden_activation": (str, None),
+    "rope_scaling": (dict, None), "rope_parameters": (dict, None), "layer_types": (list, None),
+    "expand": (int, float), "time_step_rank": (int, "auto"),
+}
+
+
+def check_config_fields(model_type: str, config: Mapping, handled: Iterable[str], ignored: Iterable[str] = (),
+                        types: Mapping[str, Any] | None = None) -> None:
+    """Refuse config.json fields that the port neither implements nor knows to be inert, and handled
+    fields whose value has the wrong JSON type (``HF_FIELD_TYPES``, overridden or extended by ``types``;
+    see ``check_config_types``)."""
     import difflib
 
     handled = set(handled)
@@ -119,6 +150,8 @@ def check_config_fields(model_type: str, config: Mapping, handled: Iterable[str]
             f"{model_type} config has fields this converter does not handle: {cap_list(unknown)}{hint}. Refusing "
             f"rather than loading a model that may compute something different."
         )
+    table = {**HF_FIELD_TYPES, **(types or {})}
+    check_config_types(model_type, config, {f: t for f, t in table.items() if f in handled})
 
 
 _TYPE_NAMES = {int: "int", float: "float", bool: "bool", str: "str", list: "list", dict: "object",

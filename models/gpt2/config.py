@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from jaxinterp.hf import ConversionError, check_config_fields, check_config_types
+from jaxinterp.hf import ConversionError, check_config_fields
 from jaxinterp.models.common import check_activation
+from jaxinterp.models.transformer.arch import Arch
 
 _HANDLED = {
     "vocab_size", "n_positions", "n_ctx", "n_embd", "n_layer", "n_head", "n_inner", "activation_function",
@@ -17,12 +18,6 @@ _HANDLED = {
 _IGNORED = {
     "resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_type", "summary_use_proj", "summary_activation",
     "summary_proj_to_labels", "summary_first_dropout", "n_special", "predict_special_tokens",
-}
-_TYPES = {
-    "vocab_size": int, "n_positions": int, "n_ctx": int, "n_embd": int, "n_layer": int, "n_head": int,
-    "n_inner": (int, None), "activation_function": str, "layer_norm_epsilon": float, "scale_attn_weights": bool,
-    "scale_attn_by_inverse_layer_idx": bool, "reorder_and_upcast_attn": bool, "tie_word_embeddings": bool,
-    "add_cross_attention": bool,
 }
 
 
@@ -51,6 +46,15 @@ class GPT2Config:
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
+    @property
+    def arch(self) -> Arch:
+        """GPT-2 on the shared block: pre-LayerNorm, learned positions, plain GELU MLP, biases everywhere."""
+        return Arch(vocab_size=self.vocab_size, d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads,
+                    n_kv_heads=self.n_heads, head_dim=self.head_dim, d_mlp=self.d_mlp, max_seq_len=self.max_seq_len,
+                    norm="layernorm", norm_eps=self.ln_eps, norm_bias=True, qkv_bias=True, o_bias=True,
+                    scale_by_inverse_layer=self.scale_attn_by_inverse_layer_idx, positions="learned", gated=False,
+                    activation=self.activation, mlp_bias=True, tie_embeddings=self.tie_embeddings)
+
     # presets ---------------------------------------------------------------------------
     @classmethod
     def small(cls, **kw) -> "GPT2Config":
@@ -66,7 +70,6 @@ class GPT2Config:
     @classmethod
     def from_hf(cls, d: Mapping[str, Any]) -> "GPT2Config":
         check_config_fields("gpt2", d, _HANDLED, _IGNORED)
-        d = check_config_types("gpt2", d, _TYPES)
         if d.get("add_cross_attention", False):
             raise ConversionError("gpt2: add_cross_attention=True (encoder-decoder GPT-2) is not supported")
         if not d.get("scale_attn_weights", True):

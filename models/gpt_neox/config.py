@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from jaxinterp.hf import ConversionError, check_config_fields, check_config_types
-from jaxinterp.models.common import check_activation
-from jaxinterp.models.common import read_rope
+from jaxinterp.hf import ConversionError, check_config_fields
+from jaxinterp.models.common import Rope, check_activation
+from jaxinterp.models.rope import read_rope
+from jaxinterp.models.transformer.arch import Arch
 
 _HANDLED = {
     "vocab_size", "max_position_embeddings", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -18,13 +19,6 @@ _HANDLED = {
 # Dropout and the classification head's dropout do not change the eval forward.
 _IGNORED = {"attention_dropout", "hidden_dropout", "classifier_dropout", "attention_probs_dropout_prob",
             "hidden_dropout_prob"}
-_TYPES = {
-    "vocab_size": int, "max_position_embeddings": int, "hidden_size": int, "num_hidden_layers": int,
-    "num_attention_heads": int, "intermediate_size": int, "hidden_act": str, "layer_norm_eps": float,
-    "use_parallel_residual": bool, "attention_bias": bool, "tie_word_embeddings": bool,
-    "rope_parameters": (dict, None), "rope_scaling": (dict, None), "rotary_pct": float, "rotary_emb_base": float,
-    "rope_theta": float, "partial_rotary_factor": float,
-}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -73,6 +67,17 @@ class GPTNeoXConfig:
         return self.d_model // self.n_heads
 
     @property
+    def arch(self) -> Arch:
+        """GPT-NeoX on the shared block: LayerNorm, partial rotary, plain MLP, parallel residual by default."""
+        return Arch(vocab_size=self.vocab_size, d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads,
+                    n_kv_heads=self.n_heads, head_dim=self.head_dim, d_mlp=self.d_mlp, max_seq_len=self.max_seq_len,
+                    norm="layernorm", norm_eps=self.ln_eps, norm_bias=True,
+                    parallel="separate" if self.parallel_residual else "none",
+                    qkv_bias=self.attention_bias, o_bias=self.attention_bias,
+                    rope=Rope.default(self.rotary_dim, self.rope_theta), gated=False, activation=self.activation,
+                    mlp_bias=True, tie_embeddings=self.tie_embeddings)
+
+    @property
     def rotary_dim(self) -> int:
         """Rotated features per head (HF: ``int(head_dim * partial_rotary_factor)``)."""
         return int(self.head_dim * self.rotary_pct)
@@ -99,7 +104,6 @@ class GPTNeoXConfig:
     @classmethod
     def from_hf(cls, d: Mapping[str, Any]) -> "GPTNeoXConfig":
         check_config_fields("gpt_neox", d, _HANDLED, _IGNORED)
-        d = check_config_types("gpt_neox", d, _TYPES)
         theta, factor = read_rope("gpt_neox", d, default_factor=0.25, legacy_theta="rotary_emb_base",
                                   legacy_factor="rotary_pct")
         try:

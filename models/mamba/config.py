@@ -6,7 +6,7 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
-from jaxinterp.hf import ConversionError, check_config_fields, check_config_types
+from jaxinterp.hf import ConversionError, check_config_fields
 from jaxinterp.models.common import check_activation
 
 _HANDLED = {
@@ -19,12 +19,6 @@ _HANDLED = {
 _IGNORED = {
     "time_step_scale", "time_step_min", "time_step_max", "time_step_init_scheme", "time_step_floor",
     "rescale_prenorm_residual", "use_mambapy", "use_associative_scan",
-}
-_TYPES = {
-    "vocab_size": int, "hidden_size": int, "state_size": int, "num_hidden_layers": int, "layer_norm_epsilon": float,
-    "expand": (int, float), "intermediate_size": (int, None), "conv_kernel": int, "use_bias": bool,
-    "use_conv_bias": bool, "hidden_act": str, "residual_in_fp32": bool, "time_step_rank": (int, "auto"),
-    "tie_word_embeddings": bool,
 }
 SCANS = ("auto", "associative", "sequential")
 
@@ -106,7 +100,6 @@ class MambaConfig:
     @classmethod
     def from_hf(cls, d: Mapping[str, Any]) -> "MambaConfig":
         check_config_fields("mamba", d, _HANDLED, _IGNORED)
-        d = check_config_types("mamba", d, _TYPES)
         hidden = d.get("hidden_size", 768)
         expand = d.get("expand", 2)
         if not float(expand).is_integer():

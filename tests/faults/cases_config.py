@@ -5,10 +5,15 @@ from __future__ import annotations
 import json
 
 from jaxinterp.hf import ConversionError
+from jaxinterp.models.gemma import GemmaConfig
 from jaxinterp.models.gpt2 import GPT2Config
 from jaxinterp.models.gpt_neox import GPTNeoXConfig
+from jaxinterp.models.gptj import GPTJConfig
 from jaxinterp.models.llama import LlamaConfig
 from jaxinterp.models.mamba import MambaConfig
+from jaxinterp.models.mixtral import MixtralConfig
+from jaxinterp.models.olmo2 import Olmo2Config
+from jaxinterp.models.phi3 import Phi3Config
 from tests.faults.harness import Case, Raises, Returns, expect
 
 BASE = {
@@ -17,6 +22,13 @@ BASE = {
     "llama": (LlamaConfig, LlamaConfig.llama_tiny()),
     "mistral": (LlamaConfig, LlamaConfig.mistral_tiny()),
     "mamba": (MambaConfig, MambaConfig.tiny()),
+    "gemma2": (GemmaConfig, GemmaConfig.gemma2_tiny()),
+    "gemma3_text": (GemmaConfig, GemmaConfig.gemma3_tiny()),
+    "gptj": (GPTJConfig, GPTJConfig.tiny()),
+    "mixtral": (MixtralConfig, MixtralConfig.mixtral_tiny()),
+    "olmoe": (MixtralConfig, MixtralConfig.olmoe_tiny()),
+    "olmo2": (Olmo2Config, Olmo2Config.tiny()),
+    "phi3": (Phi3Config, Phi3Config.tiny()),
 }
 
 
@@ -35,8 +47,9 @@ def bad(family: str, field: str, value, expected: str) -> Case:
 
 def good(family: str, field: str, value, attr: str, want, **also) -> Case:
     def check(result, tmp):
-        expect(getattr(result, attr) == want and type(getattr(result, attr)) is type(want),
-               (attr, getattr(result, attr), want))
+        got = getattr(result, attr)  # an int where a float is expected is accepted (JSON writes 1.0 as 1)
+        same_kind = type(got) is type(want) or (type(want) is float and type(got) is int)
+        expect(got == want and same_kind, (attr, got, want))
     return Case(f"cfg-ok-{family}-{field}-{json.dumps(value)}", _from_hf(family, **{field: value}, **also),
                 Returns(check))
 
@@ -75,6 +88,20 @@ CASES = [
     bad("mamba", "time_step_rank", 8.0, "int"),
     bad("mamba", "time_step_rank", "x", "int"),
     bad("mamba", "layer_norm_epsilon", "1e-5", "float"),
+    bad("gemma2", "query_pre_attn_scalar", "32", "float"),
+    bad("gemma2", "final_logit_softcapping", "30", "float"),
+    bad("gemma3_text", "layer_types", "sliding_attention", "list"),
+    bad("gemma3_text", "hidden_activation", 1, "str"),
+    bad("gptj", "rotary_dim", 8.0, "int"),
+    bad("gptj", "n_layer", "2", "int"),
+    bad("mixtral", "num_local_experts", 4.0, "int"),
+    bad("mixtral", "num_experts_per_tok", "2", "int"),
+    bad("olmoe", "norm_topk_prob", "false", "bool"),
+    bad("olmoe", "clip_qkv", "8", "float"),
+    bad("olmo2", "rms_norm_eps", "1e-6", "float"),
+    bad("olmo2", "rope_parameters", "default", "object"),
+    bad("phi3", "sliding_window", 8.5, "int"),
+    bad("phi3", "num_key_value_heads", True, "int"),
     good("gpt2", "layer_norm_epsilon", 1, "ln_eps", 1.0),  # an int is a valid float
     good("gpt2", "n_inner", None, "d_mlp", 4 * 64),  # null means the default
     good("gpt_neox", "rotary_pct", 1, "rotary_pct", 1.0, rope_parameters=None),  # legacy fields, ints
