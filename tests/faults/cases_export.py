@@ -106,10 +106,19 @@ def _setup() -> None:
     _EXPORT_BYTES()
 
 
+@functools.lru_cache(maxsize=None)
+def _tokenizer_json() -> str:
+    """A real 32-word WordLevel tokenizer (``ji.load`` reads it), padded to > 4 KB so writes of it can fail midway."""
+    from tokenizers import Tokenizer, models
+
+    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, 32)}}
+    return Tokenizer(models.WordLevel(vocab, unk_token="<unk>")).to_str() + " " * 4000
+
+
 def _tokenizer_dir(tmp: Path) -> Path:
     tok = tmp / "tok"
     tok.mkdir()
-    (tok / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "WordLevel"}}' + " " * 4000)
+    (tok / "tokenizer.json").write_text(_tokenizer_json())
     (tok / "tokenizer_config.json").write_text('{"model_max_length": 8}')
     return tok
 
