@@ -34,6 +34,7 @@ BUILTIN = {
     "gpt_neox": "jaxinterp.models.gpt_neox",
     "llama": "jaxinterp.models.llama",
     "mamba": "jaxinterp.models.mamba",
+    "mamba2": "jaxinterp.models.mamba2",
 }
 _FAMILIES: dict[str, "Family"] = {}
 
