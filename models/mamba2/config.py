@@ -132,6 +132,10 @@ class Mamba2Config:
             raise ConversionError(f"mamba2: time_step_limit must be [lo, hi], got {limit!r}")
         limit = tuple(_json_float(v) for v in limit)
         try:
+            check_activation(d.get("hidden_act", "silu"))
+        except ConversionError as err:
+            raise ConversionError(f"mamba2: hidden_act: {err}") from None
+        try:
             return cls(
                 vocab_size=d.get("vocab_size", 32768),
                 d_model=d.get("hidden_size", 4096),
