@@ -207,7 +207,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "jaxinterp serve") -> in
         if args.debug:
             raise
         hint = " (install the [serve] extra)" if isinstance(e, ImportError) else ""
-        print(f"{prog}: error: {e}{hint}", file=sys.stderr)
+        print(f"{prog}: error: {' '.join(str(e).split())}{hint}", file=sys.stderr)  # one line
         return 2
     print(f"serving {args.model} for {len(keys)} users on http://{args.host}:{args.port}", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

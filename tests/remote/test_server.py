@@ -43,6 +43,16 @@ def tokens(model):
     return jnp.asarray(np.random.default_rng(0).integers(0, model.config.vocab_size, size=(2, T)), jnp.int32)
 
 
+_PLAIN = {}
+
+
+def _plain(model, tokens):
+    """The local logits without interventions (computed once)."""
+    if "logits" not in _PLAIN:
+        _PLAIN["logits"] = model.run(tokens).logits
+    return _PLAIN["logits"]
+
+
 def test_health_needs_no_key_and_everything_else_does(http, model, remote):
     assert http.get("/health").json() == {"ok": True}
     assert http.get("/info").status_code == 401
@@ -63,21 +73,14 @@ def test_remote_run_equals_local(model, remote, tokens):
                                            export_fn(lambda x: x * 1.5 + jnp.tanh(x), ("b", "t", d)))),
     }
     capture = ["blocks.*.resid_post", "blocks.3.attn.pattern"]
-    want = model.run(tokens, capture=capture, interventions=ivs)
+    # The local reference runs jitted too (the eager run takes seconds); the server's program is its own.
+    want = jax.jit(lambda m, t, i: m.run(t, capture=capture, interventions=i))(model, tokens, ivs)
     got = remote.run(tokens, capture=capture, interventions=ivs)
     assert set(got.cache) == set(want.cache) and len(got.cache) == model.config.n_layers + 1
     np.testing.assert_allclose(got.logits, want.logits, atol=1e-6, rtol=0)
     for site in want.cache:
         np.testing.assert_allclose(got.cache[site], want.cache[site], atol=1e-6, rtol=0)
-    assert not np.allclose(want.logits, model.run(tokens).logits)
-
-
-def test_remote_text_run_equals_local(model, remote):
-    texts = ["alice lives in", "the capital of"]
-    want = model.run(texts, logits_at=-1)
-    got = remote.run(texts, logits_at=-1)
-    assert got.logits.shape == (2, model.config.vocab_size)
-    np.testing.assert_allclose(got.logits, want.logits, atol=1e-6, rtol=0)
+    assert not np.allclose(want.logits, _plain(model, tokens))
 
 
 def _post(http, body, key=KEYS["bob"]):
@@ -107,7 +110,7 @@ def test_bad_requests_get_4xx_naming_the_problem(http, remote, tokens, model):
         assert r.status_code == status, (body[:40], r.status_code, r.text[:300])
         assert r.json()["detail"]
     assert http.get("/health").status_code == 200
-    np.testing.assert_allclose(remote.run(tokens).logits, model.run(tokens).logits, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(remote.run(tokens).logits, _plain(model, tokens), atol=1e-6, rtol=0)
 
 
 def test_host_callback_module_refused_by_server(http, tokens):
@@ -119,10 +122,64 @@ def test_host_callback_module_refused_by_server(http, tokens):
     assert r.status_code == 400 and "xla_ffi_python_cpu_callback" in r.json()["detail"]
 
 
-def test_cli_serve_bad_keys_file_is_one_line_error(tmp_path):
+def test_cli_serve_bad_input_is_one_line_error(tmp_path, capsys):
+    from jaxinterp.cli import main
+
     bad = tmp_path / "keys.json"
     bad.write_text(json.dumps({"alice": "short"}))
-    for keys in (tmp_path / "missing.json", bad):
-        p = subprocess.run([sys.executable, "-m", "jaxinterp.cli", "serve", "--model", "facts-gpt", "--keys", str(keys)],
-                           capture_output=True, text=True, timeout=120)
-        assert p.returncode == 2 and p.stderr.count("\n") == 1 and "keys file" in p.stderr, p.stderr
+    for keys, what in ((tmp_path / "missing.json", "does not exist"), (bad, "at least 8 characters")):
+        assert main(["serve", "--model", "facts-gpt", "--keys", str(keys)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and what in err, err
+    bad.write_text(json.dumps(KEYS))
+    assert main(["serve", "--model", "no-such-model", "--keys", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no-such-model" in err, err
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cli_serves_a_real_server_on_localhost(tmp_path, model):
+    """`jaxinterp serve` in a subprocess: a client over real HTTP gets the local result."""
+    import time
+
+    import httpx
+
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps(KEYS))
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "jaxinterp.cli", "serve", "--model", "facts-gpt", "--port", str(port),
+                             "--keys", str(keys)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.2)
+        with ji.remote.connect(url, key=KEYS["bob"]) as remote:
+            v = jnp.asarray(np.random.default_rng(2).normal(size=model.config.d_model), jnp.float32)
+            ivs = {"blocks.2.resid_post": ji.Add(v)}
+            got = remote.run(["bob works at"], capture="blocks.3.mlp_out", interventions=ivs, logits_at=-1)
+            want = model.run(["bob works at"], capture="blocks.3.mlp_out", interventions=ivs, logits_at=-1)
+            np.testing.assert_allclose(got.logits, want.logits, atol=1e-6, rtol=0)
+            np.testing.assert_allclose(got.cache["blocks.3.mlp_out"], want.cache["blocks.3.mlp_out"], atol=1e-6, rtol=0)
+            with pytest.raises(RemoteError) as err:
+                ji.remote.connect(url, key="not-a-key-000").info()
+            assert err.value.status == 401
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    log = proc.stdout.read()
+    assert "serving facts-gpt" in log and "not-a-key-000" not in log and KEYS["bob"] not in log

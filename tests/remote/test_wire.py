@@ -63,18 +63,34 @@ def _cases():
 CASES = _cases()
 
 
+def _as_mapping(ivs):
+    return {"blocks.1.mlp_out": ivs} if isinstance(ivs, list) else ivs
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_round_trip_gives_identical_run(model, tokens, name, tmp_path):
-    ivs = CASES[name]
-    if isinstance(ivs, list):
-        ivs = {"blocks.1.mlp_out": ivs}
-    want = _logits(model, tokens, ivs)
-    assert not np.allclose(want, _logits(model, tokens, {}))  # the intervention does something
-    decoded = decode(encode(ivs))
+def test_round_trip_keeps_every_leaf_and_static_field(name, tmp_path):
+    """Same tree structure (node types and static fields: Fn's module, Splice's add_error, the SAE's reads)
+    and bitwise-equal leaves of the same dtypes, from memory and from disk."""
+    ivs = _as_mapping(CASES[name])
     ji.save_intervention(tmp_path / "iv.safetensors", ivs)
-    loaded = ji.load_intervention(tmp_path / "iv.safetensors")
-    assert jax.tree_util.tree_structure(decoded) == jax.tree_util.tree_structure(ivs)
-    for got in (decoded, loaded):
+    for got in (decode(encode(ivs)), ji.load_intervention(tmp_path / "iv.safetensors")):
+        assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(ivs)
+        for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ivs)):
+            assert type(a) is type(b) if not isinstance(b, jax.Array) else isinstance(a, jax.Array)
+            np.testing.assert_array_equal(a, b)
+            assert np.asarray(a).dtype == np.asarray(b).dtype
+
+
+def test_round_trip_gives_identical_run(model, tokens, tmp_path):
+    """Every kind at once (a list per site, in order): decoded and loaded interventions give the same logits."""
+    merged = {}
+    for name in sorted(CASES):
+        for site, iv in _as_mapping(CASES[name]).items():
+            merged.setdefault(site, []).extend(iv if isinstance(iv, list) else [iv])
+    want = _logits(model, tokens, merged)
+    assert not np.allclose(want, _logits(model, tokens, {}))  # the interventions do something
+    ji.save_intervention(tmp_path / "iv.safetensors", merged)
+    for got in (decode(encode(merged)), ji.load_intervention(tmp_path / "iv.safetensors")):
         np.testing.assert_array_equal(_logits(model, tokens, got), want)
 
 
