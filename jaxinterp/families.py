@@ -31,9 +31,14 @@ __all__ = [
 # Built-in families: name -> module that registers it on import.
 BUILTIN = {
     "gpt2": "jaxinterp.models.gpt2",
+    "gemma": "jaxinterp.models.gemma",
     "gpt_neox": "jaxinterp.models.gpt_neox",
+    "gptj": "jaxinterp.models.gptj",
     "llama": "jaxinterp.models.llama",
     "mamba": "jaxinterp.models.mamba",
+    "mixtral": "jaxinterp.models.mixtral",
+    "olmo2": "jaxinterp.models.olmo2",
+    "phi3": "jaxinterp.models.phi3",
 }
 _FAMILIES: dict[str, "Family"] = {}
 

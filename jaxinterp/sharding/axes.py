@@ -143,6 +143,9 @@ _STATE = ("batch", "seq", "ssm_state")
 SITE_AXES: list[tuple[str, Axes]] = [
     (r"^(embed|final_norm)$", _RESID),
     (r"\.(resid_pre|resid_mid|resid_post|ln1|ln2|norm|attn_out|mlp_out|mixer_out)$", _RESID),
+    (r"\.(attn|mlp)\.out$", _RESID),  # raw projection outputs before a post-norm (sandwich / post placement)
+    (r"\.moe\.router_logits$", ("batch", "seq", "experts")),
+    (r"\.moe\.expert_out$", ("batch", "seq", "experts", "embed")),
     (r"\.attn\.(q|z)$", _HEADS),
     (r"\.attn\.(k|v)$", _KV),
     (r"\.attn\.(scores|pattern)$", _ATTN),
