@@ -5,6 +5,7 @@ names to keys):
 
 * ``GET /health``: ``{"ok": true}``.
 * ``GET /info``: the model's family, config, sites and whether it has a tokenizer (JSON).
+* ``GET /status``: whether a run is in progress and the requests served per user (JSON).
 * ``POST /run``: body a wire blob of ``{"tokens": int array [B, T] | text | [texts], "capture": ...,
   "interventions": ..., "attention_mask", "positions", "logits_at"}`` (``model.run``'s arguments);
   answer a wire blob ``{"logits": array, "cache": {site: array}}``.
@@ -146,6 +147,10 @@ def create_app(model: Model, keys: Mapping[str, str], config: ServeConfig = Serv
         return {"family": model.family, "config": json.loads(json.dumps(dataclasses.asdict(model.config), default=str)),
                 "sites": list(model.sites), "tokenizer": model.tokenizer is not None,
                 "wire": {"format": FORMAT, "version": VERSION}, "user": user}
+
+    @app.get("/status")
+    def status(user: str = Depends(user_of)):
+        return {"family": model.family, "busy": lock.locked(), "requests": dict(usage)}
 
     @app.post("/run")
     async def run_endpoint(request: Request, user: str = Depends(user_of)):

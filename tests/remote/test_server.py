@@ -111,6 +111,8 @@ def test_bad_requests_get_4xx_naming_the_problem(http, remote, tokens, model):
         assert r.json()["detail"]
     assert http.get("/health").status_code == 200
     np.testing.assert_allclose(remote.run(tokens).logits, _plain(model, tokens), atol=1e-6, rtol=0)
+    served = http.get("/status", headers={"Authorization": f"Bearer {KEYS['bob']}"}).json()["requests"]
+    assert served["bob"] == 0 and served["alice"] >= 1  # refused requests are not counted
 
 
 def test_host_callback_module_refused_by_server(http, tokens):
