@@ -189,3 +189,31 @@ HOSTILE = {
 def test_hostile_blobs_raise_wire_errors(name):
     with pytest.raises(WireError):
         decode(HOSTILE[name])
+
+
+def test_fuzzed_blobs_decode_or_raise_wire_error_only():
+    """300 mutations of a valid request (bytes flipped, inserted, cut; in the header mostly): each one
+    decodes or raises WireError, never another exception."""
+    base = encode({"tokens": np.arange(6, dtype=np.int32).reshape(1, 6), "capture": ["embed"],
+                   "interventions": {SITE: [ji.Patch(np.ones((1, 6, D), np.float32), np.ones((1, 6), bool)),
+                                            ji.Scale(2.0), ji.Compose([ji.ZeroAblate()])]}})
+    (n,) = struct.unpack("<Q", base[:8])
+    rng = np.random.default_rng(0)
+    outcomes = {"ok": 0, "refused": 0}
+    for _ in range(300):
+        blob = bytearray(base)
+        for _ in range(rng.integers(1, 4)):
+            where = int(rng.integers(0, 8 + n if rng.random() < 0.8 else len(blob)))
+            op = rng.integers(0, 3)
+            if op == 0:
+                blob[where] = int(rng.integers(0, 256))
+            elif op == 1:
+                blob[where:where] = bytes(rng.integers(0, 256, size=int(rng.integers(1, 9)), dtype=np.uint8))
+            else:
+                del blob[where:where + int(rng.integers(1, 9))]
+        try:
+            decode(bytes(blob))
+            outcomes["ok"] += 1
+        except WireError:
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 200, outcomes
