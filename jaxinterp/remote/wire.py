@@ -109,11 +109,10 @@ def export_fn(fn: Callable[[jax.Array], jax.Array], shape: Sequence[int | str], 
     return _iv.Fn(ExportedFn(exported, exported.serialize()))
 
 
-def _backend_platform() -> str:
+def _backend_platforms() -> tuple[str, ...]:
+    """The jax.export platform names that can run on this process's default backend."""
     backend = jax.default_backend()
-    if backend == "gpu":
-        return "rocm" if "rocm" in jax.devices()[0].client.platform_version.lower() else "cuda"
-    return backend
+    return ("cuda", "rocm") if backend == "gpu" else (backend,)
 
 
 def check_module(exported: "jax.export.Exported", limits: Limits = Limits()) -> None:
@@ -128,10 +127,9 @@ def check_module(exported: "jax.export.Exported", limits: Limits = Limits()) -> 
         raise WireError("the exported Fn has side effects; only pure functions are accepted")
     if exported.nr_devices != 1:
         raise WireError(f"the exported Fn was exported for {exported.nr_devices} devices; export it for one")
-    platform = _backend_platform()
-    if platform not in exported.platforms:
+    if not set(_backend_platforms()) & set(exported.platforms):
         raise WireError(f"the exported Fn was lowered for {list(exported.platforms)}, not for this server's "
-                        f"{platform!r}; export it with platforms=('cpu', 'cuda', 'tpu')")
+                        f"{jax.default_backend()!r}; export it with platforms=('cpu', 'cuda', 'tpu')")
     text = exported.mlir_module()
     targets = set(re.findall(r"custom_call\s*@([\w.$-]+)", text)) | set(
         re.findall(r'call_target_name\s*=\s*"([^"]*)"', text))

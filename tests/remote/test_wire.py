@@ -217,3 +217,9 @@ def test_fuzzed_blobs_decode_or_raise_wire_error_only():
         except WireError:
             outcomes["refused"] += 1
     assert outcomes["refused"] > 200, outcomes
+
+
+def test_module_for_another_platform_is_refused():
+    exp = jax.export.export(jax.jit(lambda x: x + 1.0), platforms=("tpu",))(jax.ShapeDtypeStruct((B, T, D), jnp.float32))
+    with pytest.raises(WireError, match="lowered for \\['tpu'\\]"):
+        decode(_with_module(exp))
