@@ -36,6 +36,7 @@ BUILTIN = {
     "gptj": "jaxinterp.models.gptj",
     "llama": "jaxinterp.models.llama",
     "mamba": "jaxinterp.models.mamba",
+    "mamba2": "jaxinterp.models.mamba2",
     "mixtral": "jaxinterp.models.mixtral",
     "olmo2": "jaxinterp.models.olmo2",
     "phi3": "jaxinterp.models.phi3",

@@ -150,9 +150,11 @@ SITE_AXES: list[tuple[str, Axes]] = [
     (r"\.attn\.(k|v)$", _KV),
     (r"\.attn\.(scores|pattern)$", _ATTN),
     (r"\.mlp\.(pre|post|gate|up)$", _MLP),
+    # A per-head time step [B, T, H] (delta of SSD mixers) is split like d_inner: heads partition it.
     (r"\.mixer\.(in_x|in_z|conv_out|ssm_in|delta|ssm_out|gate|gated)$", _INNER),
     (r"\.mixer\.(B|C)$", _STATE),
     (r"\.mixer\.ssm_state$", ("batch", "seq", "d_inner", "ssm_state")),
+    (r"\.mixer\.heads$", _HEADS),  # per-head scan output [B, T, H, P]
     (r"\.(sae\.)?(latents|features|acts)$", ("batch", "seq", "latents")),
 ]
 
