@@ -113,13 +113,14 @@ HF_FIELD_TYPES: Mapping[str, Any] = {
     **dict.fromkeys((
         "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings",
         "n_positions", "n_ctx", "n_embd", "n_layer", "n_head", "state_size", "conv_kernel", "num_experts",
-        "num_experts_per_tok", "num_local_experts", "original_max_position_embeddings"), int),
+        "num_experts_per_tok", "num_local_experts", "original_max_position_embeddings", "num_heads", "n_groups",
+        "chunk_size"), int),
     **dict.fromkeys((
         "num_key_value_heads", "head_dim", "intermediate_size", "n_inner", "rotary_dim", "sliding_window",
         "max_window_layers", "sliding_window_pattern", "_sliding_window_pattern"), _OPT_INT),
     **dict.fromkeys((
         "layer_norm_eps", "layer_norm_epsilon", "rms_norm_eps", "rope_theta", "rotary_emb_base", "rotary_pct",
-        "partial_rotary_factor", "rope_local_base_freq"), float),
+        "partial_rotary_factor", "rope_local_base_freq", "mixer_rms_eps"), float),
     **dict.fromkeys(("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar", "clip_qkv"),
                     _OPT_FLOAT),
     **dict.fromkeys((
@@ -129,7 +130,7 @@ HF_FIELD_TYPES: Mapping[str, Any] = {
     "use_bidirectional_attention": (bool, None),
     "activation_function": str, "hidden_act": str, "hidden_activation": (str, None),
     "rope_scaling": (dict, None), "rope_parameters": (dict, None), "layer_types": (list, None),
-    "expand": (int, float), "time_step_rank": (int, "auto"),
+    "time_step_limit": (list, None), "expand": (int, float), "time_step_rank": (int, "auto"),
 }
 
 

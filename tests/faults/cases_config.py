@@ -11,6 +11,7 @@ from jaxinterp.models.gpt_neox import GPTNeoXConfig
 from jaxinterp.models.gptj import GPTJConfig
 from jaxinterp.models.llama import LlamaConfig
 from jaxinterp.models.mamba import MambaConfig
+from jaxinterp.models.mamba2 import Mamba2Config
 from jaxinterp.models.mixtral import MixtralConfig
 from jaxinterp.models.olmo2 import Olmo2Config
 from jaxinterp.models.phi3 import Phi3Config
@@ -22,6 +23,8 @@ BASE = {
     "llama": (LlamaConfig, LlamaConfig.llama_tiny()),
     "mistral": (LlamaConfig, LlamaConfig.mistral_tiny()),
     "mamba": (MambaConfig, MambaConfig.tiny()),
+    "falcon_mamba": (MambaConfig, MambaConfig.falcon_tiny()),
+    "mamba2": (Mamba2Config, Mamba2Config.tiny()),
     "gemma2": (GemmaConfig, GemmaConfig.gemma2_tiny()),
     "gemma3_text": (GemmaConfig, GemmaConfig.gemma3_tiny()),
     "gptj": (GPTJConfig, GPTJConfig.tiny()),
@@ -88,6 +91,10 @@ CASES = [
     bad("mamba", "time_step_rank", 8.0, "int"),
     bad("mamba", "time_step_rank", "x", "int"),
     bad("mamba", "layer_norm_epsilon", "1e-5", "float"),
+    bad("falcon_mamba", "mixer_rms_eps", "1e-6", "float"),
+    bad("mamba2", "n_groups", 2.0, "int"),
+    bad("mamba2", "chunk_size", "8", "int"),
+    bad("mamba2", "num_heads", True, "int"),
     bad("gemma2", "query_pre_attn_scalar", "32", "float"),
     bad("gemma2", "final_logit_softcapping", "30", "float"),
     bad("gemma3_text", "layer_types", "sliding_attention", "list"),
