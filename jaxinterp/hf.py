@@ -223,7 +223,13 @@ def check_finite(tensors: Mapping[str, np.ndarray], strict: bool = False) -> lis
 
     Scans in chunks, so a memory-mapped checkpoint is read once and never copied whole.
     """
-    bad = [name for name, array in tensors.items() if _has_non_finite(array)]
+    from jaxinterp.placement import release
+
+    bad = []
+    for name, array in tensors.items():
+        if _has_non_finite(array):
+            bad.append(name)
+        release(array)  # the scan's pages leave the resident set (load stays ~1.2x the file, not 2x)
     if bad:
         n = len(bad)
         message = f"non-finite values (NaN or inf) in {n} tensor{'s' if n != 1 else ''}: {cap_list(bad)}"

@@ -90,8 +90,11 @@ def _download(repo_id: str) -> Path:
         ) from err
 
 
-def load(source: str | os.PathLike, dtype: str = "float32", *, mesh=None, rules=None) -> Model:
+def load(source: str | os.PathLike, dtype: str = "float32", *, mesh=None, rules=None, strict: bool = False
+         ) -> Model:
     """Load a model from an embedded name, a local HF directory, or a hub id.
+
+    Weights holding NaN or inf are named in a warning (``strict=True``: refused with an error).
 
     With ``mesh`` (a ``jax.sharding.Mesh``) every parameter is placed sharded by ``rules``
     (a shipped rule-set name, a YAML path, or a ``jaxinterp.sharding.Rules``; default
@@ -103,23 +106,23 @@ def load(source: str | os.PathLike, dtype: str = "float32", *, mesh=None, rules=
         raise ValueError("rules given without a mesh; pass mesh=jaxinterp.sharding.make_mesh(...) as well")
     path = resolve_source(source)
     if mesh is None:  # each tensor goes to the device as it is read
-        fam, config, params, tokenizer = read_model(path, dtype, placer=DevicePlacer())
+        fam, config, params, tokenizer = read_model(path, dtype, placer=DevicePlacer(), strict=strict)
     else:
         from jaxinterp.sharding.place import place_host_params
 
-        fam, config, host_params, tokenizer = read_model(path, dtype)
+        fam, config, host_params, tokenizer = read_model(path, dtype, strict=strict)
         params = place_host_params(host_params, fam.name, mesh, "fsdp_tp" if rules is None else rules, dtype)
     model = Model(params, config, fam.name, tokenizer)
     model.source = str(path)  # informative only (not part of the pytree)
     return model
 
 
-def read_model(path: Path, dtype: str = "float32", placer=None):
+def read_model(path: Path, dtype: str = "float32", placer=None, strict: bool = False):
     """``(family, config, params in dtype, tokenizer or None)`` of a local HF directory (host numpy arrays
     unless ``placer`` places them)."""
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    hf_config, tensors = read_hf_dir(path)
+    hf_config, tensors = read_hf_dir(path, strict)
     model_type = hf_config.get("model_type")
     if model_type is None:
         raise ConversionError(f"{path}/config.json has no model_type")

@@ -55,13 +55,13 @@ BIG = np.zeros(3_000_001, np.float32)
 BIG[-1] = np.inf  # at the very end: a chunked scan must reach it
 
 
-def _load_poisoned_model(tmp: Path):
+def _load_poisoned_model(tmp: Path, strict: bool = False):
     ji.save_pretrained(tiny(1), tmp / "m")
     _, tensors = read_hf_dir(tmp / "m")
     tensors = {k: np.array(v) for k, v in tensors.items()}
     tensors["transformer.h.0.mlp.c_fc.weight"][3, 5] = np.nan
     write_hf_dir(tmp / "m2", json.loads((tmp / "m" / "config.json").read_text()), tensors)
-    return ji.load(tmp / "m2")
+    return ji.load(tmp / "m2", strict=strict)
 
 
 def _nan_where_written(model, tmp) -> None:
@@ -87,4 +87,6 @@ CASES = [
          Returns(faithful({"i": np.array([2**31 - 1, -5])}))),
     Case("nan-load-warns-by-name", _load_poisoned_model,
          Returns(_nan_where_written, warns=r"non-finite.*'transformer\.h\.0\.mlp\.c_fc\.weight'"), setup=warm),
+    Case("nan-load-strict-refuses", lambda t: _load_poisoned_model(t, strict=True),
+         Raises(ConversionError, r"non-finite.*'transformer\.h\.0\.mlp\.c_fc\.weight'.*strict=True"), setup=warm),
 ]
