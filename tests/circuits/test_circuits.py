@@ -4,6 +4,8 @@ differences, faithfulness against plain-jnp ablations, bad input as one-line err
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,8 +42,14 @@ def logit_diff(logits, good, bad):
     return jnp.mean(logits[rows, good] - logits[rows, bad])
 
 
+@jax.jit
+def _metric(model, tokens, good, bad, interventions):
+    return logit_diff(model.run(tokens, interventions=interventions, logits_at=-1).logits, good, bad)
+
+
 def metric_of(model, tokens, good, bad, interventions=None):
-    return float(logit_diff(model.run(tokens, interventions=interventions, logits_at=-1).logits, good, bad))
+    """The metric by a plain forward (jitted: the interventions' arrays are arguments, not constants)."""
+    return float(_metric(model, tokens, good, bad, interventions))
 
 
 def test_ig_node_effects_converge_to_single_feature_patching_loop(setup):
@@ -110,7 +118,8 @@ def test_neuron_nodes_and_per_position_effects(setup):
     assert eff.site_total("blocks.1.mlp.post") == pytest.approx(exact, rel=0.03, abs=1e-3)
 
 
-def _direct_downstream(model, saes, clean, up, down, between, values):
+@functools.partial(jax.jit, static_argnames=("up", "down", "between"))
+def _direct_downstream(model, saes, clean, values, *, up, down, between):
     """Downstream nodes with ``up`` set to ``values`` and the sites between frozen at their clean values."""
     frozen = model.run(clean, capture=list(between)).cache if between else {}
     ivs = {up: NodeValues(saes[up], *values), **{s: ji.Patch(frozen[s]) for s in between}}
@@ -138,10 +147,9 @@ def test_edges_match_finite_differences(setup):
         (fc, ec), (df, de) = eff.clean[iu], eff.deltas[iu]
         tangent = (jnp.zeros_like(fc), de) if u.is_error else \
             (jnp.zeros_like(fc).at[..., u.index].set(df[..., u.index]), jnp.zeros_like(ec))
-        hi = _direct_downstream(model, saes, clean, u.site, d.site, between,
-                                (fc + eps * tangent[0], ec + eps * tangent[1]))
-        lo = _direct_downstream(model, saes, clean, u.site, d.site, between,
-                                (fc - eps * tangent[0], ec - eps * tangent[1]))
+        where = dict(up=u.site, down=d.site, between=between)
+        hi = _direct_downstream(model, saes, clean, (fc + eps * tangent[0], ec + eps * tangent[1]), **where)
+        lo = _direct_downstream(model, saes, clean, (fc - eps * tangent[0], ec - eps * tangent[1]), **where)
         gf, ge = eff.grads[idn]
         fd = float((((hi[1] - lo[1]) / (2 * eps)) * ge).sum()) if d.is_error else \
             float((((hi[0] - lo[0])[..., d.index] / (2 * eps)) * gf[..., d.index]).sum())
