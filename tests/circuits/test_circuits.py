@@ -61,10 +61,11 @@ def test_ig_node_effects_converge_to_single_feature_patching_loop(setup):
     f, e = encode_nodes(saes[site], x)
     active = np.argsort(-np.asarray((f != 0).sum((0, 1))))[:4]
     base = metric_of(model, clean, good, bad)
+    cache = model.run(clean, capture=list(SITES)).cache
+    clean_nodes = {s: encode_nodes(saes[s], cache[s]) for s in SITES}
     for i in active:  # patch value of feature i: 0 (zero-ablation of that one feature), others clean
         f_patch = f.at[..., i].set(0.0)
-        patch = {s: encode_nodes(saes[s], model.run(clean, capture=s).cache[s]) for s in SITES}
-        patch[site] = (f_patch, e)
+        patch = {**clean_nodes, site: (f_patch, e)}
         x_ablated = saes[site].decode(f_patch) + e
         exact = metric_of(model, clean, good, bad, {site: ji.Patch(x_ablated)}) - base
         errors = []
