@@ -1,5 +1,6 @@
-"""Sparse autoencoders: families, training (vmapped grids), activation stores, metrics, splicing,
-SAEs from the public ecosystem (``load`` / ``save``: Gemma Scope, SAELens, dictionary_learning)."""
+"""Sparse autoencoders: families, training (vmapped grids, grids trained while harvesting: ``harvest_grid``),
+activation stores, metrics, splicing, SAEs from the public ecosystem (``load`` / ``save``: Gemma Scope,
+SAELens, dictionary_learning)."""
 
 from jaxinterp.sae.families import (
     FAMILIES,
@@ -16,9 +17,9 @@ from jaxinterp.sae.families import (
     init_sae,
     sae_from_params,
 )
-from jaxinterp.sae.train import SAETrainConfig, SAETrainer, TrainState, init_state, sae_step, unstack
+from jaxinterp.sae.train import SAETrainConfig, SAETrainer, TrainState, grid_runs, init_state, sae_step, unstack
 from jaxinterp.sae.splice import Splice
-from jaxinterp.sae.stores import DiskStore, OnlineStore, fit_online, fused_step
+from jaxinterp.sae.stores import DiskStore, OnlineStore, fit_online, fused_step, harvest_grid
 from jaxinterp.sae.metrics import downstream_metrics, latent_acts, reconstruction_metrics
 from jaxinterp.sae.board import board_reconstruction, coverage
 from jaxinterp.sae.io import FORMATS, TL_HOOKS, load, save
@@ -28,5 +29,5 @@ __all__ = [
     "get_family", "init_sae", "SAETrainConfig", "SAETrainer", "TrainState", "init_state", "sae_step", "unstack",
     "Splice", "OnlineStore", "DiskStore", "fused_step", "fit_online", "reconstruction_metrics", "downstream_metrics",
     "latent_acts", "coverage", "board_reconstruction", "Reads", "sae_from_params", "load", "save", "FORMATS",
-    "TL_HOOKS",
+    "TL_HOOKS", "grid_runs", "harvest_grid",
 ]

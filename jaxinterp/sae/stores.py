@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["OnlineStore", "DiskStore", "fused_step", "fit_online"]
+__all__ = ["OnlineStore", "DiskStore", "fused_step", "fit_online", "harvest_grid"]
 
 
 # ----------------------------------------------------------------------------- on the fly
@@ -107,20 +107,69 @@ def fused_step(trainers: Mapping[str, "object"], store: OnlineStore):
 
 
 def fit_online(trainers: Mapping[str, "object"], store: OnlineStore, model, states: dict, token_fn: Callable,
-               steps: int, seed: int = 0, progress: bool = True) -> tuple[dict, list]:
-    """Fill the buffer from ``token_fn(-1), ..., token_fn(-buffer_factor)``, then train ``steps``
-    fused steps on ``token_fn(t)``. Returns ``(states, history)``."""
+               steps: int, seed: int = 0, progress: bool = True, *, buffer: dict | None = None, ckpt_dir=None,
+               save_every: int = 100, log_every: int = 50, stop_after: int | None = None) -> tuple[dict, list]:
+    """Fill the buffer from ``token_fn(-1), ..., token_fn(-buffer_factor)`` (unless ``buffer`` is given),
+    then train ``steps`` fused steps on ``token_fn(t)``. Returns ``(states, history)``.
+
+    ``ckpt_dir``: every ``save_every`` steps the states, the buffer and the step are checkpointed; a
+    call on a directory holding a checkpoint resumes from it. ``token_fn(t)`` and the step keys
+    (``fold_in(seed, t)``) depend on ``t`` alone, so a resumed run ends where an uninterrupted one does.
+    ``stop_after``: return after this many steps of this call (as a killed run would stop).
+    """
+    from flax import serialization
     from tqdm import tqdm
 
-    buffer = store.fill(model, [token_fn(-i - 1) for i in range(store.buffer_factor)])
+    if buffer is None:
+        buffer = store.fill(model, [token_fn(-i - 1) for i in range(store.buffer_factor)])
+    start, ckpt = 0, None
+    if ckpt_dir is not None:
+        from jaxinterp.checkpoint import Checkpointer
+
+        ckpt = Checkpointer(ckpt_dir, keep=2, save_every=save_every)
+        if ckpt.latest_step() is not None:
+            template = {"states": serialization.to_state_dict(states), "buffer": buffer}
+            restored = ckpt.restore(template=template)
+            states = serialization.from_state_dict(states, restored["states"])
+            buffer, start = restored["buffer"], ckpt.latest_step()
     step = fused_step(trainers, store)
     base = jax.random.PRNGKey(seed)
     history = []
-    for t in tqdm(range(steps), desc="sae (online)", disable=not progress):
+    end = steps if stop_after is None else min(steps, start + stop_after)
+    for t in tqdm(range(start, end), desc="sae (online)", disable=not progress, initial=start, total=steps):
         states, buffer, metrics = step(states, buffer, model, jnp.asarray(token_fn(t)), jax.random.fold_in(base, t))
-        if (t + 1) % 50 == 0 or t + 1 == steps:
+        if (t + 1) % log_every == 0 or t + 1 == steps:
             history.append((t + 1, jax.tree_util.tree_map(lambda a: np.asarray(a).tolist(), metrics)))
+        if ckpt is not None:
+            ckpt.save(t + 1, {"states": serialization.to_state_dict(states), "buffer": buffer}, force=t + 1 == steps)
+    if ckpt is not None:
+        ckpt.close()
     return states, history
+
+
+def harvest_grid(model, runs: Mapping[str, Mapping[str, tuple]], token_fn: Callable, steps: int, *,
+                 buffer_factor: int = 8, positions: slice | None = None, seed: int = 0, ckpt_dir=None,
+                 save_every: int = 100, log_every: int = 50, progress: bool = True,
+                 stop_after: int | None = None) -> tuple[dict, list]:
+    """Train SAE grids at several sites from one stream of activations computed on the fly.
+
+    ``runs``: ``{site: {run name: (SAETrainConfig, grid)}}`` (``SAETrainer`` runs; ``grid_runs``
+    builds widths x sparsities). One forward per step (up to the deepest site) feeds every SAE of
+    every site; the buffer (``buffer_factor`` forwards per site) shuffles tokens across forwards.
+    Returns ``({site: {run name: stacked TrainState}}, history)``.
+    """
+    from .train import SAETrainer
+
+    if not runs:
+        raise ValueError("runs must name at least one site")
+    store = OnlineStore(list(runs), buffer_factor=buffer_factor, positions=positions)
+    trainers = {site: SAETrainer(site_runs) for site, site_runs in runs.items()}
+    if len({t.steps for t in trainers.values()}) != 1 or next(iter(trainers.values())).steps != steps:
+        raise ValueError(f"every run's config must have steps={steps}")
+    buffer = store.fill(model, [token_fn(-i - 1) for i in range(buffer_factor)])
+    states = {site: trainers[site].init(np.asarray(buffer[site][:8192])) for site in runs}
+    return fit_online(trainers, store, model, states, token_fn, steps, seed, progress, buffer=buffer,
+                      ckpt_dir=ckpt_dir, save_every=save_every, log_every=log_every, stop_after=stop_after)
 
 
 # ----------------------------------------------------------------------------- on disk

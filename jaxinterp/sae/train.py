@@ -38,7 +38,7 @@ from flax import serialization, struct
 from .families import FAMILIES, SAE, Hparams, check_sparse, init_sae, lp_penalty
 
 __all__ = ["SAETrainConfig", "TrainState", "SAETrainer", "init_state", "sae_step", "input_scale_for",
-           "unstack", "GRID_KEYS"]
+           "unstack", "GRID_KEYS", "grid_runs", "SPARSITY_KEY"]
 
 GRID_KEYS = ("lr", "sparsity_coeff", "k", "p_end", "bandwidth", "aux_coeff", "seed")
 
@@ -107,6 +107,29 @@ class SAETrainConfig:
         defaults = dict(family=family, d_in=512, d_sae=4096, lr=3.16e-4, sparsity_coeff=0.0316,
                         anneal_start=1000, batch_size=8192)
         return cls(**{**defaults, **kw})
+
+
+def sparsity_key(family: str) -> str:
+    """The grid key that sets a family's sparsity: ``k`` (TopK, BatchTopK), else ``sparsity_coeff``."""
+    return "k" if family in ("topk", "batchtopk") else "sparsity_coeff"
+
+
+SPARSITY_KEY = {f: sparsity_key(f) for f in FAMILIES}
+
+
+def grid_runs(family: str, d_in: int, widths: Sequence[int], sparsities: Sequence[float], **cfg) -> dict:
+    """``SAETrainer`` runs for a widths x sparsities grid: one run per width (``"<family>-<width>"``), its
+    members the sparsities (``k`` for TopK / BatchTopK, else ``sparsity_coeff``) stacked and vmapped.
+    ``cfg``: the other ``SAETrainConfig`` fields, shared by every SAE."""
+    if not widths or not sparsities:
+        raise ValueError(f"a grid needs at least one width and one sparsity, got {list(widths)}, {list(sparsities)}")
+    key = SPARSITY_KEY.get(family)
+    if key is None:
+        raise ValueError(f"unknown SAE family {family!r}; choose one of {sorted(FAMILIES)}")
+    values = [int(v) for v in sparsities] if key == "k" else [float(v) for v in sparsities]
+    base = {key: max(values)} if key == "k" else {}
+    return {f"{family}-{w}": (SAETrainConfig(family=family, d_in=d_in, d_sae=int(w), **base, **cfg),
+                              [{key: v} for v in values]) for w in widths}
 
 
 @struct.dataclass

@@ -1,0 +1,1 @@
+"""Sparse feature circuits vs neuron circuits on facts-world behaviours (README.md has the command)."""

@@ -1,0 +1,1 @@
+"""SAEs for every layer of the embedded facts-world models (README.md has the command)."""
