@@ -20,7 +20,8 @@ import numpy as np
 import optax
 
 import jaxinterp as ji
-from jaxinterp import lora
+from jaxinterp import lora, train
+from jaxinterp.checkpoint import OutputLock
 from jaxinterp.unlearning import elm
 from jaxinterp.unlearning import baselines as ub
 from jaxinterp.unlearning import metrics as um
@@ -137,9 +138,20 @@ def run_method(name, base, batches, cfg: ExperimentConfig, out: Path, key):
         loss_fn = lambda a, b, batch, k: ub.rmu_loss(a, b, batch, k, rcfg, control)
         opt = optax.adamw(cfg.elm.lr, weight_decay=cfg.elm.weight_decay)
     t0 = time.perf_counter()
-    trained, hist = elm.train(lm, loss_fn, batches, steps=cfg.steps, optimizer=opt, key=jax.random.fold_in(key, 3),
-                              checkpoint_dir=out / "ckpt" / name, save_every=max(1, cfg.steps // 3), desc=name)
-    return trained, hist, time.perf_counter() - t0
+    state = train.init_state(lm.lora, opt, jax.random.fold_in(key, 3))
+    loop = train.LoopConfig(steps=cfg.steps, save_every=max(1, cfg.steps // 3), desc=name)
+    state, hist = train.fit(train.make_train_step(train.loss_step(loss_fn, opt)), state, batches, loop,
+                            directory=out / "ckpt" / name, frozen=lm.base, run_config=_config_dict(cfg),
+                            may_change=TRAINING_FREE_FIELDS)
+    return lora.combine(state["params"], lm.base), hist, time.perf_counter() - t0
+
+
+# a resume may change these (evaluation only, or other methods); any other change is refused
+TRAINING_FREE_FIELDS = ("steps", "methods", "gen_prompts", "gen_new", "gen_new_open")
+
+
+def _config_dict(cfg: ExperimentConfig) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
 def evaluate(logits_fn, original_fn, world, corpus, cfg: ExperimentConfig, key) -> dict:
@@ -227,7 +239,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     cfg = override(ExperimentConfig(), args.set)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    OutputLock(out).hold()  # until exit (creates ``out``)
     key = jax.random.PRNGKey(cfg.seed)
     base = ji.load(cfg.model)
     world = load_world(base)

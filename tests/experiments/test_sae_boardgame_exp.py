@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from jaxinterp.experiments.sae_boardgame.main import main
@@ -62,11 +63,15 @@ def test_killed_run_resumes_to_the_same_results(tmp_path, monkeypatch):
     monkeypatch.setattr(mod, "batch_fn_for", dies_at_step_12)
     with pytest.raises(Killed):
         main(args + ["--out", str(tmp_path / "killed")])
-    assert sorted(p.name for p in (tmp_path / "killed/ckpt/trained").iterdir()) == ["10", "12"]
+    assert sorted(p.name for p in (tmp_path / "killed/ckpt/trained").iterdir()) == ["10", "12", "metrics.jsonl"]
     monkeypatch.setattr(mod, "batch_fn_for", real)
     resumed = main(args + ["--out", str(tmp_path / "killed")])
-    assert full["trained"]["history"][0][0] == 2  # logged every 2 of the 20 steps
-    assert resumed["trained"]["history"][0][0] == 14  # trained from the step-12 checkpoint, not from 0
+    # logged every 2 of the 20 steps; the resumed run trained from the step-12 checkpoint (rows 2..12 are
+    # the killed run's, read back from metrics.jsonl, none twice) and logged the same numbers
+    assert [r["step"] for r in full["trained"]["history"]] == list(range(2, 21, 2))
+    assert [r["step"] for r in resumed["trained"]["history"]] == list(range(2, 21, 2))
+    for a, b in zip(full["trained"]["history"], resumed["trained"]["history"], strict=True):
+        np.testing.assert_allclose(a["relu"]["loss"], b["relu"]["loss"], rtol=1e-6)
     for name in ("trained", "random_init"):
         for a, b in zip(full[name]["rows"], resumed[name]["rows"], strict=True):
             assert a.keys() == b.keys()
@@ -75,5 +80,5 @@ def test_killed_run_resumes_to_the_same_results(tmp_path, monkeypatch):
                     assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (name, a["family"], key)
                 else:
                     assert a[key] == b[key], (name, a["family"], key)
-    with pytest.raises(SystemExit, match=r"different config \(fields \['steps'\]"):
+    with pytest.raises(SystemExit, match=r"different config \(steps: 20 -> 30\)"):
         main(args[:-1] + ["families=relu,topk", "steps=30", "--out", str(tmp_path / "killed")])
