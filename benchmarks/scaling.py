@@ -95,9 +95,9 @@ def sweep_workload(model, mesh, rules, batch, seq):
 
     def one(shared, item):
         m, toks, vals = shared
-        out = ji.run(m, toks, interventions={s: ji.Patch(vals[s], item[s]) for s in item}, logits_at=[seq - 1],
+        out = ji.run(m, toks, interventions={s: ji.Patch(vals[s], item[s]) for s in item}, logits_at=seq - 1,
                      constrain=constrain)
-        return out.logits[:, -1, 0] - out.logits[:, -1, 1]
+        return out.logits[:, 0] - out.logits[:, 1]  # [B, V] at the last position
 
     sharding = NamedSharding(mesh, P(SWEEP_AXES))
     fn = jax.jit(jax.vmap(one, in_axes=(None, 0), spmd_axis_name=SWEEP_AXES))

@@ -8,6 +8,7 @@
 
 from jaxinterp.interventions import (
     Add,
+    ByLayer,
     Compose,
     Fn,
     Intervention,
@@ -21,7 +22,8 @@ from jaxinterp.interventions import (
     positions_mask,
 )
 from jaxinterp.loading import ConversionError, embedded_models, load, save_pretrained
-from jaxinterp.model import Model, RunOutput, families, get_family, init, run
+from jaxinterp.families import families, get_family
+from jaxinterp.model import Model, RunOutput, init, run
 from jaxinterp.sites import UnknownSiteError, resolve_sites
 
 __version__ = "0.1.0"
@@ -46,6 +48,6 @@ def __getattr__(name):
 
 __all__ = [
     "load", "save_pretrained", "embedded_models", "init", "run", "Model", "RunOutput", "families", "get_family",
-    "Patch", "ZeroAblate", "MeanAblate", "Add", "Scale", "ProjectOut", "Noise", "Fn", "Compose", "Intervention",
+    "Patch", "ZeroAblate", "MeanAblate", "Add", "Scale", "ProjectOut", "Noise", "Fn", "Compose", "ByLayer", "Intervention",
     "positions_mask", "heads_mask", "resolve_sites", "UnknownSiteError", "ConversionError",
 ]

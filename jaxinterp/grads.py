@@ -21,10 +21,10 @@ from jaxinterp.sites import resolve_sites
 __all__ = ["site_grads", "site_shapes"]
 
 
-def site_shapes(model: Model, tokens, sites) -> dict[str, jax.ShapeDtypeStruct]:
+def site_shapes(model: Model, tokens, sites, **run_kw) -> dict[str, jax.ShapeDtypeStruct]:
     """Shapes/dtypes of the given sites for ``tokens`` (no FLOPs spent)."""
     names = resolve_sites(sites, model.sites)
-    out = jax.eval_shape(lambda m, t: run(m, t, capture=names).cache, model, jnp.asarray(tokens))
+    out = jax.eval_shape(lambda m, t: run(m, t, capture=names, **run_kw).cache, model, jnp.asarray(tokens))
     return dict(out)
 
 
@@ -34,6 +34,7 @@ def site_grads(
     sites,
     metric: Callable[[RunOutput], jax.Array],
     interventions: Mapping[str, Any] | None = None,
+    **run_kw,
 ) -> tuple[jax.Array, dict[str, jax.Array], dict[str, jax.Array]]:
     """Value of ``metric(run(...))``, the activations at ``sites``, and d metric / d activation.
 
@@ -42,13 +43,14 @@ def site_grads(
       sites: names or globs of the sites to differentiate at.
       metric: ``RunOutput -> scalar``.
       interventions: applied as usual (before the zero probes at the same site).
+      run_kw: further ``run`` arguments (``attention_mask``, ``logits_at``, ...).
 
     Returns:
       ``(value, activations, grads)`` with ``activations[s]`` and ``grads[s]`` of the site's shape.
     """
     tokens = jnp.asarray(tokens)
     names = resolve_sites(sites, model.sites)
-    shapes = site_shapes(model, tokens, names)
+    shapes = site_shapes(model, tokens, names, **run_kw)
     probes = {n: jnp.zeros(s.shape, s.dtype) for n, s in shapes.items()}
 
     def f(probes):
@@ -58,7 +60,7 @@ def site_grads(
                 merged.setdefault(name, []).extend(value if isinstance(value, (list, tuple)) else [value])
         for name, p in probes.items():
             merged.setdefault(name, []).append(Add(p))
-        out = run(model, tokens, capture=names, interventions=merged)
+        out = run(model, tokens, capture=names, interventions=merged, **run_kw)
         return metric(out), out.cache
 
     (value, cache), grads = jax.value_and_grad(f, has_aux=True)(probes)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxinterp.model import Model, get_family
+from jaxinterp.families import get_family
+from jaxinterp.model import Model
 
 __all__ = ["head_contributions", "head_output_weights"]
 
@@ -18,12 +19,22 @@ __all__ = ["head_contributions", "head_output_weights"]
 def head_output_weights(model: Model, layer: int) -> tuple[jax.Array, jax.Array | None]:
     """``(W_O [H, Dh, D], bias [D] or None)`` of ``layer``'s attention output projection."""
     fam = get_family(model.family)
-    if fam.attn_out_weights is None:
+    if not fam.attention:
         raise ValueError(f"model family {model.family!r} has no attention heads")
     n_layers = model.config.n_layers
     if not 0 <= layer < n_layers:
         raise IndexError(f"layer {layer} out of range for a model with {n_layers} layers")
-    return fam.attn_out_weights(model.config, model.params, layer)
+    proj = fam.projections(model.config)["attn.o"]
+    kernel = _get(model.params, proj.kernel)[layer]  # [H * Dh, D]
+    bias = None if proj.bias is None else _get(model.params, proj.bias)[layer]
+    n_heads = model.config.n_heads
+    return kernel.reshape(n_heads, kernel.shape[0] // n_heads, kernel.shape[1]), bias
+
+
+def _get(tree, path):
+    for p in path:
+        tree = tree[p]
+    return tree
 
 
 def head_contributions(model: Model, z: jax.Array, layer: int) -> jax.Array:

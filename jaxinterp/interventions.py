@@ -38,6 +38,7 @@ __all__ = [
     "Noise",
     "Fn",
     "Compose",
+    "ByLayer",
     "positions_mask",
     "heads_mask",
 ]
@@ -257,6 +258,24 @@ class Compose(Intervention):
         for item in self.items:
             x = item.apply(x) if hasattr(item, "apply") else item(x)
         return x
+
+
+@struct.dataclass
+class ByLayer(Intervention):
+    """One intervention per layer, stacked: every array leaf of ``item`` has a leading layer axis.
+
+    Registered on a per-layer glob (``"blocks.*.resid_post"``), it acts at layer ``i`` as ``item``
+    with each leaf's slice ``[i]``. A sweep that patches different values into every layer is then
+    one intervention the scanned layers index, rather than one per layer.
+    """
+
+    item: Any
+
+    def at_layer(self, layer) -> Any:
+        return jax.tree_util.tree_map(lambda a: a[layer], self.item)
+
+    def apply(self, x):  # pragma: no cover - the site context slices it first
+        raise TypeError("ByLayer acts on per-layer sites (blocks.*.<site>): the layer picks its slice")
 
 
 def positions_mask(seq_len: int, positions: Sequence[int] | int, batch: int = 1) -> jax.Array:

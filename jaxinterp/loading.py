@@ -23,13 +23,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinterp.families import family_for_config, family_for_model_type
 from jaxinterp.hf import ConversionError, read_hf_dir, write_hf_dir
-from jaxinterp.model import Model, families, family_for_config
+from jaxinterp.model import Model
+from jaxinterp.placement import DevicePlacer
+from jaxinterp.tokenizer import Tokenizer, check_vocab
 
-__all__ = ["load", "save_pretrained", "embedded_models", "embedded_dir", "resolve_source", "family_for_model_type",
-           "ConversionError"]
+__all__ = ["load", "save_pretrained", "read_model", "embedded_models", "embedded_dir", "resolve_source",
+           "family_for_model_type", "ConversionError"]
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(jnp.bfloat16), "float16": np.dtype(np.float16)}
 
 
 def _embedded_root() -> Path:
@@ -52,14 +55,6 @@ def embedded_dir(name: str) -> Path:
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"no embedded model {name!r}; embedded models: {embedded_models()}")
     return path
-
-
-def family_for_model_type(model_type: str):
-    for fam in families().values():
-        if model_type in fam.hf_model_types:
-            return fam
-    known = sorted(t for fam in families().values() for t in fam.hf_model_types)
-    raise ConversionError(f"unsupported model_type {model_type!r}; supported: {known}")
 
 
 def resolve_source(source: str | os.PathLike) -> Path:
@@ -99,38 +94,51 @@ def load(source: str | os.PathLike, dtype: str = "float32", *, mesh=None, rules=
     """Load a model from an embedded name, a local HF directory, or a hub id.
 
     With ``mesh`` (a ``jax.sharding.Mesh``) every parameter is placed sharded by ``rules``
-    (a rule-set name from ``tpu_configs/rules`` or a ``jaxinterp.sharding.Rules``; default
-    ``"fsdp_tp"``), each device reading only its slices (``jaxinterp.sharding.load_sharded``).
+    (a shipped rule-set name, a YAML path, or a ``jaxinterp.sharding.Rules``; default
+    ``"fsdp_tp"``), each device receiving only its slices.
     """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    if mesh is not None:
-        from jaxinterp.sharding import load_sharded
-
-        return load_sharded(source, mesh, "fsdp_tp" if rules is None else rules, dtype)
-    if rules is not None:
+    if rules is not None and mesh is None:
         raise ValueError("rules given without a mesh; pass mesh=jaxinterp.sharding.make_mesh(...) as well")
     path = resolve_source(source)
+    if mesh is None:  # each tensor goes to the device as it is read
+        fam, config, params, tokenizer = read_model(path, dtype, placer=DevicePlacer())
+    else:
+        from jaxinterp.sharding.place import place_host_params
+
+        fam, config, host_params, tokenizer = read_model(path, dtype)
+        params = place_host_params(host_params, fam.name, mesh, "fsdp_tp" if rules is None else rules, dtype)
+    model = Model(params, config, fam.name, tokenizer)
+    model.source = str(path)  # informative only (not part of the pytree)
+    return model
+
+
+def read_model(path: Path, dtype: str = "float32", placer=None):
+    """``(family, config, params in dtype, tokenizer or None)`` of a local HF directory (host numpy arrays
+    unless ``placer`` places them)."""
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     hf_config, tensors = read_hf_dir(path)
     model_type = hf_config.get("model_type")
     if model_type is None:
         raise ConversionError(f"{path}/config.json has no model_type")
     fam = family_for_model_type(model_type)
     config = fam.config_cls.from_hf(hf_config)
-    params = fam.from_hf(config, tensors)
-    target = _DTYPES[dtype]
-    params = jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a, dtype=np.float32)).astype(target), params)
-    model = Model(params, config, fam.name)
-    model.source = str(path)  # informative only (not part of the pytree)
-    return model
+    host_params = fam.from_hf(config, tensors, _DTYPES[dtype], placer=placer)
+    tokenizer = Tokenizer.from_dir(path)
+    if tokenizer is not None:
+        check_vocab(tokenizer, config.vocab_size, str(path))
+    return fam, config, host_params, tokenizer
 
 
 def save_pretrained(model: Model, path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
                     dtype: str = "float32", max_shard_bytes: int | None = None) -> Path:
     """Write ``model`` as a Hugging Face directory readable by ``ji.load`` and ``transformers``.
 
-    ``tokenizer_dir``: a directory whose tokenizer files (tokenizer.json, tokenizer_config.json,
-    special_tokens_map.json) are copied alongside.
+    The model's tokenizer (if any) is written alongside; ``tokenizer_dir``: a directory whose
+    tokenizer files (tokenizer.json, tokenizer_config.json, special_tokens_map.json) are copied
+    instead.
     """
     fam = family_for_config(model.config)
     np_dtype = {"float32": np.float32, "bfloat16": jnp.bfloat16, "float16": np.float16}[dtype]
@@ -139,6 +147,8 @@ def save_pretrained(model: Model, path: str | os.PathLike, tokenizer_dir: str | 
     hf_config["torch_dtype"] = dtype
     path = Path(path)
     write_hf_dir(path, hf_config, tensors, max_shard_bytes=max_shard_bytes)
+    if tokenizer_dir is None and model.tokenizer is not None:
+        model.tokenizer.save(path)
     if tokenizer_dir is not None:
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             src = Path(tokenizer_dir) / name

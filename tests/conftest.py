@@ -20,3 +20,13 @@ def pytest_configure(config):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop each module's compiled programs when it ends: one pytest process runs the whole suite, and
+    keeping every executable of every module alive only grows its memory."""
+    yield
+    import jax
+
+    jax.clear_caches()

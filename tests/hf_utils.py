@@ -54,3 +54,19 @@ def hooked_forward(model, tokens: np.ndarray, outputs=None, inputs=None):
         for h in handles:
             h.remove()
     return out, recorded
+
+
+def visited_sites(model, capture=None, shape=(2, 5)):
+    """The sites a forward emits, in order (traced with ``jax.eval_shape``: no compile, no FLOPs)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxinterp.model import forward
+    from jaxinterp.sites import SiteContext
+
+    ctx = SiteContext(model.sites, capture=capture)
+    tokens = jnp.zeros(shape, jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(shape[1]), shape)
+    jax.eval_shape(lambda p: forward(model.replace(params=p), tokens, ctx, positions=positions,
+                                     k_valid=jnp.ones(shape, bool)), model.params)
+    return ctx.visited

@@ -1,4 +1,4 @@
-"""The jaxinterp CLI: default run on the embedded model, recall numbers vs a direct loop, errors."""
+"""The jaxinterp CLI: recall (dispatched to experiments/train_lm/evaluate.py) numbers vs a direct loop, errors."""
 
 import json
 
@@ -30,7 +30,8 @@ def _direct_accuracy(model, items):
 
 def test_recall_matches_direct_loop(tiny_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    assert cli.main(["recall", "--model", str(tiny_dir), "--out", str(out), "--n", "1000", "--passages", "8"]) == 0
+    assert cli.main(["recall", "--model", str(tiny_dir), "--out", str(out), "--set", "n_prompts=1000",
+                     "n_passages=8"]) == 0
     res = json.loads((out / "results.json").read_text())
     assert (out / "recall.png").stat().st_size > 0
     model = ji.load(tiny_dir)
@@ -40,13 +41,16 @@ def test_recall_matches_direct_loop(tiny_dir, tmp_path, capsys):
     assert res["paraphrase_acc"] == pytest.approx(_direct_accuracy(model, world.fact_prompts("paraphrase")))
     passages = world.context_passages(8, seed=1000)
     assert res["copy_acc"] == pytest.approx(_direct_accuracy(model, passages))
-    assert "in-context copy accuracy" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "in-context copy accuracy" in printed and "accuracy: share of prompts" in printed
+    assert printed.strip().splitlines()[-1].startswith(f"wrote {out / 'results.json'}, {out / 'config.json'}")
+    assert json.loads((out / "config.json").read_text())["n_passages"] == 8
 
 
 def test_recall_on_embedded_model_by_default(tmp_path, capsys):
     if "facts-gpt" not in ji.embedded_models():
         pytest.skip("facts-gpt is not shipped yet")
-    assert cli.main(["recall", "--out", str(tmp_path), "--n", "16", "--passages", "8"]) == 0
+    assert cli.main(["recall", "--out", str(tmp_path), "--set", "n_prompts=16", "n_passages=8"]) == 0
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["model"] == "facts-gpt" and res["train_n"] == 16
     assert res["train_acc"] >= 0.8  # a trained model, on a small sample
@@ -55,10 +59,13 @@ def test_recall_on_embedded_model_by_default(tmp_path, capsys):
 
 
 def test_commands_registry_and_errors(tmp_path, capsys):
-    assert cli.DEFAULT_RUN in cli.COMMANDS
+    assert cli.DEFAULT in cli.COMMANDS
     assert cli.main(["models"]) == 0
-    with pytest.raises(SystemExit):
-        cli.main(["frobnicate"])
-    (tmp_path / "m").mkdir()
-    with pytest.raises(FileNotFoundError):
-        cli.main(["recall", "--model", str(tmp_path / "missing")])
+    assert capsys.readouterr().out.split() == ji.embedded_models()
+    assert cli.main(["frobnicate"]) == 2
+    assert cli.main(["recall", "--model", str(tmp_path / "missing")]) == 2
+    (tmp_path / "m").mkdir()  # a directory, but no model in it
+    assert cli.main(["recall", "--model", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and "unknown command 'frobnicate'" in err[0]
+    assert f"model directory '{tmp_path / 'missing'}' does not exist" in err[1] and "no config.json" in err[2]

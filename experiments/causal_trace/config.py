@@ -1,4 +1,4 @@
-"""Causal-tracing experiment settings (frozen, keyword-only; dotted overrides from the CLI)."""
+"""Causal-tracing experiment settings (frozen, keyword-only; ``--set key=value`` overrides)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ CORRUPTIONS = ("noise", "alt")
 class TraceExperimentConfig:
     """Attributes:
       model: any ``ji.load`` source trained on the facts world (``world.json`` next to it).
-      out: output directory (default ``results/causal_trace/<model name>``).
       n_facts: known facts traced (the model's argmax must be the true object, as ROME).
       max_lengths: prompts are grouped by token length (one compiled program per length and
         kind); only the most common lengths are kept.
@@ -28,7 +27,6 @@ class TraceExperimentConfig:
     """
 
     model: str = "facts-gpt"
-    out: Optional[str] = None
     n_facts: int = 24
     max_lengths: int = 2
     n_samples: int = 10
@@ -50,10 +48,6 @@ class TraceExperimentConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.window is not None and self.window < 1:
             raise ValueError(f"window must be >= 1 or None, got {self.window}")
-
-    @classmethod
-    def gpt(cls, **kw) -> "TraceExperimentConfig":
-        return cls(**kw)
 
     @classmethod
     def mamba(cls, **kw) -> "TraceExperimentConfig":

@@ -1,23 +1,21 @@
 """Causal tracing on a facts-world model: per-fact tables, AIE per token class, severed /
 path-blocked traces, knockout, and attribution-vs-activation patching.
 
-    python -m jaxinterp.experiments.causal_trace.main                         # facts-gpt
-    python -m jaxinterp.experiments.causal_trace.main --mamba                 # facts-mamba, alt-subject
-    python -m jaxinterp.experiments.causal_trace.main --model DIR --set n_facts=8 --out results/ct
+    jaxinterp trace                                                    # facts-gpt (the default run)
+    jaxinterp trace --preset facts-mamba                               # facts-mamba, alt-subject corruption
+    jaxinterp trace --model DIR --set n_facts=8 --out results/ct       # any facts-world model
 
-Writes ``results.json`` (every number) and PNGs (per-fact heatmaps, AIE heatmaps, knockout
-curves) to the output directory.
+(``jaxinterp trace`` = ``python -m jaxinterp.experiments.causal_trace.main``.) Writes
+``results.json`` (every number), ``config.json`` and PNGs (per-fact heatmaps, AIE heatmaps,
+knockout curves) to the output directory.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +24,8 @@ from tqdm import tqdm
 
 import jaxinterp as ji
 from jaxinterp.experiments.causal_trace.config import TraceExperimentConfig
+from jaxinterp.experiments.common import UsageError, experiment_main, pyplot, save_figure
+from jaxinterp.experiments.data.facts_world import load_world_model
 from jaxinterp.patching import (
     TOKEN_CLASSES,
     TraceConfig,
@@ -45,18 +45,6 @@ MAMBA_KINDS = ("resid_post", "mixer_out", "mixer.ssm_out", "mixer.gate")
 MAMBA_FREEZE = ("mixer.ssm_out", "mixer.gate", "mixer_out")
 
 
-def load_world_model(source: str):
-    """The model and its facts world (``world.json`` next to the weights)."""
-    from jaxinterp.experiments.data.facts_world import FactsWorld
-
-    model = ji.load(source)
-    path = Path(getattr(model, "source", source))
-    if not (path / "world.json").exists():
-        raise SystemExit(f"error: {source!r} has no world.json; causal tracing here needs a facts-world model "
-                         f"(embedded: {ji.embedded_models()})")
-    return model, FactsWorld.from_dir(path)
-
-
 def kinds_for(model) -> tuple[tuple[str, ...], tuple[str, ...]]:
     if model.family == "mamba":
         return MAMBA_KINDS, MAMBA_FREEZE
@@ -68,7 +56,7 @@ def kinds_for(model) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 @jax.jit
 def _top(model, tokens):
-    return jnp.argmax(ji.run(model, tokens, logits_at=-1).logits[:, -1], axis=-1)
+    return jnp.argmax(ji.run(model, tokens, logits_at=-1).logits, axis=-1)  # logits [B, V]
 
 
 def select_facts(model, world, cfg: TraceExperimentConfig) -> list:
@@ -86,7 +74,8 @@ def select_facts(model, world, cfg: TraceExperimentConfig) -> list:
     lengths = [n for n, _ in Counter(len(p.ids) for p in known).most_common(cfg.max_lengths)]
     chosen = [p for p in known if len(p.ids) in lengths][: cfg.n_facts]
     if not chosen:
-        raise SystemExit("error: the model knows none of the sampled facts (argmax != true object)")
+        raise UsageError("the model knows none of the sampled facts (argmax != true object); "
+                         "--set known_only=false traces them anyway")
     return chosen
 
 
@@ -267,8 +256,15 @@ def summarize(aie: dict, n_layers: int) -> dict:
     return out
 
 
-def table(summary: dict) -> str:
-    rows = [f"{'kind':<32} {'peak class':<17} {'layer':>5} {'AIE':>7} {'last-subj AIE@l':>16} {'last AIE@l':>12}"]
+AIE_MEANING = ("AIE (average indirect effect): probability of the answer restored by patching one cell (a token "
+               "x a window of layers) with its clean value, minus the corrupted run's; mean over facts")
+
+
+def table(summary: dict, n_facts: int) -> str:
+    """Per kind: the peak AIE (token class, layer) and the peaks at the last subject token and the last token."""
+    rows = [f"{AIE_MEANING} ({n_facts} facts). Peak: the largest over token classes and layers; x@l: AIE x at layer l.",
+            f"{'restored kind':<32} {'peak class':<17} {'layer':>5} {'AIE':>7} {'last-subj AIE@l':>16} "
+            f"{'last AIE@l':>12}"]
     for name, s in summary.items():
         ls = f"{s.get('last_subject_peak_aie', float('nan')):.3f}@{s.get('last_subject_peak_layer', '-')}"
         lt = f"{s.get('last_peak_aie', float('nan')):.3f}@{s.get('last_peak_layer', '-')}"
@@ -281,79 +277,76 @@ _CMAPS = {"resid_post": "Purples", "mlp_out": "Greens", "attn_out": "Reds", "mix
           "mixer.ssm_out": "Blues", "mixer.gate": "Oranges"}
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+def _pretty(kind: str) -> str:
+    return kind.replace("|freeze=", ", later ") + (" frozen" if "|freeze=" in kind else "")
 
 
-def plot_fact(world, fact, traces: dict, png: Path) -> None:
-    """ROME-style heatmaps: tokens x layers, one panel per kind (subject tokens starred)."""
-    plt = _plt()
+def _layer_axis(ax, n_layers: int, window: int) -> None:
+    ax.set_xticks(range(n_layers))
+    ax.set_xlabel("layer" if window == 1 else f"layer (centre of a {window}-layer window)")
+
+
+def plot_fact(world, fact, traces: dict, model_name: str, png: Path) -> None:
+    """ROME-style heatmaps: tokens x layers, one panel per restored kind (subject tokens starred)."""
+    plt = pyplot()
     names = list(traces)
-    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 0.35 * len(fact.ids) + 1.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.4 * len(names), 0.35 * len(fact.ids) + 2.0), squeeze=False)
     labels = [world.decode([t]) + ("*" if fact.subject_span[0] <= i < fact.subject_span[1] else "")
               for i, t in enumerate(fact.ids)]
-    for ax, name in zip(axes[0], names):
+    for i, (ax, name) in enumerate(zip(axes[0], names)):
         r = traces[name]
         im = ax.imshow(r.probs, cmap=_CMAPS.get(name.split("|")[0], "Purples"), aspect="auto",
                        vmin=min(r.p_corrupt, r.probs.min()), vmax=max(r.p_clean, r.probs.max()))
         ax.set_yticks(range(len(labels)), labels, fontsize=7)
-        ax.set_xlabel("layer")
-        ax.set_title(f"{name}\nclean {r.p_clean:.2f} / corrupt {r.p_corrupt:.2f}", fontsize=8)
-        fig.colorbar(im, ax=ax, fraction=0.05)
-    fig.suptitle(f"{fact.text} -> {fact.answer}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+        _layer_axis(ax, r.probs.shape[1], r.window)
+        if i == 0:
+            ax.set_ylabel("token restored (* subject)")
+        ax.set_title(f"restore {_pretty(name)}\nclean {r.p_clean:.2f} / corrupted {r.p_corrupt:.2f}", fontsize=8)
+        fig.colorbar(im, ax=ax, fraction=0.05).set_label(f"p({fact.answer}) (probability)", fontsize=7)
+    fig.suptitle(f"{model_name}: p(answer) with one cell restored\n{fact.text} -> {fact.answer}", fontsize=9)
+    save_figure(fig, png)
 
 
-def plot_aie(aie: dict, png: Path) -> None:
-    plt = _plt()
+def plot_aie(aie: dict, model_name: str, window: int, png: Path) -> None:
+    plt = pyplot()
     names = list(aie)
-    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.8), squeeze=False)
-    for ax, name in zip(axes[0], names):
+    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.2), squeeze=False)
+    for i, (ax, name) in enumerate(zip(axes[0], names)):
         rows = [aie[name]["classes"][c] for c in TOKEN_CLASSES]
         width = len(next(r for r in rows if r is not None))
         grid = np.array([r if r is not None else [np.nan] * width for r in rows])
         im = ax.imshow(grid, cmap=_CMAPS.get(name.split("|")[0], "Purples"), aspect="auto")
         ax.set_yticks(range(len(TOKEN_CLASSES)), [c.replace("_", " ") for c in TOKEN_CLASSES], fontsize=7)
-        ax.set_xlabel("layer")
-        ax.set_title(f"AIE: {name}", fontsize=8)
-        fig.colorbar(im, ax=ax, fraction=0.05)
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+        _layer_axis(ax, width, 1 if name.startswith("resid_post") else window)
+        if i == 0:
+            ax.set_ylabel("token class")
+        ax.set_title(f"restore {_pretty(name)}", fontsize=8)
+        fig.colorbar(im, ax=ax, fraction=0.05).set_label("AIE (probability)", fontsize=7)
+    fig.suptitle(f"{model_name}: average indirect effect (restored p(answer) - corrupted p(answer))", fontsize=9)
+    save_figure(fig, png)
 
 
-def plot_knockout(curves: dict, title: str, png: Path) -> None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 3))
+def plot_knockout(curves: dict, title: str, window: int, png: Path) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
     for name, c in curves.items():
-        ax.plot(range(len(c)), 100 * np.asarray(c), marker="o", label=name)
+        ax.plot(range(len(c)), 100 * np.asarray(c), marker="o", label=name.replace("_", " "))
     ax.axhline(0, color="gray", lw=0.5)
-    ax.set_xlabel("window centre (layer)")
-    ax.set_ylabel("% change in p(answer)")
+    _layer_axis(ax, max(len(c) for c in curves.values()), window)
+    ax.set_ylabel("change in p(answer) (%)")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+    ax.legend(fontsize=7, title="source tokens knocked out", title_fontsize=7)
+    save_figure(fig, png)
 
 
 # ----------------------------------------------------------------------------- main
 
 
-def run(cfg: TraceExperimentConfig) -> dict:
+def run(cfg: TraceExperimentConfig, out: Path) -> dict:
     t0 = time.time()
     model, world = load_world_model(cfg.model)
     n_layers = model.config.n_layers
     window = cfg.window or min(10, max(1, n_layers // 2))
-    out = Path(cfg.out or Path("results") / "causal_trace" / Path(str(cfg.model)).name)
-    out.mkdir(parents=True, exist_ok=True)
     facts = _fact_order(select_facts(model, world, cfg))
     sigma = embedding_sigma(model, [world.encode(e.name) for e in world.entities])
     traces = run_traces(model, world, facts, cfg, sigma, window)
@@ -362,11 +355,12 @@ def run(cfg: TraceExperimentConfig) -> dict:
     span = run_span_restoration(model, world, facts, cfg, sigma)
     knock = run_knockout(model, world, facts, window)
     attribution = run_attribution(model, world, facts, cfg)
+    name = Path(str(cfg.model)).name
     for i, fact in enumerate(facts[: cfg.n_examples]):
-        plot_fact(world, fact, {k: v[i] for k, v in traces.items() if "|" not in k}, out / f"fact_{i}.png")
-    plot_aie(aie, out / "aie.png")
+        plot_fact(world, fact, {k: v[i] for k, v in traces.items() if "|" not in k}, name, out / f"fact_{i}.png")
+    plot_aie(aie, name, window, out / "aie.png")
     what = "attention knockout" if model.family != "mamba" else "mean-ablation knockout (mixer.in_x)"
-    plot_knockout(knock, f"{cfg.model}: {what}, window {window}", out / "knockout.png")
+    plot_knockout(knock, f"{name}: change in p(answer) under {what}, window {window}", window, out / "knockout.png")
     results = {
         "experiment": "causal_trace", "model": str(cfg.model), "family": model.family, "n_layers": n_layers,
         "config": dataclasses.asdict(cfg), "window": window, "sigma": sigma, "n_facts": len(facts),
@@ -377,52 +371,21 @@ def run(cfg: TraceExperimentConfig) -> dict:
                    "traces": {k: v[i].to_dict() for k, v in traces.items()}} for i, f in enumerate(facts)],
         "seconds": time.time() - t0,
     }
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    print(table(summary))
-    print("whole-subject restoration of the block output, IE per layer: "
+    print(table(summary, len(facts)))
+    print("whole subject span restored in one layer (block output), IE per layer: "
           + " ".join(f"{v:.3f}" for v in span["subject_span_ie"]))
-    print(f"attribution vs activation patching: r = {attribution['pearson_r']:.3f} over {attribution['n_cells']} cells")
-    print(f"wrote {out / 'results.json'} and PNGs in {out}")
+    print(f"knockout ({what}): change of p(answer) in % per window centre: "
+          + "; ".join(f"{k} " + " ".join(f"{100 * v:.0f}" for v in c) for k, c in knock.items()))
+    print(f"attribution vs activation patching (logit difference per cell): Pearson r = "
+          f"{attribution['pearson_r']:.3f} over {attribution['n_cells']} cells")
     return results
 
 
-def parse_overrides(pairs: Sequence[str], base: TraceExperimentConfig) -> TraceExperimentConfig:
-    """``key=value`` overrides (values parsed as JSON where possible)."""
-    fields = {f.name for f in dataclasses.fields(base)}
-    kw = {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        if key not in fields:
-            raise SystemExit(f"error: unknown setting {key!r}; settings: {sorted(fields)}")
-        try:
-            kw[key] = json.loads(value)
-        except json.JSONDecodeError:
-            kw[key] = value
-    return dataclasses.replace(base, **kw)
+PRESETS = {"facts-gpt": TraceExperimentConfig, "facts-mamba": TraceExperimentConfig.mamba,
+           "smoke": TraceExperimentConfig.smoke}
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="any ji.load source of a facts-world model (default facts-gpt)")
-    p.add_argument("--mamba", action="store_true", help="facts-mamba with alt-subject corruption")
-    p.add_argument("--out", default=None, help="output directory (default results/causal_trace/<model>)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. n_facts=8")
-
-
-def config_from_args(args: argparse.Namespace) -> TraceExperimentConfig:
-    base = TraceExperimentConfig.mamba() if args.mamba else TraceExperimentConfig.gpt()
-    cfg = parse_overrides(args.set, base)
-    if args.model:
-        cfg = dataclasses.replace(cfg, model=args.model)
-    if args.out:
-        cfg = dataclasses.replace(cfg, out=args.out)
-    return cfg
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(p)
-    run(config_from_args(p.parse_args(argv)))
-    return 0
+main = experiment_main("causal_trace", PRESETS, run, doc=__doc__)
 
 
 if __name__ == "__main__":

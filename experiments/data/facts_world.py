@@ -653,6 +653,19 @@ class FactsWorld:
         return pairs
 
 
+def load_world_model(source: str):
+    """``(ji.load(source), its FactsWorld)``: the world is read from ``world.json`` beside the weights."""
+    import jaxinterp as ji
+    from jaxinterp.experiments.common import UsageError
+
+    model = ji.load(source)
+    path = Path(getattr(model, "source", source))
+    if not (path / "world.json").exists():
+        raise UsageError(f"{source!r} has no world.json; this experiment needs a facts-world model "
+                         f"(embedded: {ji.embedded_models()})")
+    return model, FactsWorld.from_dir(path)
+
+
 def _is_prefix(a: Sequence[str], b: Sequence[str]) -> bool:
     return len(a) <= len(b) and list(b[: len(a)]) == list(a)
 

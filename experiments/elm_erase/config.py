@@ -1,4 +1,4 @@
-"""Experiment configuration (frozen, keyword-only) with dotted command-line overrides."""
+"""Experiment configuration (frozen, keyword-only; ``--set elm.eta=8 lora.rank=8`` overrides nested fields)."""
 
 from __future__ import annotations
 
@@ -64,39 +64,3 @@ class ExperimentConfig:
         if self.steps <= 0 or self.batch_size <= 0:
             raise ValueError("steps and batch_size must be positive")
 
-
-def _parse(value: str, current):
-    if isinstance(current, bool):
-        return value.lower() in ("1", "true", "yes")
-    if isinstance(current, tuple):
-        items = [v for v in value.split(",") if v]
-        return tuple(type(current[0])(v) if current else v for v in items)
-    if current is None and "," in value:
-        return tuple(int(v) for v in value.split(",") if v)
-    if current is None:
-        for cast in (int, float):
-            try:
-                return cast(value)
-            except ValueError:
-                pass
-        return None if value.lower() == "none" else value
-    return type(current)(value)
-
-
-def override(cfg, assignments: list[str]):
-    """Apply ``a.b=value`` assignments to nested frozen dataclasses."""
-    for item in assignments:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} must look like field=value or section.field=value")
-        key, value = item.split("=", 1)
-        cfg = _assign(cfg, key.split("."), value)
-    return cfg
-
-
-def _assign(obj, keys, value):
-    names = [f.name for f in dataclasses.fields(obj)]
-    if keys[0] not in names:
-        raise ValueError(f"{type(obj).__name__} has no field {keys[0]!r}; fields: {names}")
-    current = getattr(obj, keys[0])
-    new = _assign(current, keys[1:], value) if len(keys) > 1 else _parse(value, current)
-    return dataclasses.replace(obj, **{keys[0]: new})

@@ -1,14 +1,15 @@
 """Erase a facts-world domain with ELM, gradient ascent and RMU; measure innocence,
 specificity, seamlessness and robustness against the original model.
 
-    python -m jaxinterp.experiments.elm_erase.main --out results/elm_erase [--set steps=150 elm.eta=4]
+    jaxinterp elm-erase                   # = python -m jaxinterp.experiments.elm_erase.main
+    jaxinterp elm-erase --set steps=300 elm.eta=8 lora.rank=4 --out results/elm_erase_x
 
-Writes ``results.json``, ``results.md`` (comparison table) and ``comparison.png``.
+Writes ``results.json``, ``config.json``, ``results.md`` (the comparison tables), ``comparison.png``,
+the ELM adapter (``elm_adapter/``, PEFT layout) and training checkpoints (``ckpt/``) to ``--out``.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
@@ -19,24 +20,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import jaxinterp as ji
 from jaxinterp import lora, train
-from jaxinterp.checkpoint import OutputLock
 from jaxinterp.unlearning import elm
 from jaxinterp.unlearning import baselines as ub
 from jaxinterp.unlearning import metrics as um
-from jaxinterp.experiments.data.facts_world import BOS, DOMAINS, PAD, FactsWorld, WorldConfig
-from jaxinterp.experiments.elm_erase.config import ExperimentConfig, override
+from jaxinterp.experiments.data.facts_world import DOMAINS, FactsWorld, load_world_model
+from jaxinterp.experiments.common import experiment_main, pyplot, save_figure
+from jaxinterp.experiments.elm_erase.config import ExperimentConfig
 
 
 # ----------------------------------------------------------------------------- data
-
-
-def load_world(model) -> FactsWorld:
-    source = getattr(model, "source", None)
-    if source and (Path(source) / "world.json").exists():
-        return FactsWorld.from_dir(source)
-    return FactsWorld(WorldConfig())
 
 
 def _ids(world, text, max_len=None):
@@ -187,62 +180,69 @@ def evaluate(logits_fn, original_fn, world, corpus, cfg: ExperimentConfig, key) 
 # ----------------------------------------------------------------------------- report
 
 
-COLUMNS = [("innocence_acc", "erased MC acc (chance .25)"), ("paraphrase_acc", "paraphrased"),
-           ("hint_acc", "with expert hint"), ("kept_acc", "kept MC acc"), ("heldout_ppl", "kept ppl"),
-           ("ppl_erased_gen", "gen ppl (orig scorer)"), ("ppl_ratio", "gen ppl / orig self"),
-           ("nll_obj_erased", "object NLL"), ("ppl_ratio_other", "ratio, non-object tokens"),
-           ("repetition_erased", "bigram repeat"),
-           ("open_ppl_ratio", "openings: ratio"), ("open_nll_obj_erased", "openings: object NLL"),
-           ("open_ppl_ratio_other", "openings: ratio, non-object"),
-           ("prefixed_ppl_ratio", "novice-tag scorer: ratio"), ("open_prefixed_ppl_ratio", "openings, novice-tag scorer: ratio"),
-           ("floor_ratio_random_wrong", "innocent floor: random wrong"),
-           ("floor_ratio_best_wrong", "innocent floor: best wrong"),
-           ("open_floor_ratio_random_wrong", "openings, innocent floor: random wrong"),
-           ("open_floor_ratio_best_wrong", "openings, innocent floor: best wrong")]
+TABLES = [  # (what the numbers mean, [(result key, column)]): one readable table each
+    ("Erasure and specificity: 4-choice accuracy on the erased domain's facts (chance 0.25), also with held-out "
+     "paraphrase templates and after the expert tag; on the kept domains; perplexity of held-out kept-domain text",
+     [("innocence_acc", "erased acc"), ("paraphrase_acc", "paraphrased"), ("hint_acc", "expert hint"),
+      ("kept_acc", "kept acc"), ("heldout_ppl", "kept ppl")]),
+    ("Seamlessness on fact prompts: perplexity under the original model of the method's continuations, and its ratio "
+     "to the original's own (target <= 1.5), split into fact objects (NLL, nats) and other tokens; bigram repetition "
+     "rate; the ratio again with the original scoring after the novice tag",
+     [("ppl_erased_gen", "gen ppl"), ("ppl_ratio", "ratio"), ("nll_obj_erased", "object NLL"),
+      ("ppl_ratio_other", "ratio, non-object"), ("repetition_erased", "bigram repeat"),
+      ("prefixed_ppl_ratio", "novice-tag ratio")]),
+    ("Seamlessness on document openings (free generation after a held-out erased-domain document's first fact "
+     "sentence): the same ratios",
+     [("open_ppl_ratio", "ratio"), ("open_nll_obj_erased", "object NLL"), ("open_ppl_ratio_other", "ratio, non-object"),
+      ("open_prefixed_ppl_ratio", "novice-tag ratio")]),
+    ("Innocent floor: the lowest ratio a writer as fluent as the original but ignorant of the erased facts reaches "
+     "(each erased object replaced by a random other object, or scored at the most likely wrong token)",
+     [("floor_ratio_random_wrong", "facts, random wrong"), ("floor_ratio_best_wrong", "facts, best wrong"),
+      ("open_floor_ratio_random_wrong", "openings, random wrong"),
+      ("open_floor_ratio_best_wrong", "openings, best wrong")]),
+]
 
 
 def table(results: dict) -> str:
-    lines = ["| method | " + " | ".join(c for _, c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    for name, r in results.items():
-        lines.append(f"| {name} | " + " | ".join(f"{r[k]:.3f}" for k, _ in COLUMNS) + " |")
-    return "\n".join(lines)
+    parts = []
+    for meaning, columns in TABLES:
+        lines = [meaning + ".", "", "| method | " + " | ".join(c for _, c in columns) + " |",
+                 "|---" * (len(columns) + 1) + "|"]
+        lines += [f"| {name} | " + " | ".join(f"{r[k]:.3f}" for k, _ in columns) + " |" for name, r in results.items()]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
 
 
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot(results: dict, model_name: str, path: Path) -> None:
+    plt = pyplot()
 
     keys = ["innocence_acc", "paraphrase_acc", "hint_acc", "kept_acc"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     width = 0.8 / len(results)
     for i, (name, r) in enumerate(results.items()):
         axes[0].bar(np.arange(len(keys)) + i * width, [r[k] for k in keys], width, label=name)
-        axes[1].bar(i, r["ppl_ratio"], 0.6, label=name)
+        axes[1].bar(i, r["ppl_ratio"], 0.6)
     axes[0].axhline(0.25, color="k", ls="--", lw=1, label="chance")
-    axes[0].set_xticks(np.arange(len(keys)) + 0.4 - width / 2, ["erased", "paraphrase", "hint", "kept"])
-    axes[0].set_ylabel("4-choice accuracy")
-    axes[0].legend(fontsize=8)
-    axes[1].axhline(1.5, color="r", ls="--", lw=1)
+    axes[0].set_xticks(np.arange(len(keys)) + 0.4 - width / 2,
+                       ["erased", "erased,\nparaphrased", "erased,\nexpert hint", "kept\ndomains"])
+    axes[0].set_xlabel("multiple-choice question set")
+    axes[0].set_ylabel("4-choice accuracy (fraction)")
+    axes[0].set_title("innocence and specificity", fontsize=9)
+    axes[0].set_ylim(0, 1.25)
+    axes[0].legend(fontsize=8, ncol=len(results) + 1, loc="upper center")
+    axes[1].axhline(1.5, color="r", ls="--", lw=1, label="target 1.5")
     axes[1].set_xticks(range(len(results)), list(results))
-    axes[1].set_ylabel("orig-model ppl of generations / of its own")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    axes[1].set_xlabel("method")
+    axes[1].set_ylabel("perplexity ratio (generations / original's own)")
+    axes[1].set_title("seamlessness on fact prompts (original model scores)", fontsize=9)
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"{model_name}: erasing the facts of one domain")
+    save_figure(fig, path)
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="results/elm_erase")
-    parser.add_argument("--set", nargs="*", default=[], help="overrides like steps=100 elm.eta=8 lora.rank=4")
-    args = parser.parse_args(argv)
-    cfg = override(ExperimentConfig(), args.set)
-    out = Path(args.out)
-    OutputLock(out).hold()  # until exit (creates ``out``)
+def run(cfg: ExperimentConfig, out: Path) -> dict:
     key = jax.random.PRNGKey(cfg.seed)
-    base = ji.load(cfg.model)
-    world = load_world(base)
+    base, world = load_world_model(cfg.model)
     corpus = build_corpus(world, cfg)
     fluency, starts = fluency_data(base, world, corpus, cfg, jax.random.fold_in(key, 5))
     batches = batch_fn(corpus, fluency, starts, world, cfg)
@@ -260,12 +260,16 @@ def main(argv=None) -> dict:
     md = table(results)
     print(md)
     (out / "results.md").write_text(md + "\n")
-    payload = {"config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)), "results": results,
-               "train_seconds": times, "final_losses": {k: v[-1] for k, v in histories.items()}}
-    (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
-    plot(results, out / "comparison.png")
-    return payload
+    plot(results, Path(cfg.model).name, out / "comparison.png")
+    return {"config": dataclasses.asdict(cfg), "results": results, "train_seconds": times,
+            "final_losses": {k: v[-1] for k, v in histories.items()}}
+
+
+PRESETS = {"facts-gpt": ExperimentConfig, "facts-mamba": lambda: ExperimentConfig(model="facts-mamba")}
+
+
+main = experiment_main("elm_erase", PRESETS, run, doc=__doc__)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -10,10 +10,9 @@ from typing import Optional
 class RomeExperimentConfig:
     """Attributes:
       model: any ``ji.load`` source trained on the facts world (``world.json`` next to it).
-      out: output directory (default ``results/rome/<model name>``).
       layers: edited layers (None = every layer: the layer sweep).
       n_edits: CounterFact records edited (one at a time) per layer.
-      target: edit target (``jaxinterp.editing.rome.TARGETS``; None = GPT MLP c_proj / Mamba out_proj).
+      target: edit target (a projection of ``jaxinterp.editing.rome.rome_targets(model)`` or its short name; None = the family's default: mlp.down / mixer.out_proj).
       n_contexts / context_lengths: sampled context prefixes per length (ROME: 10 of 5 and 10 of
         10 tokens); the bare prompt is always included.
       corpus_docs / corpus_len: documents from the world's corpus for the key covariance C.
@@ -22,7 +21,6 @@ class RomeExperimentConfig:
     """
 
     model: str = "facts-gpt"
-    out: Optional[str] = None
     layers: Optional[tuple[int, ...]] = None
     n_edits: int = 16
     target: Optional[str] = None
@@ -44,10 +42,6 @@ class RomeExperimentConfig:
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(int(l) for l in self.layers))
         object.__setattr__(self, "context_lengths", tuple(self.context_lengths))
-
-    @classmethod
-    def gpt(cls, **kw) -> "RomeExperimentConfig":
-        return cls(**kw)
 
     @classmethod
     def mamba(cls, **kw) -> "RomeExperimentConfig":

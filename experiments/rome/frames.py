@@ -2,25 +2,34 @@
 
 For each edit (paper settings, one layer), every other training-template and paraphrase prompt of
 the record is scored (P(new) > P(true)) and put in one of two groups: prompts whose ``frame``
-tokens just before the subject equal the rewrite prompt's, and the rest. Prints one JSON object
-with each group's success rate and count, plus every prompt's outcome.
+tokens just before the subject equal the rewrite prompt's, and the rest. Writes one JSON object
+with each group's success rate and count, plus every prompt's outcome (``results.json``).
 
-    python -m jaxinterp.experiments.rome.frames --mamba --layer 0 --n-edits 8
-    python -m jaxinterp.experiments.rome.frames --layer 1            # facts-gpt
+    python -m jaxinterp.experiments.rome.frames --preset facts-mamba --set layer=0
+    python -m jaxinterp.experiments.rome.frames --set layer=1            # facts-gpt
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-from typing import Sequence
+import dataclasses
+from pathlib import Path
 
 import numpy as np
 
-from jaxinterp.experiments.causal_trace.main import load_world_model
+from jaxinterp.experiments.common import experiment_main
+from jaxinterp.experiments.data.facts_world import load_world_model
 from jaxinterp.experiments.rome.config import RomeExperimentConfig
 from jaxinterp.experiments.rome.main import corpus_batches, make_contexts, request_of, rome_config
 from jaxinterp.editing.rome import edit, key_covariances, target_logprobs
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FramesConfig(RomeExperimentConfig):
+    """The ROME settings plus the edited ``layer`` and ``frame_tokens`` (tokens before the subject)."""
+
+    n_edits: int = 8
+    layer: int = 0
+    frame_tokens: int = 2
 
 
 def frame(prompt, n: int) -> tuple[int, ...]:
@@ -56,22 +65,19 @@ def frame_split(cfg: RomeExperimentConfig, layer: int, n_frame: int = 2) -> dict
             "same_frame": group(True), "other_frame": group(False), "prompts": rows}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="any ji.load source of a facts-world model (default facts-gpt)")
-    p.add_argument("--mamba", action="store_true", help="facts-mamba (out_proj by default)")
-    p.add_argument("--target", default=None, help="edit target (jaxinterp.editing.rome.TARGETS)")
-    p.add_argument("--layer", type=int, default=0)
-    p.add_argument("--n-edits", type=int, default=8)
-    p.add_argument("--frame-tokens", type=int, default=2, help="tokens before the subject that define the frame")
-    args = p.parse_args(argv)
-    make = RomeExperimentConfig.mamba if args.mamba else RomeExperimentConfig.gpt
-    kw = {"n_edits": args.n_edits, "target": args.target}
-    if args.model:
-        kw["model"] = args.model
-    res = frame_split(make(**kw), args.layer, args.frame_tokens)
-    print(json.dumps(res, indent=1))
-    return 0
+def run(cfg: FramesConfig, out: Path) -> dict:
+    res = frame_split(cfg, cfg.layer, cfg.frame_tokens)
+    print(f"success = % of a record's other prompts where the edited model prefers the new object (P(new) > "
+          f"P(true)); frame = the {cfg.frame_tokens} tokens before the subject")
+    for group in ("same_frame", "other_frame"):
+        print(f"{group.replace('_', ' ')}: success {100 * res[group]['success']:.1f}% of {res[group]['n']} prompts")
+    return res
+
+
+PRESETS = {"facts-gpt": FramesConfig, "facts-mamba": lambda: FramesConfig(model="facts-mamba")}
+
+
+main = experiment_main("rome_frames", PRESETS, run, doc=__doc__)
 
 
 if __name__ == "__main__":

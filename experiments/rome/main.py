@@ -1,18 +1,17 @@
 """ROME on a facts-world model: a layer sweep of single edits scored on a synthetic CounterFact.
 
-    python -m jaxinterp.experiments.rome.main                              # facts-gpt, every layer, 16 edits
-    python -m jaxinterp.experiments.rome.main --mamba --set target=in_proj_z
-    python -m jaxinterp.experiments.rome.main --model DIR --set n_edits=4 layers=[1,2] --out results/rome_x
+    jaxinterp rome                                                    # facts-gpt, every layer, 16 edits
+    jaxinterp rome --preset facts-mamba --set target=in_proj_z
+    jaxinterp rome --model DIR --set n_edits=4 layers=1,2 --out results/rome_x
 
-Writes ``results.json`` (every score of every edit) and ``layer_sweep.png`` (efficacy,
-paraphrase, neighbourhood and their harmonic mean per edited layer, unedited model dashed).
+(``jaxinterp rome`` = ``python -m jaxinterp.experiments.rome.main``.) Writes ``results.json``
+(every score of every edit), ``config.json`` and ``layer_sweep.png`` (efficacy, paraphrase,
+neighbourhood and their harmonic mean per edited layer, unedited model dashed).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Sequence
@@ -20,8 +19,8 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from jaxinterp.experiments.causal_trace.main import load_world_model, parse_overrides
-from jaxinterp.experiments.data.facts_world import PAD
+from jaxinterp.experiments.common import experiment_main, pyplot, save_figure
+from jaxinterp.experiments.data.facts_world import PAD, load_world_model
 from jaxinterp.experiments.rome.config import RomeExperimentConfig
 from jaxinterp.editing.rome import (EditRequest, RomeConfig, counterfact_scores, edit, key_covariances, sample_contexts,
                             target_logprobs)
@@ -120,69 +119,57 @@ def sweep(model, world, records, cfg: RomeExperimentConfig) -> dict:
     return per_layer
 
 
-def plot(per_layer: dict, baseline: dict, title: str, png: Path) -> None:
-    import matplotlib
+SCORES_MEANING = ("% of prompts where the edit wins: efficacy = P(new) > P(true) on the rewrite prompt, paraphrase "
+                  "= on paraphrases, neighborhood = P(true) > P(new) on other subjects' prompts (the edit left them "
+                  "alone), score = harmonic mean of the three, templates = the subject's other training templates")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def plot(per_layer: dict, baseline: dict, title: str, png: Path) -> None:
+    plt = pyplot()
 
     layers = sorted(per_layer)
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    for m, c in zip(METRICS, ("tab:blue", "tab:orange", "tab:green", "black")):
-        ax.plot(layers, [per_layer[l]["mean"][m] for l in layers], marker="o", color=c, label=m)
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    labels = ("efficacy: rewrite prompt, P(new) > P(true)", "paraphrase: P(new) > P(true)",
+              "neighborhood: other subjects, P(true) > P(new)", "score: harmonic mean")
+    for m, c, label in zip(METRICS, ("tab:blue", "tab:orange", "tab:green", "black"), labels):
+        ax.plot(layers, [per_layer[l]["mean"][m] for l in layers], marker="o", color=c, label=label)
         ax.axhline(baseline[m], color=c, ls="--", lw=0.8)
+    ax.set_xticks(layers)
     ax.set_xlabel("edited layer")
-    ax.set_ylabel("%")
+    ax.set_ylabel("% of prompts")
     ax.set_ylim(-2, 102)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+    save_figure(fig, png)
 
 
-def run(cfg: RomeExperimentConfig) -> dict:
+def run(cfg: RomeExperimentConfig, out: Path) -> dict:
     t0 = time.time()
     model, world = load_world_model(cfg.model)
-    out = Path(cfg.out or Path("results") / "rome" / Path(str(cfg.model)).name)
-    out.mkdir(parents=True, exist_ok=True)
     records = world.counterfact(cfg.n_edits, seed=cfg.seed)
     baseline = layer_means([record_scores(model, r) for r in records])
     per_layer = sweep(model, world, records, cfg)
     best = max(per_layer, key=lambda l: per_layer[l]["mean"]["score"])
     target = cfg.target or ("mlp" if model.family == "gpt2" else "out_proj")
-    plot(per_layer, baseline, f"{cfg.model}: ROME on {target} (dashed: unedited)", out / "layer_sweep.png")
+    plot(per_layer, baseline, f"{Path(str(cfg.model)).name}: CounterFact scores of ROME edits on {target} "
+         f"(dashed: unedited)", out / "layer_sweep.png")
     results = {"experiment": "rome", "model": str(cfg.model), "family": model.family, "target": target,
                "config": dataclasses.asdict(cfg), "unedited": baseline, "best_layer": best,
                "per_layer": {str(l): v for l, v in per_layer.items()}, "seconds": time.time() - t0}
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     shown = METRICS + ("templates",)
+    print(f"{SCORES_MEANING}; mean over {len(records)} edits per layer, one edit at a time.")
     print(f"{'layer':>5} " + " ".join(f"{m:>12}" for m in shown))
     print(f"{'none':>5} " + " ".join(f"{baseline[m]:>12.1f}" for m in shown))
     for l in sorted(per_layer):
         print(f"{l:>5} " + " ".join(f"{per_layer[l]['mean'][m]:>12.1f}" for m in shown))
-    print(f"wrote {out / 'results.json'} and {out / 'layer_sweep.png'}")
     return results
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="any ji.load source of a facts-world model (default facts-gpt)")
-    p.add_argument("--mamba", action="store_true", help="facts-mamba (out_proj by default)")
-    p.add_argument("--out", default=None, help="output directory (default results/rome/<model>)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. n_edits=4")
+PRESETS = {"facts-gpt": RomeExperimentConfig, "facts-mamba": RomeExperimentConfig.mamba,
+           "smoke": RomeExperimentConfig.smoke}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(p)
-    args = p.parse_args(argv)
-    cfg = parse_overrides(args.set, RomeExperimentConfig.mamba() if args.mamba else RomeExperimentConfig.gpt())
-    if args.model:
-        cfg = dataclasses.replace(cfg, model=args.model)
-    if args.out:
-        cfg = dataclasses.replace(cfg, out=args.out)
-    run(cfg)
-    return 0
+main = experiment_main("rome", PRESETS, run, doc=__doc__)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Ceiling check for the board metrics: score a *probe dictionary* instead of an SAE.
 
-    python -m jaxinterp.experiments.sae_boardgame.ceiling --out results/sae_boardgame_ceiling
+    python -m jaxinterp.experiments.sae_boardgame.ceiling --set layers=2,3
 
 A linear softmax probe (mine / theirs / empty per square) is fit on the residual stream
 of the training games; its per-square class probabilities for "mine" and "theirs" are
@@ -17,14 +17,15 @@ and nothing else, so it bounds what an SAE on an uninformative model can reach.
 
 from __future__ import annotations
 
-import argparse
-import json
+import dataclasses
 from pathlib import Path
+from typing import Optional
 
 import jax
 import numpy as np
 
 import jaxinterp as ji
+from jaxinterp.experiments.common import experiment_main
 from jaxinterp.experiments.data import othello
 from jaxinterp.experiments.train_othello.main import fit_probe, probe_logits
 from jaxinterp.sae.board import board_reconstruction, coverage
@@ -67,37 +68,49 @@ def score(model, site: str, games: dict, board: othello.OthelloConfig, n_label: 
             "reconstruction_per_threshold": rec["per_threshold"], "n_labelled": rec["n_labelled"]}
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="othello-gpt")
-    ap.add_argument("--layers", default="", help="comma-separated layers (default: all)")
-    ap.add_argument("--n-train-games", type=int, default=2000)
-    ap.add_argument("--n-test-games", type=int, default=500)
-    ap.add_argument("--random-seed", type=int, default=1)
-    ap.add_argument("--out", default="results/sae_boardgame_ceiling")
-    ap.add_argument("--baseline-only", action="store_true", help="only the model-free last-move dictionary")
-    args = ap.parse_args(argv)
-    trained = ji.load(args.model)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CeilingConfig:
+    """``layers``: resid_post layers probed (None: all); ``baseline_only``: only the last-move dictionary."""
+
+    model: str = "othello-gpt"
+    layers: Optional[tuple[int, ...]] = None
+    n_train_games: int = 2000
+    n_test_games: int = 500
+    random_seed: int = 1
+    baseline_only: bool = False
+
+    def __post_init__(self):
+        if self.n_train_games < 2 or self.n_test_games < 1:
+            raise ValueError(f"n_train_games must be >= 2 and n_test_games >= 1, got {self.n_train_games}, "
+                             f"{self.n_test_games}")
+
+
+def run(cfg: CeilingConfig, out_dir: Path) -> dict:
+    trained = ji.load(cfg.model)
     board = othello.OthelloConfig(size=board_size_of(trained))
-    games = {"train": othello.random_games(board, args.n_train_games, seed=100, full_only=True),
-             "test": othello.random_games(board, args.n_test_games, seed=200, full_only=True)}
-    layers = [int(v) for v in args.layers.split(",") if v] or list(range(trained.config.n_layers))
-    n_label = args.n_train_games // 2 * (board.n_moves - 1)
+    games = {"train": othello.random_games(board, cfg.n_train_games, seed=100, full_only=True),
+             "test": othello.random_games(board, cfg.n_test_games, seed=200, full_only=True)}
+    layers = cfg.layers if cfg.layers is not None else range(trained.config.n_layers)
+    n_label = cfg.n_train_games // 2 * (board.n_moves - 1)
+    print("coverage / reconstruction: the SAE board metrics (F1) of a probe dictionary; probe acc: accuracy of the "
+          "mine / theirs / empty probe per square on held-out games")
     out = {"last_move": score_last_move(games, board, n_label)}
     print(f"last-move dictionary  coverage {out['last_move']['coverage']:.3f}  "
           f"reconstruction {out['last_move']['reconstruction']:.3f}", flush=True)
-    models = [] if args.baseline_only else [("trained", trained), ("random_init", ji.init(trained.config, args.random_seed))]
+    control = ji.init(trained.config, cfg.random_seed)
+    models = [] if cfg.baseline_only else [("trained", trained), ("random_init", control)]
     for name, model in models:
         for layer in layers:
             r = score(model, f"blocks.{layer}.resid_post", games, board, n_label)
             out[f"{name}/L{layer}"] = r
             print(f"{name:11s} L{layer}  probe acc {r['probe_accuracy']:.3f}  coverage {r['coverage']:.3f}  "
                   f"reconstruction {r['reconstruction']:.3f}  labelled {r['n_labelled']}", flush=True)
-    path = Path(args.out)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "results.json").write_text(json.dumps(out, indent=1))
     return out
 
 
+PRESETS = {"default": CeilingConfig}
+main = experiment_main("sae_boardgame_ceiling", PRESETS, run, doc=__doc__)
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -53,10 +53,6 @@ class BoardgameConfig:
             raise ValueError(f"unknown families {bad}; choose from {sorted(FAMILIES)}")
 
     @classmethod
-    def default(cls, **kw) -> "BoardgameConfig":
-        return cls(**kw)
-
-    @classmethod
     def scaled(cls, **kw) -> "BoardgameConfig":
         """TopK at 16x on ~7x the default's activations (3,000 steps x 1,024 from 20,000 games).
 

@@ -1,6 +1,6 @@
 """Where board reconstruction is won and lost: a breakdown of the union-of-labels board.
 
-    python -m jaxinterp.experiments.sae_boardgame.diagnose --out results/sae_boardgame_diagnose \
+    python -m jaxinterp.experiments.sae_boardgame.diagnose \
         --set families=topk topk_ks=16 expansion=8 steps=1500 batch_size=1024 n_train_games=20000
 
 Trains the config's SAEs exactly as ``main.py`` does (same games, seeds, batches) on the
@@ -9,13 +9,15 @@ threshold: precision and recall of the predicted board, recall by game stage (in
 position buckets), the share of true positives that are "the square just played is
 theirs" (what the model-free last-move dictionary gets), the labels' precision on the
 test games, and, per square, the F1 of the best latent as a detector of "this square was
-just played". Writes ``diagnose.json`` to ``--out``.
+just played". Writes ``results.json`` and ``config.json`` to ``--out`` (default
+``results/sae_boardgame_diagnose/<preset>/``); the presets and settings are ``main.py``'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -23,7 +25,10 @@ from jaxinterp.sae import unstack
 from jaxinterp.sae.board import _fires, board_reconstruction, f1_matrix
 from jaxinterp.sae.metrics import latent_acts
 
-from .main import models_of, setup, train_saes
+from jaxinterp.experiments.common import experiment_main
+
+from .config import BoardgameConfig
+from .main import PRESETS, load_data, models_of, train_saes
 
 STAGES = ((0, 5), (5, 10), (10, 20), (20, 10_000))  # input-position buckets [lo, hi)
 
@@ -74,14 +79,16 @@ def last_move_detectors(acts: np.ndarray, last_square: np.ndarray, n_squares: in
     return f1_matrix(_fires(acts, acts.max(0), threshold), onehot).max(0)
 
 
-def main(argv=None) -> dict:
-    cfg, path, trained, board, games = setup(argv, __doc__.split("\n\n")[0], "results/sae_boardgame_diagnose")
+def run(cfg: BoardgameConfig, out: Path) -> dict:
+    trained, board, games = load_data(cfg)
     n_in = board.n_moves - 1
     positions = np.tile(np.arange(n_in), cfg.n_test_games)
     last_sq = {k: g.squares[:, :-1].reshape(-1) for k, g in games.items()}
     last_prop = last_sq["test"] * 3 + 1  # mine / theirs / empty layout of mine_theirs_blank_masked
     n_label = cfg.n_label_games * n_in
-    out = {"config": dataclasses.asdict(cfg)}
+    res = {"config": dataclasses.asdict(cfg)}
+    print("recon: board-reconstruction F1 at its best threshold t (x max activation); precision / recall of the "
+          "predicted board; last-move share: true positives that are 'the square just played is theirs'")
     for name, model in models_of(cfg, trained):
         runs, states, _, data = train_saes(cfg, model, games, board, progress=False)
         p_lab, test_props = data["label_props"], data["test_props"]
@@ -103,10 +110,12 @@ def main(argv=None) -> dict:
                       + " ".join(f"{k}: {v['recall']:.3f}" for k, v in row["by_stage"].items())
                       + f"  last-move share {row['last_move_share_of_tp']:.2f}  "
                         f"last-move detector F1 {row['last_move_detector_f1_median']:.2f}", flush=True)
-        out[name] = rows
-    (path / "diagnose.json").write_text(json.dumps(out, indent=1))
-    return out
+        res[name] = rows
+    return res
+
+
+main = experiment_main("sae_boardgame_diagnose", PRESETS, run, doc=__doc__)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,7 +1,7 @@
 """SAEs of six families on othello-gpt vs its random-init twin, judged by board-game metrics.
 
-    python -m jaxinterp.experiments.sae_boardgame.main --out results/sae_boardgame
-    python -m jaxinterp.experiments.sae_boardgame.main --preset long   # the README's headline run
+    jaxinterp sae-boardgame                      # = python -m jaxinterp.experiments.sae_boardgame.main
+    jaxinterp sae-boardgame --preset long        # the README's headline run
 
 For each model (trained othello-gpt, and a random-initialised model of the same config)
 the residual stream ``blocks.{layer}.resid_post`` is collected on random legal games;
@@ -9,15 +9,14 @@ one ``SAETrainer`` trains every family's grid at once on those activations; each
 is then scored on held-out games: L0, MSE, FVE, cosine, dead/dense fractions, relative
 reconstruction bias, CE loss recovered and KL (splicing the SAE into the model; zero
 ablation as the floor), and the board-game coverage and board reconstruction of the
-"mine / theirs" (blank-masked) board state (METHODS §4). Writes ``results.json`` and
-``frontier.png`` to ``--out``. SAE training state is checkpointed in ``<out>/ckpt`` (every
+"mine / theirs" (blank-masked) board state (METHODS §4). Writes ``results.json``, ``config.json``
+and ``frontier.png`` to ``--out``. SAE training state is checkpointed in ``<out>/ckpt`` (every
 tenth of the run); re-running the same command resumes from it, and a different config with
 the same ``--out`` is refused.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
@@ -29,6 +28,7 @@ import numpy as np
 
 import jaxinterp as ji
 from jaxinterp.checkpoint import check_run_config
+from jaxinterp.experiments.common import experiment_main, pyplot, save_figure
 from jaxinterp.experiments.data import othello
 from jaxinterp.sae import SAETrainConfig, SAETrainer, unstack
 from jaxinterp.sae.board import board_reconstruction, coverage
@@ -36,7 +36,7 @@ from jaxinterp.sae.metrics import downstream_metrics, latent_acts, reconstructio
 
 from .config import BoardgameConfig
 
-PRESETS = {"default": BoardgameConfig.default, "long": BoardgameConfig.long, "scaled": BoardgameConfig.scaled,
+PRESETS = {"default": BoardgameConfig, "long": BoardgameConfig.long, "scaled": BoardgameConfig.scaled,
            "smoke": BoardgameConfig.smoke}
 
 
@@ -143,13 +143,10 @@ def run_model(cfg: BoardgameConfig, model, name: str, games: dict, board: othell
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
+    plt = pyplot()
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metrics = [("coverage", "board coverage"), ("reconstruction", "board reconstruction"),
-               ("loss_recovered", "CE loss recovered")]
+    metrics = [("coverage", "board coverage (F1)"), ("reconstruction", "board reconstruction (F1)"),
+               ("loss_recovered", "CE loss recovered (fraction)")]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     colors = dict(zip(["relu", "panneal", "topk", "batchtopk", "jumprelu", "gated"], plt.cm.tab10.colors))
     for ax, (key, label) in zip(axes, metrics):
@@ -161,18 +158,24 @@ def plot(results: dict, path: Path) -> None:
                 ax.plot([r["l0"] for r in rows], [r[key] for r in rows], marker=marker, color=colors[fam],
                         linestyle="-" if fill else ":", label=f"{fam} ({model_name})")
         ax.set_xscale("log")
-        ax.set_xlabel("L0")
+        ax.set_xlabel("L0 (active latents per token, log scale)")
         ax.set_ylabel(label)
+        ax.set_title(label, fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, ncol=2)
-    fig.suptitle("SAEs on othello-gpt (o, solid) vs random-init twin (x, dotted)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    cfg = results["config"]
+    fig.suptitle(f"SAEs on {Path(cfg['model']).name} blocks.{cfg['layer']}.resid_post (o, solid) vs its random-init "
+                 f"twin (x, dotted): board metrics and CE recovered against sparsity")
+    save_figure(fig, path)
+
+
+METRICS_MEANING = ("L0: active latents per token; FVE: fraction of variance explained; CE recovered: (CE zero-ablated "
+                   "- CE with the SAE spliced in) / (CE zero-ablated - CE clean); coverage: mean over board properties "
+                   "of the best latent's F1; reconstruction: F1 of the board predicted from >=95%-precise latents")
 
 
 def summary_table(results: dict) -> str:
-    lines = ["| model | family | setting | L0 | FVE | CE recovered | coverage | reconstruction |",
+    lines = [METRICS_MEANING, "| model | family | setting | L0 | FVE | CE recovered | coverage | reconstruction |",
              "|---|---|---|---|---|---|---|---|"]
     for model_name in ("trained", "random_init"):
         for r in results[model_name]["rows"]:
@@ -182,38 +185,13 @@ def summary_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def parse_overrides(items: list[str]) -> dict:
-    fields = {f.name: f for f in dataclasses.fields(BoardgameConfig)}
-    out = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        if key not in fields:
-            raise SystemExit(f"unknown config field {key!r}; fields: {sorted(fields)}")
-        default = getattr(BoardgameConfig(), key)
-        if isinstance(default, tuple):
-            cast = type(default[0]) if default else str
-            out[key] = tuple(cast(v) for v in value.split(",") if v)
-        else:
-            out[key] = type(default)(value)
-    return out
-
-
-def setup(argv, description: str, default_out: str):
-    """The experiment's command line (``--preset``, ``--out``, ``--set``) and its data: returns
-    (config, output dir (created), the trained model, the board, the train / test games)."""
-    ap = argparse.ArgumentParser(description=description)
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="default")
-    ap.add_argument("--out", default=default_out)
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields (tuples: a,b,c)")
-    args = ap.parse_args(argv)
-    cfg = PRESETS[args.preset](**parse_overrides(args.set))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+def load_data(cfg: BoardgameConfig):
+    """(the trained model, the board, the train / test games) of a config."""
     trained = ji.load(cfg.model)
     board = othello.OthelloConfig(size=board_size_of(trained))
     games = {"train": othello.random_games(board, cfg.n_train_games, seed=cfg.seed + 100, full_only=True),
              "test": othello.random_games(board, cfg.n_test_games, seed=cfg.seed + 200, full_only=True)}
-    return cfg, out, trained, board, games
+    return trained, board, games
 
 
 def models_of(cfg: BoardgameConfig, trained) -> tuple:
@@ -221,22 +199,21 @@ def models_of(cfg: BoardgameConfig, trained) -> tuple:
     return ("trained", trained), ("random_init", ji.init(trained.config, cfg.random_seed))
 
 
-def main(argv=None) -> dict:
-    cfg, out, trained, board, games = setup(argv, __doc__.split("\n\n")[0], "results/sae_boardgame")
+def run(cfg: BoardgameConfig, out: Path) -> dict:
+    trained, board, games = load_data(cfg)
     results = {"config": dataclasses.asdict(cfg)}
     ckpt_root = out / "ckpt"
-    try:
-        check_run_config(ckpt_root, results["config"], hint=f"use another --out or delete {ckpt_root}")
-    except ValueError as err:
-        raise SystemExit(str(err)) from None
+    check_run_config(ckpt_root, results["config"], hint=f"use another --out or delete {ckpt_root}")
     for name, model in models_of(cfg, trained):
         print(f"== {name}")
         results[name] = run_model(cfg, model, name, games, board, ckpt_dir=ckpt_root / name)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
     plot(results, out / "frontier.png")
     print(summary_table(results))
     return results
 
 
+main = experiment_main("sae_boardgame", PRESETS, run, doc=__doc__)
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""Training configs: frozen keyword-only dataclasses, presets, and dotted overrides.
+"""Training configs: frozen keyword-only dataclasses, presets, and dotted overrides (``experiments.common``).
 
     cfg = get_config("facts-gpt", ["train.steps=2000", "model.args.d_model=128"])
 
@@ -11,12 +11,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Sequence
 
-import yaml
-
+from jaxinterp.experiments.common import apply_overrides
 from jaxinterp.experiments.data.facts_world import WorldConfig
 
-__all__ = ["ModelSpec", "DataConfig", "OptimConfig", "TrainConfig", "Config", "PRESETS", "CURRICULA", "get_config",
-           "apply_overrides"]
+__all__ = ["ModelSpec", "DataConfig", "OptimConfig", "TrainConfig", "Config", "PRESETS", "CURRICULA", "get_config"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -107,11 +105,14 @@ class Config:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
+    def __post_init__(self):
+        self.check()
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def check(self) -> "Config":
-        """Cross-section validation (run after all overrides are applied); returns self."""
+        """Cross-section validation (``__post_init__`` runs it; overrides are applied in one go); returns self."""
         if self.optim.warmup_steps >= self.train.steps:
             raise ValueError(f"optim.warmup_steps ({self.optim.warmup_steps}) must be smaller than train.steps "
                              f"({self.train.steps}) so the cosine phase has steps left; lower it, e.g. "
@@ -149,7 +150,7 @@ def _facts_mamba() -> Config:
 # (experiments/train_lm/README.md); longer passages, then the fact documents, come after.
 CURRICULA: dict[str, list[tuple[str, list[str]]]] = {
     "facts-mamba": [
-        ("stage1", ["data.world.p_passage=1.0", "data.world.train_passage_sentences=[1,1]", "optim.lr=1e-2",
+        ("stage1", ["data.world.p_passage=1.0", "data.world.train_passage_sentences=1,1", "optim.lr=1e-2",
                     "optim.warmup_steps=30", "train.steps=400", "train.eval_every=50", "train.eval_prompts=32",
                     "train.save_every=1000"]),
         ("stage2", ["data.world.p_passage=1.0", "optim.warmup_steps=30", "train.steps=600", "train.eval_every=100",
@@ -178,49 +179,7 @@ PRESETS = {"facts-gpt": _facts_gpt, "facts-mamba": _facts_mamba, "tiny": _tiny, 
 
 
 def get_config(name: str, overrides: Sequence[str] = ()) -> Config:
-    """A preset with ``key.path=value`` overrides applied (values parsed as YAML scalars)."""
+    """A preset with ``key.path=value`` overrides applied (typed by the fields; ``experiments.common``)."""
     if name not in PRESETS:
         raise ValueError(f"unknown config {name!r}; presets: {sorted(PRESETS)}")
-    return apply_overrides(PRESETS[name](), overrides).check()
-
-
-def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} must look like section.field=value (e.g. train.steps=2000)")
-        key, raw = item.split("=", 1)
-        cfg = _set(cfg, key.strip().split("."), yaml.safe_load(raw), key)
-    return cfg
-
-
-def _set(node: Any, path: list[str], value: Any, full: str) -> Any:
-    head, rest = path[0], path[1:]
-    if isinstance(node, Mapping):  # free-form dicts (model.args) accept new keys
-        child = node.get(head, {} if rest else None)
-        if not rest and isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        return {**node, head: _set(child, rest, value, full) if rest else value}
-    if not dataclasses.is_dataclass(node):
-        raise ValueError(f"override {full!r}: {head!r} is inside a non-config value")
-    names = [f.name for f in dataclasses.fields(node)]
-    if head not in names:
-        raise ValueError(f"override {full!r}: {type(node).__name__} has no field {head!r}; fields: {names}")
-    current = getattr(node, head)
-    if rest:
-        return dataclasses.replace(node, **{head: _set(current, rest, value, full)})
-    return dataclasses.replace(node, **{head: _coerce(value, current, full)})
-
-
-def _coerce(value: Any, current: Any, full: str) -> Any:
-    """Match the field's current type (YAML reads "1e-3" as a string, "2" as an int)."""
-    if isinstance(current, tuple) and isinstance(value, list):
-        return tuple(value)
-    if isinstance(current, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
-        try:
-            return float(value)
-        except ValueError:
-            raise ValueError(f"override {full!r}: expected a number, got {value!r}") from None
-    return value
+    return apply_overrides(PRESETS[name](), overrides)

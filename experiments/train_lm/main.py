@@ -1,8 +1,10 @@
 """Train any registered port on the facts world; resumable; exports a Hugging Face directory.
 
-    python -m jaxinterp.experiments.train_lm.main --config facts-gpt --set train.steps=2000 --out results/facts-gpt
+    jaxinterp train-lm --preset facts-gpt --set train.steps=2000 --out results/facts-gpt
 
-Writes under ``--out``: ``ckpt/`` (orbax checkpoints of params, optimizer state, step = data
+(``jaxinterp train-lm`` = ``python -m jaxinterp.experiments.train_lm.main``; ``--config`` is an old
+name of ``--preset``.) Writes under ``--out`` (default ``results/train_lm/<preset>/``): ``config.json``,
+``ckpt/`` (orbax checkpoints of params, optimizer state, step = data
 position, RNG key), ``metrics.jsonl``, ``results.json``, ``loss.png`` and ``export/`` (config.json
 + model.safetensors + tokenizer files + world.json, loadable by ``ji.load`` and transformers).
 Re-running the same command after a kill resumes from the newest intact checkpoint and ends
@@ -16,10 +18,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,8 +30,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxinterp import train as train_lib
 from jaxinterp.checkpoint import OutputLock
+from jaxinterp.experiments.common import experiment_main, pyplot, save_figure
 from jaxinterp.experiments.data.facts_world import FactsWorld
-from jaxinterp.experiments.train_lm.config import PRESETS, Config, get_config
+from jaxinterp.experiments.train_lm.config import PRESETS, Config
 from jaxinterp.experiments.train_lm.data import FactsBatches, answer_weights
 from jaxinterp.experiments.train_lm.evaluate import evaluate_world
 from jaxinterp.loading import load, resolve_source, save_pretrained
@@ -96,15 +98,17 @@ NO_DECAY_NAMES = ("A_log", "D")  # Mamba's SSM parameters (reference Mamba: ``_n
 
 
 def decay_mask(params) -> Any:
-    """True for the leaves AdamW decays: matrices (``ndim >= 2``) except Mamba's ``A_log`` and ``D``.
+    """True for the leaves AdamW decays: matrices (``ndim >= 2`` per layer) except Mamba's ``A_log`` and ``D``.
 
-    Norm scales and biases (1-D) are never decayed; neither are ``A_log`` (decaying it pulls every
-    ``A = -exp(A_log)`` toward -1 and erases the multi-timescale S4D init) or ``D`` (the skip).
-    GPT-style trees have no such names, so their mask is the plain ``ndim >= 2`` one.
+    Norm scales and biases (1-D per layer) are never decayed; neither are ``A_log`` (decaying it
+    pulls every ``A = -exp(A_log)`` toward -1 and erases the multi-timescale S4D init) or ``D`` (the
+    skip). GPT-style trees have no such names, so their mask is the plain matrix one. Parameters
+    under ``layers`` are stacked on a leading layer axis, which does not count.
     """
     def keep(path, p):
         name = str(getattr(path[-1], "key", path[-1])) if path else ""
-        return p.ndim >= 2 and name not in NO_DECAY_NAMES
+        stacked = bool(path) and getattr(path[0], "key", None) == "layers"
+        return p.ndim - stacked >= 2 and name not in NO_DECAY_NAMES
 
     return jax.tree_util.tree_map_with_path(keep, params)
 
@@ -195,11 +199,8 @@ def export(model: Model, world: FactsWorld, directory: Path) -> Path:
     return directory
 
 
-def _plot_loss(metrics_path: Path, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _plot_loss(metrics_path: Path, title: str, png: Path) -> None:
+    plt = pyplot()
 
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     pts = sorted({r["step"]: r["loss"] for r in rows if r.get("loss") is not None}.items())
@@ -207,49 +208,43 @@ def _plot_loss(metrics_path: Path, png: Path) -> None:
         return
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.plot([p[0] for p in pts], [p[1] for p in pts])
-    ax.set_xlabel("step"), ax.set_ylabel("train loss"), ax.set_yscale("log")
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+    ax.set_xlabel("step"), ax.set_ylabel("train loss (nats per token, log scale)"), ax.set_yscale("log")
+    ax.set_title(f"{title}: next-token cross-entropy", fontsize=9)
+    save_figure(fig, png)
 
 
 # CLI ---------------------------------------------------------------------------------------------
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="facts-gpt", choices=sorted(PRESETS))
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted override, e.g. train.steps=2000 or model.args.d_model=128 (repeatable)")
-    p.add_argument("--init-from", default=None, metavar="SOURCE",
-                   help="start from these weights (ji.load source: embedded name, HF dir, hub id) with a fresh "
-                        "optimizer; same as --set train.init_from=SOURCE (recorded in results.json)")
-    p.add_argument("--out", type=Path, default=None, help="output dir (default results/train_lm/<config>)")
+def _arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", dest="preset", choices=sorted(PRESETS), default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)
     p.add_argument("--eval-prompts", type=int, default=None,
                    help="prompts per split in the final evaluation (default: all)")
-    p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (for log files)")
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    args = parse_args(argv)
-    cfg = get_config(args.config, args.set + ([f"train.init_from={args.init_from}"] if args.init_from else []))
-    out = args.out or Path("results") / "train_lm" / cfg.name
-    OutputLock(out).hold()  # until exit: training, export and results
+def train_and_export(cfg: Config, out: Path, *, eval_prompts: int | None = None, progress: bool = True) -> dict:
+    """``train``, then export, evaluate and plot; returns the results."""
     log = lambda msg: print(msg, flush=True)
     t0 = time.perf_counter()
-    model, _ = train(cfg, out, progress=not args.no_progress, log=log)
+    model, _ = train(cfg, out, progress=progress, log=log)
     train_s = time.perf_counter() - t0
     world = FactsWorld(cfg.data.world)
     export(model, world, out / "export")
-    evaluation = evaluate_world(model, world, args.eval_prompts)
+    evaluation = evaluate_world(model, world, eval_prompts)
     results = {"config": cfg.to_dict(), "train_seconds": train_s, "num_params": model.num_params(),
                "devices": len(jax.devices()), "eval": evaluation}
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     if (out / "metrics.jsonl").exists():
-        _plot_loss(out / "metrics.jsonl", out / "loss.png")
+        _plot_loss(out / "metrics.jsonl", cfg.name, out / "loss.png")
+    log("first-token argmax accuracy on fact prompts (train templates / held-out paraphrases) and on "
+        "counterfactual in-context passages (copy)")
     log(f"train {evaluation['train_acc']:.3f}  paraphrase {evaluation['paraphrase_acc']:.3f}  "
         f"copy {evaluation['copy_acc']:.3f}  ({train_s:.0f}s) -> {out / 'export'}")
     return results
 
 
+main = experiment_main("train_lm", PRESETS, train_and_export, doc=__doc__, model_keys=("train.init_from",),
+                       shortcuts={"--init-from": "train.init_from"}, add_arguments=_arguments)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    raise SystemExit(main())

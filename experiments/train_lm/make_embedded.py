@@ -3,7 +3,7 @@
     python -m jaxinterp.experiments.train_lm.make_embedded facts-gpt facts-mamba
     python -m jaxinterp.experiments.train_lm.make_embedded facts-gpt --from-run results/train_lm/facts-gpt
 
-Each model is trained with ``train_lm.main --config <name>`` (resumable; output under
+Each model is trained with ``train_lm.main --preset <name>`` (resumable; output under
 ``results/train_lm/<name>``), after the stages of its curriculum (``config.CURRICULA``; each
 under ``results/train_lm/<name>-<stage>``, each fine-tuning the previous export), then its
 export is copied to ``models/embedded/<name>/`` with a README.md model card (held-out
@@ -104,10 +104,10 @@ def _stage_argvs(name: str, run_dir: Path) -> list[list[str]]:
     argvs, source = [], None
     for stage, overrides in CURRICULA.get(name, []):
         out = run_dir.parent / f"{name}-{stage}"
-        argvs.append(["--config", name, *[a for o in overrides for a in ("--set", o)],
+        argvs.append(["--preset", name, *[a for o in overrides for a in ("--set", o)],
                       *(["--init-from", str(source)] if source else []), "--out", str(out)])
         source = out / "export"
-    argvs.append(["--config", name, *(["--init-from", str(source)] if source else []), "--out", str(run_dir)])
+    argvs.append(["--preset", name, *(["--init-from", str(source)] if source else []), "--out", str(run_dir)])
     return argvs
 
 
@@ -130,7 +130,8 @@ def main(argv=None) -> None:
         command = args.command or _commands(name, Path("results") / "train_lm" / name)
         if args.from_run is None:
             for argv in _stage_argvs(name, run_dir):
-                train_main.main(argv)
+                if train_main.main(argv):
+                    raise SystemExit(f"training failed: train_lm.main {' '.join(argv)}")
         notes = args.notes.read_text() if args.notes else ""
         print(f"shipped {ship(name, run_dir, command, notes)}")
 

@@ -1,11 +1,11 @@
 """Train othello-gpt: a GPT-2-style next-move predictor on random legal Othello games.
 
-    python -m jaxinterp.experiments.train_othello.main --preset long --out models/embedded/othello-gpt
+    jaxinterp train-othello                  # = python -m jaxinterp.experiments.train_othello.main
 
-(``--preset long`` is the default: the shipped model's config.)
-
-Writes the model as a Hugging Face directory (config.json + model.safetensors) with a
-``token_map.json`` (token -> square name), and ``metrics.json``: legal-move accuracy
+(``--preset long`` is the default: the shipped model's config.) Writes to ``--out`` (default
+``results/train_othello/<preset>/``) ``results.json``, ``config.json`` and ``export/``: the model as a
+Hugging Face directory (config.json + model.safetensors) with a ``token_map.json`` (token ->
+square name) and ``metrics.json`` (= ``results.json``, for the model card): legal-move accuracy
 (the top-1 predicted move is legal) and a linear probe's board-state accuracy (mine /
 theirs / empty per square) on held-out games, for the trained model and its
 random-initialised twin (the control).
@@ -33,15 +33,15 @@ import optax
 
 import jaxinterp as ji
 from jaxinterp import train as train_lib
-from jaxinterp.checkpoint import OutputLock
+from jaxinterp.experiments.common import UsageError, experiment_main
 from jaxinterp.experiments.data import othello
 from jaxinterp.models.gpt2 import GPT2Config
 
 from .config import TrainOthelloConfig
 
-PRESETS = {"small": TrainOthelloConfig.small, "medium": TrainOthelloConfig.medium, "long": TrainOthelloConfig.long,
+DEFAULT_PRESET = "long"  # the preset of the shipped models/embedded/othello-gpt (the first preset is the default)
+PRESETS = {"long": TrainOthelloConfig.long, "medium": TrainOthelloConfig.medium, "small": TrainOthelloConfig.small,
            "tiny": TrainOthelloConfig.tiny, "standard8": TrainOthelloConfig.standard8}
-DEFAULT_PRESET = "long"  # the preset of the shipped models/embedded/othello-gpt
 
 
 def model_config(cfg: TrainOthelloConfig) -> GPT2Config:
@@ -192,54 +192,52 @@ def write_model_dir(model, cfg: TrainOthelloConfig, out: Path, metrics: dict) ->
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
-                    help=f"config preset (default: {DEFAULT_PRESET}, the shipped othello-gpt's)")
-    ap.add_argument("--out", default="results/othello-gpt")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields")
+def _arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--ckpt", default=None, help="checkpoint directory (default: <out>/ckpt); re-running the same "
                     "command resumes from its latest checkpoint")
     ap.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps")
     ap.add_argument("--eval-every", type=int, default=500,
                     help="log legal-move accuracy on 200 held-out games every N steps (0: never)")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar (for log files)")
-    args = ap.parse_args(argv)
-    if args.save_every < 1 or args.eval_every < 0:
-        raise SystemExit(f"--save-every must be >= 1 and --eval-every >= 0, got {args.save_every}, {args.eval_every}")
-    overrides = {}
-    fields = {f.name: f.type for f in dataclasses.fields(TrainOthelloConfig)}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        if key not in fields:
-            raise SystemExit(f"unknown config field {key!r}; fields: {sorted(fields)}")
-        overrides[key] = type(getattr(TrainOthelloConfig(), key))(value)
-    cfg = PRESETS[args.preset](**overrides)
+    ap.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (for log files)")
+
+
+def run(cfg: TrainOthelloConfig, out: Path, *, ckpt: str | None = None, save_every: int = 500, eval_every: int = 500,
+        progress: bool = True) -> dict:
+    """Generate the games, train (resumably), export to ``out/export`` and evaluate; returns the metrics."""
+    if save_every < 1 or eval_every < 0:
+        raise UsageError(f"--save-every must be >= 1 and --eval-every >= 0, got {save_every}, {eval_every}")
     board = othello.OthelloConfig(size=cfg.board_size)
     t0 = time.time()
     train_games = othello.random_games(board, cfg.n_train_games, seed=cfg.seed, full_only=True)
     eval_games = othello.random_games(board, cfg.n_eval_games, seed=cfg.seed + 10_000, full_only=True)
     print(f"generated {cfg.n_train_games + cfg.n_eval_games} games in {time.time() - t0:.1f}s")
-    out = Path(args.out)
-    OutputLock(out).hold()  # until exit: training, export and evaluation
     monitor = othello.Games(**{f.name: getattr(eval_games, f.name)[:200] for f in dataclasses.fields(othello.Games)})
 
     def eval_fn(model):  # progress check on 200 of the held-out games
         return f"legal-move acc {legal_move_accuracy(model, board, monitor):.4f}"
 
     model, losses = train(cfg, othello.square_to_token(board, train_games.squares),
-                          ckpt_dir=Path(args.ckpt) if args.ckpt else out / "ckpt", save_every=args.save_every,
-                          eval_every=args.eval_every, eval_fn=eval_fn, progress=not args.no_progress,
+                          ckpt_dir=Path(ckpt) if ckpt else out / "ckpt", save_every=save_every,
+                          eval_every=eval_every, eval_fn=eval_fn, progress=progress,
                           log=lambda m: print(m, flush=True))
-    ji.save_pretrained(model, out)  # before evaluation, so a failed evaluation loses no training
+    ji.save_pretrained(model, out / "export")  # before evaluation, so a failed evaluation loses no training
     metrics = {"config": dataclasses.asdict(cfg), "final_loss": losses[-1]["loss"] if losses else None,
                "train_seconds": time.time() - t0,  # this process only (a resumed run counts from the resume)
                "trained": evaluate(model, cfg, eval_games),
                "random_init": evaluate(ji.init(model_config(cfg), cfg.seed + 1), cfg, eval_games)}
-    write_model_dir(model, cfg, out, metrics)
-    print(json.dumps({k: v for k, v in metrics.items() if k != "config"}, indent=1))
+    write_model_dir(model, cfg, out / "export", metrics)
+    print(f"legal-move accuracy: share of positions whose top-1 predicted move is legal; probe accuracy: a linear "
+          f"probe's mine / theirs / empty accuracy per square (resid_post of layer {cfg.layer_for_probe}); "
+          f"{cfg.n_eval_games} held-out games")
+    for name in ("trained", "random_init"):
+        m = metrics[name]
+        print(f"{name:<12} legal-move accuracy {m['legal_move_accuracy']:.4f}  "
+              f"probe accuracy {m['probe_accuracy']:.4f}")
     return metrics
 
 
+main = experiment_main("train_othello", PRESETS, run, doc=__doc__, add_arguments=_arguments)
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,4 +1,5 @@
-"""ROME: rank-one model editing (Meng et al. 2022), for GPT MLPs and Mamba projections.
+"""ROME: rank-one model editing (Meng et al. 2022), on any family's projections (the family declares
+which: MLP down-projections of transformers, Mamba's ``out_proj`` and either half of ``in_proj``).
 
 An edit makes ``subject -- relation -> target_new`` by changing one linear map ``W`` (layout
 ``[in, out]``, ``value = key @ W (+ b)``) at one layer:
@@ -31,11 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxinterp.families import get_family
 from jaxinterp.interventions import Add
 from jaxinterp.model import Model, run
 
 __all__ = [
-    "RomeConfig", "EditTarget", "EditRequest", "EditResult", "edit_target", "TARGETS", "key_covariances",
+    "RomeConfig", "EditTarget", "EditRequest", "EditResult", "edit_target", "rome_targets", "key_covariances",
     "compute_key", "compute_value", "rank_one_update", "edit", "sample_contexts", "target_logprobs",
     "counterfact_scores",
 ]
@@ -46,12 +48,16 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class EditTarget:
-    """Where an edit writes: ``value = key @ W[:, cols] (+ b[cols])`` at one layer.
+    """Where an edit writes: ``value = key @ W[layer][:, cols] (+ b[layer][cols])``.
 
-    ``weight``/``bias`` are paths in ``model.params``; ``cols`` a column slice of ``W`` (the
-    gate or SSM half of Mamba's fused ``in_proj``) or None for all columns.
+    ``weight``/``bias``: paths in ``model.params`` of the layer-stacked kernel ``[L, in, out]`` and
+    bias; ``cols``: a column slice of ``W`` (the gate or SSM half of Mamba's fused ``in_proj``) or
+    None for all columns. ``key_site`` / ``value_site``: the full site names of the map's input and
+    output at ``layer``.
     """
 
+    name: str
+    layer: int
     weight: tuple[str, ...]
     bias: Optional[tuple[str, ...]]
     key_site: str
@@ -59,44 +65,34 @@ class EditTarget:
     cols: Optional[tuple[int, int]] = None
 
 
-def _gpt2_mlp(cfg, layer):
-    p = (f"h_{layer}", "mlp", "c_proj")
-    return EditTarget(p + ("kernel",), p + ("bias",), f"blocks.{layer}.mlp.post", f"blocks.{layer}.mlp_out")
+def rome_targets(model: Model) -> tuple[str, ...]:
+    """The projections ROME can edit in this model's family, the default first."""
+    return tuple(get_family(model.family).rome_targets(model.config))
 
 
-def _mamba_out(cfg, layer):
-    p = (f"layers_{layer}", "mixer", "out_proj")
-    return EditTarget(p + ("kernel",), p + ("bias",), f"blocks.{layer}.mixer.gated", f"blocks.{layer}.mixer_out")
-
-
-def _mamba_in(half):
-    def make(cfg, layer):
-        p = (f"layers_{layer}", "mixer", "in_proj")
-        di = cfg.d_inner
-        cols = (0, di) if half == "x" else (di, 2 * di)
-        return EditTarget(p + ("kernel",), p + ("bias",), f"blocks.{layer}.norm", f"blocks.{layer}.mixer.in_{half}",
-                          cols)
-    return make
-
-
-# family -> {target name -> (config, layer) -> EditTarget}; the first name is the default.
-TARGETS = {
-    "gpt2": {"mlp": _gpt2_mlp},
-    "mamba": {"out_proj": _mamba_out, "in_proj_x": _mamba_in("x"), "in_proj_z": _mamba_in("z")},
-}
+def _target_name(model: Model, name: Optional[str]) -> str:
+    options = rome_targets(model)
+    if not options:
+        raise ValueError(f"ROME has no edit targets for family {model.family!r} (no projection whose output is a "
+                         f"site of its own)")
+    if name is None:
+        return options[0]
+    if name in options:
+        return name
+    hits = [o for o in options if o.endswith(f".{name}") or o.startswith(f"{name}.")]
+    if len(hits) != 1:
+        raise ValueError(f"unknown ROME target {name!r} for {model.family}; valid: {list(options)}")
+    return hits[0]
 
 
 def edit_target(model: Model, layer: int, name: Optional[str] = None) -> EditTarget:
-    """The ``EditTarget`` of ``name`` (default: the family's first) at ``layer``."""
-    if model.family not in TARGETS:
-        raise ValueError(f"ROME has no edit targets for family {model.family!r}; supported: {sorted(TARGETS)}")
-    options = TARGETS[model.family]
-    name = name or next(iter(options))
-    if name not in options:
-        raise ValueError(f"unknown ROME target {name!r} for {model.family}; valid: {sorted(options)}")
+    """The ``EditTarget`` of projection ``name`` (default: the family's first ROME target) at ``layer``."""
+    name = _target_name(model, name)
     if not 0 <= layer < model.config.n_layers:
         raise ValueError(f"layer {layer} out of range for a {model.config.n_layers}-layer model")
-    return options[name](model.config, layer)
+    p = get_family(model.family).projections(model.config)[name]
+    return EditTarget(name, layer, p.kernel, p.bias, f"blocks.{layer}.{p.in_site}", f"blocks.{layer}.{p.out_site}",
+                      p.cols)
 
 
 def _get(tree, path):
@@ -123,8 +119,8 @@ def _set(tree, path, value):
 
 
 def _weight(model: Model, target: EditTarget):
-    w = _get(model.params, target.weight)  # [in, out]
-    b = _get(model.params, target.bias) if target.bias and _has(model.params, target.bias) else None
+    w = _get(model.params, target.weight)[target.layer]  # [in, out]
+    b = _get(model.params, target.bias)[target.layer] if target.bias and _has(model.params, target.bias) else None
     if target.cols is not None:
         w = w[:, target.cols[0]:target.cols[1]]
         b = None if b is None else b[target.cols[0]:target.cols[1]]
@@ -148,7 +144,8 @@ class RomeConfig:
     """ROME hyper-parameters (defaults: the paper's GPT-2 XL settings).
 
     Attributes:
-      target: edit target name (``TARGETS[family]``; None = the family's default).
+      target: edit target (a projection of ``rome_targets(model)``, or its unique short name such as
+        ``"out_proj"``; None = the family's default).
       lr, steps, early_stop: Adam on ``delta`` (stop once the loss is below ``early_stop``).
       kl_weight: weight of KL(original || edited) on the KL prompts.
       weight_decay: weight of ``||delta|| / ||v_init||^2``.
@@ -403,10 +400,12 @@ def edit(model: Model, request: EditRequest, layer: int, cov, *, contexts: Seque
     if cov.shape != (w.shape[0], w.shape[0]):
         raise ValueError(f"covariance of shape {cov.shape} does not match the target's input size {w.shape[0]}")
     new_w = rank_one_update(w, b, cov, k_star, v_star, k_insert)
-    full = _get(model.params, target.weight)
+    full = _get(model.params, target.weight)  # [L, in, out]
     if target.cols is not None:
-        new_w = full.at[:, target.cols[0]:target.cols[1]].set(new_w)
-    edited = model.replace(params=_set(model.params, target.weight, new_w))
+        full = full.at[target.layer, :, target.cols[0]:target.cols[1]].set(new_w)
+    else:
+        full = full.at[target.layer].set(new_w)
+    edited = model.replace(params=_set(model.params, target.weight, full))
     return EditResult(edited, layer, target, np.asarray(k_star), np.asarray(v_star), np.asarray(v_init), losses,
                       np.asarray(k_insert), nlls)
 
@@ -428,7 +427,7 @@ def sample_contexts(model: Model, start: Sequence[int], n: int, length: int, see
 
     @jax.jit
     def step(tokens, i, key):
-        logits = run(model, tokens, logits_at=i - 1).logits[:, 0]
+        logits = run(model, tokens, logits_at=i - 1).logits  # [n, V]
         nxt = jax.random.categorical(key, logits.astype(jnp.float32))
         return tokens.at[:, i].set(nxt)
 

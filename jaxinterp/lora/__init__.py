@@ -13,6 +13,7 @@ from jaxinterp.lora.core import (
     LoraConfig,
     LoraModel,
     combine,
+    adapters,
     delta,
     effective_model,
     init,
@@ -21,9 +22,9 @@ from jaxinterp.lora.core import (
     split,
 )
 from jaxinterp.lora.peft_io import load_peft, save_peft
-from jaxinterp.lora.targets import Projection, projections, register_projections, select_projections
+from jaxinterp.lora.targets import LoraTarget, projections, select_projections
 
 __all__ = [
     "Lora", "LoraConfig", "LoraModel", "init", "split", "combine", "merge", "effective_model", "run", "delta",
-    "save_peft", "load_peft", "Projection", "projections", "register_projections", "select_projections",
+    "save_peft", "load_peft", "LoraTarget", "projections", "select_projections", "adapters",
 ]

@@ -9,9 +9,10 @@ Two equivalent forwards:
 
 * merged   -- ``effective_model(lm)`` is a plain ``Model`` whose kernels are
   ``W + s A B``; ``ji.run`` consumes it like any model (differentiable in ``A, B``).
-* unmerged -- the base kernels are used as they are and each chosen ``Dense`` adds
-  ``s (x A) B`` (flax method interception, no merged weight is ever built). Cheaper when
-  ``r (d_in + d_out) * tokens < d_in d_out (r + tokens)``; the only way to apply dropout.
+* unmerged -- the base kernels are used as they are and each chosen projection adds
+  ``s (x A) B`` inside the scanned block (``run(..., adapters=...)``: the adapter weights of the
+  chosen layers are stacked and indexed by the layer; no merged weight is ever built). Cheaper
+  when ``r (d_in + d_out) * tokens < d_in d_out (r + tokens)``; the only way to apply dropout.
 
 ``run(..., mode="auto")`` picks the cheaper one. The base parameters always pass through
 ``stop_gradient``: differentiating a loss of ``run(lm, ...)`` with respect to the whole
@@ -25,16 +26,16 @@ import dataclasses
 import math
 from typing import Any, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinterp.families import get_family
 from jaxinterp.model import Model, RunOutput, run as _run
-from jaxinterp.lora.targets import Projection, projections, select_projections
+from jaxinterp.lora.targets import LoraTarget, projections, select_projections
 
 __all__ = ["LoraConfig", "Lora", "LoraModel", "init", "split", "combine", "merge", "effective_model", "run",
-           "delta"]
+           "delta", "adapters"]
 
 _MODES = ("auto", "merged", "unmerged")
 
@@ -85,7 +86,7 @@ class LoraConfig:
 class Lora:
     """Adapter weights ``{projection name: {"A": [d_in, r], "B": [r, d_out]}}`` + static description."""
 
-    def __init__(self, weights: dict, config: LoraConfig, projs: tuple[Projection, ...]):
+    def __init__(self, weights: dict, config: LoraConfig, projs: tuple[LoraTarget, ...]):
         self.weights = weights
         self.config = config
         self.projections = tuple(projs)
@@ -130,8 +131,9 @@ class LoraModel:
     def sites(self) -> tuple[str, ...]:
         return self.base.sites
 
-    def run(self, tokens, capture=None, interventions=None, *, logits_at=None, mode="auto", dropout_key=None):
-        return run(self, tokens, capture, interventions, logits_at=logits_at, mode=mode, dropout_key=dropout_key)
+    def run(self, tokens, capture=None, interventions=None, *, logits_at=None, mode="auto", dropout_key=None, **run_kw):
+        return run(self, tokens, capture, interventions, logits_at=logits_at, mode=mode, dropout_key=dropout_key,
+                   **run_kw)
 
     def __repr__(self) -> str:
         return f"LoraModel(base={self.base!r}, lora={self.lora!r})"
@@ -155,10 +157,6 @@ def _with(tree, path, value):
     return new
 
 
-def _in_out(kernel_shape) -> tuple[int, int]:
-    return int(kernel_shape[0]), int(np.prod(kernel_shape[1:]))
-
-
 # ------------------------------------------------------------------------------ public API
 
 
@@ -167,13 +165,12 @@ def init(model: Model, config: LoraConfig = LoraConfig(), key: jax.Array | int =
     if isinstance(key, int):
         key = jax.random.PRNGKey(key)
     projs = select_projections(projections(model), config.targets, config.layers)
+    dtype = jax.tree_util.tree_leaves(model.params)[0].dtype
     weights = {}
     for i, p in enumerate(projs):
-        kernel = _get(model.params, p.path)
-        d_in, d_out = _in_out(kernel.shape)
-        bound = 1.0 / math.sqrt(d_in)
-        a = jax.random.uniform(jax.random.fold_in(key, i), (d_in, config.rank), kernel.dtype, -bound, bound)
-        weights[p.name] = {"A": a, "B": jnp.zeros((config.rank, d_out), kernel.dtype)}
+        bound = 1.0 / math.sqrt(p.d_in)
+        a = jax.random.uniform(jax.random.fold_in(key, i), (p.d_in, config.rank), dtype, -bound, bound)
+        weights[p.name] = {"A": a, "B": jnp.zeros((config.rank, p.d_out), dtype)}
     return LoraModel(model, Lora(weights, config, tuple(projs)))
 
 
@@ -186,18 +183,39 @@ def combine(trainable: Lora, frozen: Model) -> LoraModel:
     return LoraModel(frozen, trainable)
 
 
-def delta(lora: Lora, name: str, kernel_shape) -> jax.Array:
-    """``(alpha / r) A B`` reshaped to the kernel's shape."""
+def delta(lora: Lora, name: str, kernel_shape=None) -> jax.Array:
+    """``(alpha / r) A B`` of target ``name``: ``[d_in, d_out]`` in the checkpoint module's column order."""
     w = lora.weights[name]
-    return (lora.config.scale * (w["A"] @ w["B"])).reshape(kernel_shape)
+    out = lora.config.scale * (w["A"] @ w["B"])
+    return out if kernel_shape is None else out.reshape(kernel_shape)
+
+
+def _groups(lora: Lora) -> dict[str, list[LoraTarget]]:
+    """Chosen targets by unit (``attn.qkv``, ``mlp.down``, ...), in layer order."""
+    out: dict[str, list[LoraTarget]] = {}
+    for p in lora.projections:
+        out.setdefault(p.unit, []).append(p)
+    return out
+
+
+def _stacked(lora: Lora, targets: list[LoraTarget]) -> tuple[jax.Array, jax.Array]:
+    return (jnp.stack([lora.weights[t.name]["A"] for t in targets]),   # [n, d_in, r]
+            jnp.stack([lora.weights[t.name]["B"] for t in targets]))   # [n, r, d_out]
 
 
 def merge(lm: LoraModel) -> Model:
     """A plain ``Model`` with the adapters folded into the base kernels (for inference/export)."""
+    table = get_family(lm.base.family).projections(lm.base.config)
     params = lm.base.params
-    for p in lm.lora.projections:
-        kernel = _get(params, p.path)
-        params = _with(params, p.path, kernel + delta(lm.lora, p.name, kernel.shape).astype(kernel.dtype))
+    for targets in _groups(lm.lora).values():
+        a, b = _stacked(lm.lora, targets)
+        deltas = lm.lora.config.scale * jnp.einsum("nir,nro->nio", a, b)  # [n, d_in, d_out]
+        layers = np.asarray([t.layer for t in targets])
+        for proj, cols in targets[0].parts:
+            path = table[proj].kernel
+            kernel = _get(params, path)  # [L, d_in, d_out]
+            part = deltas if cols is None else deltas[..., np.asarray(cols)]
+            params = _with(params, path, kernel.at[layers].add(part.astype(kernel.dtype)))
     return lm.base.replace(params=params)
 
 
@@ -211,39 +229,55 @@ def effective_model(lm: LoraModel) -> Model:
 
 
 def _unmerged_cost(lm: LoraModel, n_tokens: int) -> tuple[float, float]:
-    """Training FLOP estimates (merged, unmerged) of the adapter part, summed over projections."""
+    """Training FLOP estimates (merged, unmerged) of the adapter part, summed over targets."""
     merged = unmerged = 0.0
     r = lm.lora.config.rank
     for p in lm.lora.projections:
-        d_in, d_out = _in_out(_get(lm.base.params, p.path).shape)
-        merged += d_in * d_out * (3 * r + n_tokens)   # build W+sAB, dW = X^T G, dA/dB from dW
-        unmerged += 3 * n_tokens * r * (d_in + d_out)  # x A, (xA) B, and their backward
+        merged += p.d_in * p.d_out * (3 * r + n_tokens)   # build W+sAB, dW = X^T G, dA/dB from dW
+        unmerged += 3 * n_tokens * r * (p.d_in + p.d_out)  # x A, (xA) B, and their backward
     return merged, unmerged
 
 
-def _interceptor(lm: LoraModel, dropout_key):
-    by_module = {p.module_path: (i, p) for i, p in enumerate(lm.lora.projections)}
+class _SidePath:
+    """``s (x A[slot]) B[slot][:, cols]`` at the layer's slot (zero where the layer is not adapted)."""
+
+    def __init__(self, a, b, slots: np.ndarray, cols, scale: float, dropout: float, key):
+        self.a, self.b, self.slots, self.cols = a, b, slots, cols
+        self.scale, self.dropout, self.key = scale, dropout, key
+
+    def __call__(self, x, layer):
+        static = isinstance(layer, (int, np.integer))
+        slot = int(self.slots[layer]) if static else jnp.asarray(self.slots)[layer]
+        if static and slot < 0:
+            return jnp.zeros(x.shape[:-1] + (self.b.shape[-1] if self.cols is None else len(self.cols),), x.dtype)
+        index = max(slot, 0) if static else jnp.maximum(slot, 0)
+        a, b = self.a[index].astype(x.dtype), self.b[index].astype(x.dtype)
+        if self.cols is not None:
+            b = b[:, self.cols]
+        if self.key is not None:
+            keep = jax.random.bernoulli(jax.random.fold_in(self.key, layer), 1.0 - self.dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
+        out = self.scale * ((x @ a) @ b)
+        return out if static else jnp.where(slot >= 0, out, 0).astype(out.dtype)
+
+
+def adapters(lm: LoraModel, dropout_key=None) -> dict[str, _SidePath]:
+    """``{projection: side path}`` for ``ji.run(..., adapters=...)`` (the unmerged forward)."""
     cfg = lm.lora.config
-
-    def intercept(next_fn, args, kwargs, context):
-        hit = by_module.get(tuple(context.module.path)) if context.method_name == "__call__" else None
-        y = next_fn(*args, **kwargs)
-        if hit is None:
-            return y
-        i, p = hit
-        x = args[0]
-        if dropout_key is not None and cfg.dropout > 0:
-            keep = jax.random.bernoulli(jax.random.fold_in(dropout_key, i), 1.0 - cfg.dropout, x.shape)
-            x = jnp.where(keep, x / (1.0 - cfg.dropout), 0).astype(x.dtype)
-        w = lm.lora.weights[p.name]
-        upd = (x @ w["A"].astype(x.dtype)) @ w["B"].astype(x.dtype)  # [..., d_out]
-        return y + (cfg.scale * upd).reshape(y.shape).astype(y.dtype)
-
-    return intercept
+    n_layers = lm.base.config.n_layers
+    out = {}
+    for u, targets in enumerate(_groups(lm.lora).values()):
+        a, b = _stacked(lm.lora, targets)
+        slots = np.full(n_layers, -1, np.int32)
+        slots[[t.layer for t in targets]] = np.arange(len(targets))
+        key = None if dropout_key is None else jax.random.fold_in(dropout_key, u)  # one input mask per module
+        for proj, cols in targets[0].parts:
+            out[proj] = _SidePath(a, b, slots, None if cols is None else np.asarray(cols), cfg.scale, cfg.dropout, key)
+    return out
 
 
 def run(lm: LoraModel, tokens, capture=None, interventions=None, *, logits_at=None, mode: str = "auto",
-        dropout_key: jax.Array | None = None) -> RunOutput:
+        dropout_key: jax.Array | None = None, **run_kw) -> RunOutput:
     """``ji.run`` of the adapted model.
 
     Args:
@@ -251,6 +285,7 @@ def run(lm: LoraModel, tokens, capture=None, interventions=None, *, logits_at=No
         weight) or ``"auto"`` (the cheaper one for this token count; unmerged when dropout
         is active).
       dropout_key: PRNG key enabling adapter dropout (training); None = no dropout.
+      run_kw: further ``ji.run`` arguments (``attention_mask``, ``positions``, ``remat``, ...).
     """
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
@@ -262,6 +297,6 @@ def run(lm: LoraModel, tokens, capture=None, interventions=None, *, logits_at=No
         merged, unmerged = _unmerged_cost(lm, n_tokens)
         mode = "unmerged" if use_dropout or unmerged < merged else "merged"
     if mode == "merged":
-        return _run(effective_model(lm), tokens, capture, interventions, logits_at=logits_at)
-    with nn.intercept_methods(_interceptor(lm, dropout_key if use_dropout else None)):
-        return _run(_frozen_base(lm), tokens, capture, interventions, logits_at=logits_at)
+        return _run(effective_model(lm), tokens, capture, interventions, logits_at=logits_at, **run_kw)
+    side = adapters(lm, dropout_key if use_dropout else None)
+    return _run(_frozen_base(lm), tokens, capture, interventions, logits_at=logits_at, adapters=side, **run_kw)

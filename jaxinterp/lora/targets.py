@@ -1,128 +1,94 @@
-"""Per-family tables of the linear projections LoRA can adapt.
+"""The linear maps LoRA can adapt, derived from each family's projection table.
 
-Each projection has a site-style name (``blocks.{i}.attn.q``, ``blocks.{i}.mlp.down``,
-``blocks.{i}.mixer.in_proj``), the path of its kernel in the Flax params tree (layout
-``[in, out]``, like every Flax ``Dense`` kernel), and the name of the matching module in
-the Hugging Face model (used for the PEFT export). Names are chosen with the same globs
-as sites: ``"blocks.*.attn.*"``, ``"blocks.[4-7].mlp.*"``.
-
-Projection kinds per family:
-
-  gpt2      attn.qkv (fused ``c_attn``), attn.o, mlp.up (``c_fc``), mlp.down
-  llama     attn.q, attn.k, attn.v, attn.o, mlp.gate, mlp.up, mlp.down
-  gpt_neox  attn.qkv (fused ``query_key_value``), attn.o, mlp.up, mlp.down
-  mamba     mixer.in_proj, mixer.out_proj
+A LoRA target is one Hugging Face module at one layer (PEFT's unit): ``blocks.{i}.attn.o``,
+``blocks.{i}.mlp.down``, ``blocks.{i}.mixer.in_proj``. Where the checkpoint fuses several of our
+projections into one module (GPT-2's ``c_attn`` and NeoX's ``query_key_value`` hold q, k and v),
+the target is the fused module (``attn.qkv``): one ``A [d_in, r]`` and one ``B [r, d_out]`` whose
+output features are in the checkpoint's order, each of our projections reading its columns. So an
+adapter trained here is exactly PEFT's adapter on that module. Names are globbed like sites:
+``"blocks.*.attn.*"``, ``"blocks.[4-7].mlp.*"``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from typing import Any, Callable, Sequence
+from typing import Optional, Sequence
 
-import jax
+import numpy as np
 
+from jaxinterp.families import get_family
 from jaxinterp.sites import close_matches
 
-__all__ = ["Projection", "register_projections", "projections", "select_projections"]
+__all__ = ["LoraTarget", "projections", "select_projections", "units"]
 
 
 @dataclasses.dataclass(frozen=True)
-class Projection:
-    """One adaptable linear map: ``y = x @ kernel`` with ``kernel [d_in, d_out]``."""
+class LoraTarget:
+    """One adaptable module at one layer: ``y += (alpha / r) (x A) B``.
 
-    name: str                 # site-style name, e.g. "blocks.3.attn.o"
+    ``parts``: (projection name, column indices into this target's ``d_out`` or None for all),
+    one per projection of the family the module feeds.
+    """
+
+    name: str                 # site-style name, e.g. "blocks.3.attn.qkv"
     layer: int
-    path: tuple[str, ...]     # path of the kernel in model.params
-    hf_module: str            # HF module name, e.g. "transformer.h.3.attn.c_proj"
+    unit: str                 # "attn.qkv"
+    parts: tuple[tuple[str, Optional[tuple[int, ...]]], ...]
+    hf_module: str            # HF module name, e.g. "transformer.h.3.attn.c_attn"
     hf_fan_in_fan_out: bool   # HF stores the weight [in, out] (GPT-2 Conv1D) rather than [out, in]
-
-    @property
-    def module_path(self) -> tuple[str, ...]:
-        """Path of the Flax module that owns the kernel (what the unmerged forward intercepts)."""
-        return self.path[:-1]
+    d_in: int
+    d_out: int
 
 
-# family -> (config -> [Projection])
-_TABLES: dict[str, Callable[[Any], list[Projection]]] = {}
+def _unit_name(names: Sequence[str]) -> str:
+    if len(names) == 1:
+        return names[0]
+    prefix = names[0].rsplit(".", 1)[0]
+    tails = [n.rsplit(".", 1)[1] for n in names]
+    return f"{prefix}." + ("".join(tails) if all(len(t) == 1 for t in tails) else "_".join(tails))
 
 
-def register_projections(family: str, table: Callable[[Any], list[Projection]]) -> None:
-    """Declare the adaptable projections of a family (ports without a table cannot take LoRA)."""
-    _TABLES[family] = table
-
-
-def _gpt2(cfg) -> list[Projection]:
+def units(model) -> list[dict]:
+    """The family's adaptable modules: ``{unit, parts, hf_module, fan, d_in, d_out}`` (layer-free)."""
+    fam = get_family(model.family)
+    table = {k: p for k, p in fam.projections(model.config).items() if p.cols is None}
+    by_module: dict[str, list[str]] = {}
+    for name, p in table.items():
+        by_module.setdefault(p.hf_module, []).append(name)
     out = []
-    for i in range(cfg.n_layers):
-        hf = f"transformer.h.{i}"
-        out += [
-            Projection(f"blocks.{i}.attn.qkv", i, (f"h_{i}", "attn", "c_attn", "kernel"), f"{hf}.attn.c_attn", True),
-            Projection(f"blocks.{i}.attn.o", i, (f"h_{i}", "attn", "c_proj", "kernel"), f"{hf}.attn.c_proj", True),
-            Projection(f"blocks.{i}.mlp.up", i, (f"h_{i}", "mlp", "c_fc", "kernel"), f"{hf}.mlp.c_fc", True),
-            Projection(f"blocks.{i}.mlp.down", i, (f"h_{i}", "mlp", "c_proj", "kernel"), f"{hf}.mlp.c_proj", True),
-        ]
+    for module, names in by_module.items():
+        kernel = _get(model.params, table[names[0]].kernel)  # [L, d_in, d_out]
+        if len(names) == 1 and table[names[0]].hf_cols is None:
+            parts = ((names[0], None),)
+            d_out = int(kernel.shape[-1])
+        else:
+            names = sorted(names, key=lambda n: table[n].hf_cols[0][0])
+            parts = tuple((n, tuple(int(c) for lo, hi in table[n].hf_cols for c in range(lo, hi))) for n in names)
+            d_out = sum(len(cols) for _, cols in parts)
+        out.append(dict(unit=_unit_name(names), parts=parts, hf_module=module,
+                        fan=table[names[0]].hf_fan_in_fan_out, d_in=int(kernel.shape[1]), d_out=d_out))
     return out
 
 
-register_projections("gpt2", _gpt2)
+def _get(tree, path):
+    for p in path:
+        tree = tree[p]
+    return tree
 
 
-def _linear_table(layer_key: str, hf_layer: str, modules: Sequence[tuple[str, str, str]]):
-    """Table for ports whose HF weights are torch ``Linear`` ([out, in]): (kind, module, linear)."""
-
-    def table(cfg) -> list[Projection]:
-        out = []
-        for i in range(cfg.n_layers):
-            for kind, mod, lin in modules:
-                out.append(Projection(f"blocks.{i}.{kind}", i, (f"{layer_key}_{i}", mod, lin, "kernel"),
-                                      f"{hf_layer}.{i}.{mod}.{lin}", False))
-        return out
-
-    return table
+def projections(model) -> list[LoraTarget]:
+    """Every adaptable module of ``model`` at every layer, in layer order."""
+    table = units(model)
+    return [LoraTarget(name=f"blocks.{i}.{u['unit']}", layer=i, unit=u["unit"], parts=u["parts"],
+                       hf_module=u["hf_module"].format(i=i), hf_fan_in_fan_out=u["fan"], d_in=u["d_in"],
+                       d_out=u["d_out"])
+            for i in range(model.config.n_layers) for u in table]
 
 
-register_projections("llama", _linear_table("layers", "model.layers", [
-    ("attn.q", "self_attn", "q_proj"), ("attn.k", "self_attn", "k_proj"), ("attn.v", "self_attn", "v_proj"),
-    ("attn.o", "self_attn", "o_proj"), ("mlp.gate", "mlp", "gate_proj"), ("mlp.up", "mlp", "up_proj"),
-    ("mlp.down", "mlp", "down_proj")]))
-register_projections("gpt_neox", _linear_table("layers", "gpt_neox.layers", [
-    ("attn.qkv", "attention", "query_key_value"), ("attn.o", "attention", "dense"),
-    ("mlp.up", "mlp", "dense_h_to_4h"), ("mlp.down", "mlp", "dense_4h_to_h")]))
-register_projections("mamba", _linear_table("layers", "backbone.layers", [
-    ("mixer.in_proj", "mixer", "in_proj"), ("mixer.out_proj", "mixer", "out_proj")]))
-
-
-def _find_kernel(params: Any, candidates: Sequence[tuple[str, ...]]) -> tuple[str, ...] | None:
-    for path in candidates:
-        node = params
-        try:
-            for p in path:
-                node = node[p]
-        except (KeyError, TypeError):
-            continue
-        return path
-    return None
-
-
-def projections(model) -> list[Projection]:
-    """Every adaptable projection of ``model`` (a ``jaxinterp.Model``), in layer order."""
-    table = _TABLES.get(model.family)
-    if table is None:
-        raise NotImplementedError(
-            f"LoRA has no projection table for model family {model.family!r}; families with one: {sorted(_TABLES)}"
-            f" (add one with jaxinterp.lora.register_projections)"
-        )
-    projs = table(model.config)
-    for p in projs:
-        if _find_kernel(model.params, [p.path]) is None:
-            raise AssertionError(f"LoRA table for {model.family!r} names {p.path}, which is not in the params tree")
-    return projs
-
-
-def select_projections(all_projs: Sequence[Projection], targets: Sequence[str],
-                       layers: Sequence[int] | None) -> list[Projection]:
-    """The projections matching any of the glob ``targets`` and lying in ``layers`` (None = all)."""
+def select_projections(all_projs: Sequence[LoraTarget], targets: Sequence[str],
+                       layers: Sequence[int] | None) -> list[LoraTarget]:
+    """The targets matching any of the glob ``targets`` and lying in ``layers`` (None = all)."""
     names = [p.name for p in all_projs]
     chosen: set[str] = set()
     for pattern in targets:
@@ -144,3 +110,7 @@ def select_projections(all_projs: Sequence[Projection], targets: Sequence[str],
     if not picked:
         raise ValueError(f"LoRA targets {list(targets)} with layers {list(layers or [])} select no projection")
     return picked
+
+
+def column_index(cols: Optional[tuple[int, ...]]) -> Optional[np.ndarray]:
+    return None if cols is None else np.asarray(cols, np.int32)

@@ -16,7 +16,7 @@ Semantics follow the reference implementation (kmeng01/rome):
   site at token ``t`` in every layer after ``l`` is held at its corrupted value.
 
 Two engines produce the same tables: ``"full"`` (any family) vmaps a full forward pass over
-restore masks, chunked with ``lax.map``; ``"incremental"`` (GPT-2) recomputes only what a
+restore masks, chunked with ``lax.map``; ``"incremental"`` (every family with a stepper) recomputes only what a
 restoration can change (layers from the restored one on, positions from ``t`` on, keys and
 values of earlier positions taken from the corrupted run, logits at the last position only).
 """
@@ -32,8 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxinterp.interventions import Add, Patch
+from jaxinterp.families import get_family
+from jaxinterp.interventions import Add, ByLayer, Patch
 from jaxinterp.model import Model, run
+from jaxinterp.patching.cells import answer_prob, layer_window
+from jaxinterp.patching.incremental import incremental_table
 
 __all__ = [
     "TraceConfig",
@@ -161,11 +164,6 @@ def _check_kind(model: Model, kind: str, what: str = "kind") -> None:
         raise ValueError(f"unknown trace {what} {kind!r} for a {model.family} model; valid: {trace_kinds(model)}")
 
 
-def layer_window(layer: int, window: int, n_layers: int) -> range:
-    """Layers restored for a cell at ``layer``: ROME's ``[l - w//2, l - (-w//2))`` clipped to the model."""
-    return range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2)))
-
-
 def _effective_window(kind: str, config: TraceConfig) -> int:
     return 1 if kind == "resid_post" else config.window
 
@@ -180,20 +178,14 @@ def _check_span(subject: Sequence[int], seq_len: int) -> tuple[int, int]:
 def embedding_sigma(model: Model, subjects: Sequence[Sequence[int]]) -> float:
     """Std of all entries of the token embeddings of every subject token list (ROME's sigma).
 
-    Uses the token-embedding table where the family has one under a known name (GPT-2
-    ``wte``, Mamba ``embeddings``: the reference measures the word-embedding output, before
-    position embeddings), else the ``embed`` site. Unbiased std, as ``torch.std``.
+    Uses the family's token-embedding table (the reference measures the word-embedding output,
+    before position embeddings or any embedding scale). Unbiased std, as ``torch.std``.
     """
     if not subjects:
         raise ValueError("embedding_sigma needs at least one subject token list")
-    table = next((model.params[k] for k in ("wte", "embeddings", "embed_tokens") if k in model.params), None)
-    rows = []
-    for toks in subjects:
-        toks = jnp.asarray(toks, jnp.int32).reshape(1, -1)
-        if table is not None:
-            rows.append(np.asarray(jnp.take(table, toks[0], axis=0), np.float64))
-        else:
-            rows.append(np.asarray(run(model, toks, capture="embed").cache["embed"][0], np.float64))
+    table = get_family(model.family).embedding(model.params)
+    rows = [np.asarray(jnp.take(table, jnp.asarray(toks, jnp.int32).reshape(-1), axis=0), np.float64)
+            for toks in subjects]
     return float(np.concatenate(rows).std(ddof=1))
 
 
@@ -260,42 +252,32 @@ def _stack_layers(cache: dict, kind: str, n_layers: int) -> jax.Array:
     return jnp.stack([cache[f"blocks.{j}.{kind}"] for j in range(n_layers)])  # [L, B, T, ...]
 
 
-def _answer_prob(logits_last: jax.Array, answer: jax.Array) -> jax.Array:
-    """Mean over rows of softmax(logits)[answer]; logits_last ``[N, V]``."""
-    probs = jax.nn.softmax(logits_last.astype(jnp.float32), axis=-1)
-    return probs[:, answer].mean()
+def _restore_interventions(kind, freeze, clean_vals, corrupt_vals, restore, frozen, delta):
+    """One stacked intervention per traced site: layer ``j`` patches ``clean_vals[j]`` where ``restore[j]``."""
+    ivs: dict[str, Any] = {"embed": Add(delta), f"blocks.*.{kind}": ByLayer(Patch(clean_vals, mask=restore[:, None]))}
+    if freeze is not None:
+        ivs[f"blocks.*.{freeze}"] = ByLayer(Patch(corrupt_vals, mask=frozen[:, None]))
+    return ivs
 
 
 def _clean_and_corrupt(model, tokens, corruption, answer, capture_clean, capture_corrupt):
     clean = run(model, tokens[None], capture=capture_clean, logits_at=-1)
-    top = jnp.argmax(clean.logits[0, -1])
+    top = jnp.argmax(clean.logits[0])
     answer = jnp.where(answer < 0, top, answer)
-    p_clean = jax.nn.softmax(clean.logits[0, -1].astype(jnp.float32))[answer]
+    p_clean = jax.nn.softmax(clean.logits[0].astype(jnp.float32))[answer]
     bad = run(model, corruption.tokens, capture=capture_corrupt, interventions={"embed": Add(corruption.delta)},
               logits_at=-1)
-    p_corrupt = _answer_prob(bad.logits[:, -1], answer)
+    p_corrupt = answer_prob(bad.logits, answer)
     return answer, p_clean, p_corrupt, clean.cache, bad.cache
-
-
-def _restore_interventions(kind, freeze, clean_vals, corrupt_vals, restore, frozen, delta, n_layers):
-    ivs: dict[str, Any] = {"embed": Add(delta)}
-    for j in range(n_layers):
-        site = f"blocks.{j}.{kind}"
-        ivs[site] = Patch(clean_vals[j], mask=restore[j][None])
-        if freeze is not None:
-            ivs[f"blocks.{j}.{freeze}"] = Patch(corrupt_vals[j], mask=frozen[j][None])
-    return ivs
 
 
 def _full_probs(model, kind, freeze, chunk, corruption, answer, clean_vals, corrupt_vals, restore, frozen):
     """Scores for arbitrary cells given as masks ``restore/frozen [C, L, T]`` (full forwards)."""
-    n_layers = _n_layers(model)
-
     def one(masks):
         r, f = masks
-        ivs = _restore_interventions(kind, freeze, clean_vals, corrupt_vals, r, f, corruption.delta, n_layers)
+        ivs = _restore_interventions(kind, freeze, clean_vals, corrupt_vals, r, f, corruption.delta)
         out = run(model, corruption.tokens, interventions=ivs, logits_at=-1)
-        return _answer_prob(out.logits[:, -1], answer)
+        return answer_prob(out.logits, answer)
 
     return jax.lax.map(one, (restore, frozen), batch_size=chunk)
 
@@ -349,20 +331,17 @@ def _table_full(model, tokens, corruption, answer, *, kind, freeze, window, chun
 
 
 def _select_engine(model: Model, config: TraceConfig) -> str:
-    from jaxinterp.patching import incremental
-
+    stepper = get_family(model.family).stepper
     if config.engine == "auto":
-        return "incremental" if incremental.supports(model) else "full"
-    if config.engine == "incremental" and not incremental.supports(model):
-        raise ValueError(f"the incremental engine supports families {incremental.SUPPORTED}, not {model.family!r};"
+        return "incremental" if stepper is not None else "full"
+    if config.engine == "incremental" and stepper is None:
+        raise ValueError(f"the {model.family!r} family declares no per-layer stepper for the incremental engine;"
                          f" use engine='full'")
     return config.engine
 
 
 def _trace_impl(model, tokens, corruption, answer, *, kind, freeze, window, chunk, engine, skip_before, buckets):
     if engine == "incremental":
-        from jaxinterp.patching.incremental import incremental_table
-
         return incremental_table(model, tokens, corruption, answer, kind=kind, freeze=freeze, window=window,
                                  skip_before=skip_before, buckets=buckets)
     return _table_full(model, tokens, corruption, answer, kind=kind, freeze=freeze, window=window, chunk=chunk)
@@ -386,7 +365,7 @@ def trace(model: Model, tokens, subject: Sequence[int], *, kind: str = "resid_po
     """Causal trace of one prompt: the ``[T, L]`` table of restored scores, one compiled call.
 
     Args:
-      model: any family; GPT-2 uses the incremental engine by default.
+      model: any family; families with a stepper use the incremental engine by default.
       tokens: int ``[T]`` prompt.
       subject: token span ``(b, e)`` of the subject.
       kind: traced site suffix (``resid_post``, ``mlp_out``, ``attn_out``, ``mixer_out``,

@@ -1,114 +1,96 @@
 """The incremental causal-tracing engine: compute only what a restoration can change.
 
 A restoration at token ``t`` starting at layer ``s`` leaves every layer below ``s`` and every
-position before ``t`` equal to the corrupted run (causal masking). So for each ``t`` the
-engine runs the port's own blocks on the suffix ``[t, T)`` of the corrupted rows only, from
-the first layer any cell restores, with the keys and values of positions ``< t`` taken
-from the corrupted run; cells join the batch at their first layer (so layer ``j`` runs only
-the cells that started at or before it), and the unembedding runs at the last position.
+position before ``t`` equal to the corrupted run (causal masking, or the recurrence of a state
+space model). So for each ``t`` the engine runs the family's own layers, one at a time, on the
+suffix ``[t, T)`` of the corrupted rows only, from the first layer any cell restores; the
+positions before the suffix enter through the layer's state (the corrupted run's keys and values
+for attention, its convolution window and SSM state for Mamba), taken from the family's
+``Stepper``. Cells join the batch at their first layer (so layer ``j`` runs only the cells that
+started at or before it), cells whose computation so far is identical share a row, and the
+unembedding runs at the last position only.
 
-The blocks are the port's Flax modules applied to their parameter subtree with a small
-``sites`` object that prepends the cached prefix keys/values (``causal_attention`` accepts
-``Tk > Tq``) and patches the restored / frozen sites. Supported: families whose blocks are
-position-independent given their input (GPT-2: learned positions are added at ``embed``).
+Every family with a ``Stepper`` is supported: GPT-2, GPT-NeoX (both residual modes), the
+Llama family and Mamba; results equal the full engine's (tests compare them cell by cell).
 """
 
 from __future__ import annotations
-
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinterp.families import get_family
 from jaxinterp.interventions import Add
 from jaxinterp.model import Model, run
+from jaxinterp.patching.cells import answer_prob, layer_window
 
-__all__ = ["SUPPORTED", "supports", "incremental_table"]
-
-
-def _gpt2_block(model: Model, layer: int, x, sites):
-    from jaxinterp.models.gpt2.model import Block
-
-    return Block(model.config, layer).apply({"params": model.params[f"h_{layer}"]}, x, sites)
-
-
-def _gpt2_head(model: Model, x):
-    """Final LayerNorm + unembedding of ``x [..., D]``."""
-    from jaxinterp.models.common import LayerNorm
-
-    h = LayerNorm(model.config.ln_eps).apply({"params": model.params["ln_f"]}, x)
-    if model.config.tie_embeddings:
-        return jnp.einsum("...d,vd->...v", h, model.params["wte"])
-    return h @ model.params["lm_head"]["kernel"]
-
-
-# family -> (block(model, layer, x, sites), head(model, x), attention key/value site suffixes)
-_STEPPERS: dict[str, tuple[Callable, Callable, tuple[str, ...]]] = {
-    "gpt2": (_gpt2_block, _gpt2_head, ("attn.k", "attn.v")),
-}
-SUPPORTED = tuple(_STEPPERS)
+__all__ = ["supports", "incremental_table", "position_buckets"]
 
 
 def supports(model: Model) -> bool:
-    """Whether the incremental engine handles ``model`` (others fall back to the full engine).
-
-    Conservative: GPT-2 variants with per-layer attention scaling are not covered by its tests.
-    """
-    if model.family not in _STEPPERS:
-        return False
-    return not getattr(model.config, "scale_attn_by_inverse_layer_idx", False)
+    """Whether the incremental engine handles ``model`` (its family declares a stepper)."""
+    return get_family(model.family).stepper is not None
 
 
 class _SuffixSites:
-    """``sites`` for a block run on ``C`` cells x ``N`` rows of the positions ``[s0, T)``.
+    """``sites`` for one layer run on ``C`` cells x ``N`` rows of the positions ``[s0, T)``.
 
-    ``prefix``: {site: [N, s0, ...]} prepended along the sequence axis (cached keys/values).
-    ``patches``: {site: (mask [C] bool numpy, values broadcastable to [C, N, 1, ...])} written at
-    the restored token (``onehot [S]`` over the suffix) of the cells where ``mask`` is true.
+    ``patches``: {site suffix: (mask [C] bool numpy, values broadcastable to [C, N, 1, ...])}
+    written at the restored token (``onehot [S]`` over the suffix) of the cells where ``mask`` is true.
     """
 
-    def __init__(self, n_cells: int, n_rows: int, onehot, prefix: dict, patches: dict):
-        self.c, self.n, self.onehot = n_cells, n_rows, onehot
-        self.prefix, self.patches = prefix, patches
+    captured: dict = {}
 
-    def wants(self, name: str) -> bool:
-        return name in self.prefix or name in self.patches
+    def __init__(self, n_cells: int, n_rows: int, onehot, patches: dict):
+        self.c, self.n, self.onehot, self.patches = n_cells, n_rows, onehot, patches
 
-    def __call__(self, name: str, x):
-        if name in self.prefix:
-            p = self.prefix[name]  # [N, s0, ...]
-            p = jnp.broadcast_to(p[None], (self.c,) + p.shape).reshape((self.c * self.n,) + p.shape[1:])
-            return jnp.concatenate([p.astype(x.dtype), x], axis=1)
-        if name in self.patches:
-            mask, values = self.patches[name]
-            xr = x.reshape((self.c, self.n) + x.shape[1:])  # [C, N, S, ...]
-            sel = jnp.asarray(mask)[:, None, None] & self.onehot[None, None, :]  # [C, 1, S]
-            sel = sel.reshape(sel.shape + (1,) * (xr.ndim - 3))
-            return jnp.where(sel, values.astype(x.dtype), xr).reshape(x.shape)
-        return x
+    def at_layer(self, layer):
+        return self
+
+    def wants(self, suffix: str) -> bool:
+        return suffix in self.patches
+
+    def adapt(self, projection, x, y):
+        return y
+
+    def __call__(self, suffix: str, x):
+        if suffix not in self.patches:
+            return x
+        mask, values = self.patches[suffix]
+        xr = x.reshape((self.c, self.n) + x.shape[1:])  # [C, N, S, ...]
+        sel = jnp.asarray(mask)[:, None, None] & self.onehot[None, None, :]  # [C, 1, S]
+        sel = sel.reshape(sel.shape + (1,) * (xr.ndim - 3))
+        return jnp.where(sel, values.astype(x.dtype), xr).reshape(x.shape)
 
 
-# Sites whose value at token t influences no other position within the same layer.
-_PER_POSITION = ("attn_out", "mlp_out", "resid_mid", "ln2", "mlp.pre", "mlp.post")
+def _tile(state, copies: int):
+    """A layer state of ``N`` rows repeated for ``copies`` cells: ``[copies * N, ...]``."""
+    return jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a[None], (copies,) + a.shape).reshape(
+        (copies * a.shape[0],) + a.shape[1:]), state)
+
+
+def _states(model, bad: dict, layer: int, s0: int):
+    stepper = get_family(model.family).stepper
+    captures = {s: bad[f"blocks.{layer}.{s}"] for s in stepper.state_sites}
+    return stepper.prefix_state(model.config, captures, s0)
 
 
 def _first_layer_token(model, layer, t, kind, clean, bad, n_rows):
-    """Block output at token t of the first restored layer ``[N, D]`` (window kinds)."""
-    block = _STEPPERS[model.family][0]
-    at_t = lambda v, axis: jnp.take(v, t, axis=axis)  # noqa: E731
-    x = at_t(bad[f"blocks.{layer}.resid_pre"], 1)[:, None]  # [N, 1, D]
-    # The attention output at t is the corrupted run's (its inputs are unchanged) unless restored.
-    patches = {f"blocks.{layer}.attn_out": (np.ones(1, bool), at_t(bad[f"blocks.{layer}.attn_out"], 1)[None, :, None])}
-    patches[f"blocks.{layer}.{kind}"] = (np.ones(1, bool), at_t(clean[f"blocks.{layer}.{kind}"], 0)[None, None, None])
-    sites = _SuffixSites(1, n_rows, jnp.ones((1,), bool), {}, patches)
-    return block(model, layer, x, sites)[:, 0]
+    """Layer output at token ``t`` of the first restored layer, ``[N, D]`` (per-position kinds).
+
+    Only token ``t`` changes there: the layer runs on that one token, continuing from the
+    corrupted run's state before it, with ``kind`` restored.
+    """
+    stepper = get_family(model.family).stepper
+    x = jnp.take(bad[f"blocks.{layer}.resid_pre"], t, axis=1)[:, None]  # [N, 1, D]
+    value = jnp.take(clean[f"blocks.{layer}.{kind}"], t, axis=0)
+    sites = _SuffixSites(1, n_rows, jnp.ones((1,), bool), {kind: (np.ones(1, bool), value[None, None, None])})
+    return stepper.layer(model, layer, x, sites, _states(model, bad, layer, t), t)[:, 0]
 
 
-def _cells(kind: str, freeze, window: int, n_layers: int):
+def _cells(kind: str, freeze, window: int, n_layers: int, per_position):
     """Per cell layer ``l``: (start layer, restore layers, frozen layers, injected layer or None)."""
-    from jaxinterp.patching.causal_trace import layer_window
-
     cells = []
     for l in range(n_layers):
         restore = set(layer_window(l, window, n_layers))
@@ -117,9 +99,9 @@ def _cells(kind: str, freeze, window: int, n_layers: int):
         if kind == "resid_post":
             # The block output at min(restore) is injected directly: start one layer later.
             cells.append((first + 1, restore - {first}, frozen, ("resid", first)))
-        elif kind in _PER_POSITION:
-            # At the first restored layer only token t changes (its own attention reads the
-            # unchanged corrupted keys/values): one position computed, suffix starts a layer later.
+        elif kind in per_position:
+            # At the first restored layer only token t changes (its own mixing reads the unchanged
+            # corrupted state): one position computed, suffix starts a layer later.
             cells.append((first + 1, restore - {first}, frozen, ("module", first)))
         else:
             cells.append((first, restore, frozen, None))
@@ -133,7 +115,7 @@ def _suffix_probs(model, s0, t, cells, clean, bad, answer, kind, freeze, n_rows)
     same restored / frozen layers up to now); a group splits where its cells' next
     layers differ, so shared prefixes of windows are computed once.
     """
-    block, head, kv = _STEPPERS[model.family]
+    stepper = get_family(model.family).stepper
     n_layers, seq = len(cells), bad["blocks.0.resid_pre"].shape[1]
     onehot = jnp.arange(seq - s0) == t - s0  # [S]
     at_t = lambda v, axis: jnp.take(v, t, axis=axis)  # noqa: E731
@@ -185,23 +167,20 @@ def _suffix_probs(model, s0, t, cells, clean, bad, answer, kind, freeze, n_rows)
             continue
         split(j)
         c = len(groups)
-        prefix = {f"blocks.{j}.{s}": bad[f"blocks.{j}.{s}"][:, :s0] for s in kv} if s0 > 0 else {}
         patches = {}
         mask = np.array([j in cells[g[0]][1] for g in groups])
         if mask.any():
-            v = at_t(clean[f"blocks.{j}.{kind}"], 0)  # [...]
-            patches[f"blocks.{j}.{kind}"] = (mask, v[None, None, None])
+            patches[kind] = (mask, at_t(clean[f"blocks.{j}.{kind}"], 0)[None, None, None])
         if freeze:
             fmask = np.array([j in cells[g[0]][2] for g in groups])
             if fmask.any():
-                v = at_t(bad[f"blocks.{j}.{freeze}"], 1)  # [N, ...]
-                patches[f"blocks.{j}.{freeze}"] = (fmask, v[None, :, None])
-        sites = _SuffixSites(c, n_rows, onehot, prefix, patches)
+                patches[freeze] = (fmask, at_t(bad[f"blocks.{j}.{freeze}"], 1)[None, :, None])
+        sites = _SuffixSites(c, n_rows, onehot, patches)
         x = state.reshape((c * n_rows,) + state.shape[2:])
-        state = block(model, j, x, sites).reshape(state.shape)
+        layer_state = _tile(_states(model, bad, j, s0), c)
+        state = stepper.layer(model, j, x, sites, layer_state, s0).reshape(state.shape)
     enter(n_layers)
-    logits = head(model, state[:, :, -1])  # [groups, N, V]
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., answer].mean(1)  # [groups]
+    probs = answer_prob(stepper.head(model, state[:, :, -1]), answer)  # [groups]
     row_of = {l: row for row, g in enumerate(groups) for l in g}
     return probs[np.asarray([row_of[l] for l in range(n_layers)])]
 
@@ -226,22 +205,21 @@ def incremental_table(model: Model, tokens, corruption, answer, *, kind: str, fr
     Rows ``t < skip_before`` (before the subject: clean equals corrupted there) are
     ``p_corrupt`` without computation.
     """
-    _, _, kv = _STEPPERS[model.family]
+    stepper = get_family(model.family).stepper
     n_layers, seq = int(model.config.n_layers), tokens.shape[-1]
     n_rows = corruption.tokens.shape[0]
-    every = [f"blocks.*.{kind}"]
-    clean = run(model, tokens[None], capture=every, logits_at=-1)
-    top = jnp.argmax(clean.logits[0, -1])
+    clean = run(model, tokens[None], capture=[f"blocks.*.{kind}", "blocks.*.resid_post"], logits_at=-1)
+    top = jnp.argmax(clean.logits[0])
     answer = jnp.where(answer < 0, top, answer)
-    p_clean = jax.nn.softmax(clean.logits[0, -1].astype(jnp.float32))[answer]
-    capture = ["blocks.*.resid_pre", "blocks.*.resid_post", "blocks.*.attn_out"] + [f"blocks.*.{s}" for s in kv]
+    p_clean = jax.nn.softmax(clean.logits[0].astype(jnp.float32))[answer]
+    capture = ["blocks.*.resid_pre", "blocks.*.resid_post"] + [f"blocks.*.{s}" for s in stepper.state_sites]
     if freeze:
         capture.append(f"blocks.*.{freeze}")
     bad = run(model, corruption.tokens, capture=capture, interventions={"embed": Add(corruption.delta)},
               logits_at=-1)
-    p_corrupt = jax.nn.softmax(bad.logits[:, -1].astype(jnp.float32), axis=-1)[:, answer].mean()
+    p_corrupt = answer_prob(bad.logits, answer)
     clean_rows = {k: v[0] for k, v in clean.cache.items()}
-    cells = _cells(kind, freeze, window, n_layers)
+    cells = _cells(kind, freeze, window, n_layers, stepper.per_position)
     rows = [jnp.broadcast_to(p_corrupt, (min(skip_before, seq), n_layers))]
     for ts in position_buckets(min(skip_before, seq), seq, buckets):
         s0 = int(ts[0])

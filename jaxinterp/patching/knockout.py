@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinterp.interventions import MeanAblate, Patch
+from jaxinterp.interventions import ByLayer, MeanAblate, Patch
 from jaxinterp.model import Model, run
 from jaxinterp.patching.causal_trace import TraceConfig, TraceResult, layer_window, trace
 
@@ -78,14 +78,15 @@ def _prob(logits_last, answers):
 
 @functools.partial(jax.jit, static_argnames=("chunk",))
 def _attention_jit(model, tokens, answer, edge_mask, layer_masks, *, chunk):
-    base = run(model, tokens, logits_at=-1).logits[:, -1]
+    base = run(model, tokens, logits_at=-1).logits  # [B, V]
     answers = _answers(base, answer)
-    blocked = jnp.asarray(jnp.finfo(jnp.float32).min, jnp.float32)
+    n_layers = model.config.n_layers
+    blocked = jnp.full((n_layers,), jnp.finfo(jnp.float32).min, jnp.float32)
 
     def one(layers):  # layers [L] bool
-        ivs = {f"blocks.{j}.attn.scores": Patch(blocked, mask=edge_mask & layers[j])
-               for j in range(model.config.n_layers)}
-        return _prob(run(model, tokens, interventions=ivs, logits_at=-1).logits[:, -1], answers)
+        mask = edge_mask[None] & layers.reshape((n_layers,) + (1,) * edge_mask.ndim)  # [L, 1, 1, Tq, Tk]
+        ivs = {"blocks.*.attn.scores": ByLayer(Patch(blocked, mask=mask))}
+        return _prob(run(model, tokens, interventions=ivs, logits_at=-1).logits, answers)
 
     return jax.lax.map(one, layer_masks, batch_size=chunk), _prob(base, answers), answers
 
@@ -123,13 +124,14 @@ def site_means(model: Model, tokens, site: str) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("site", "chunk"))
 def _mean_jit(model, tokens, answer, pos_mask, means, layer_masks, *, site, chunk):
-    base = run(model, tokens, logits_at=-1).logits[:, -1]
+    base = run(model, tokens, logits_at=-1).logits  # [B, V]
     answers = _answers(base, answer)
+    n_layers = model.config.n_layers
 
     def one(layers):
-        ivs = {f"blocks.{j}.{site}": MeanAblate(means[j], mask=pos_mask & layers[j])
-               for j in range(model.config.n_layers)}
-        return _prob(run(model, tokens, interventions=ivs, logits_at=-1).logits[:, -1], answers)
+        mask = pos_mask[None] & layers.reshape((n_layers,) + (1,) * pos_mask.ndim)  # [L, 1, T]
+        ivs = {f"blocks.*.{site}": ByLayer(MeanAblate(means, mask=mask))}
+        return _prob(run(model, tokens, interventions=ivs, logits_at=-1).logits, answers)
 
     return jax.lax.map(one, layer_masks, batch_size=chunk), _prob(base, answers), answers
 

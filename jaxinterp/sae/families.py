@@ -25,18 +25,26 @@ estimator), ``gated``.
 ``k_max`` (field ``sparse``: None auto, True, False): only the encoder's forward GEMM is
 dense, decoding and every backward product touch the kept latents only. Same loss, metrics
 and gradients as the dense path up to float32 summation order (``tests/sae/test_sparse.py``).
+
+Two static fields describe SAEs that come from elsewhere (``jaxinterp.sae.io``); a trained SAE
+keeps their defaults. ``reads`` (``Reads``): the site the SAE reads and how (one head, or the
+heads flattened), used by ``Splice``; ``act_norm``: a per-input normalisation applied before
+``input_scale`` (SAELens ``normalize_activations``): ``"constant_norm_rescale"`` scales each
+input to norm ``sqrt(D)``, ``"layer_norm"`` centres it and divides by its standard deviation;
+``decode(f, x)`` then needs the input ``x`` whose statistics it undoes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-__all__ = ["SAE", "ReLUSAE", "PAnnealSAE", "TopKSAE", "BatchTopKSAE", "JumpReLUSAE", "GatedSAE", "FAMILIES",
-           "Hparams", "get_family", "init_sae", "lp_penalty", "step_fn", "jumprelu"]
+__all__ = ["SAE", "Reads", "ACT_NORMS", "ReLUSAE", "PAnnealSAE", "TopKSAE", "BatchTopKSAE", "JumpReLUSAE", "GatedSAE", "FAMILIES",
+           "Hparams", "get_family", "init_sae", "sae_from_params", "family_param_shapes", "lp_penalty", "step_fn", "jumprelu"]
 
 
 @struct.dataclass
@@ -247,6 +255,37 @@ SPARSE_MIN_RATIO = 32
 
 # ----------------------------------------------------------------------------- base
 
+ACT_NORMS = ("none", "constant_norm_rescale", "layer_norm")
+LAYER_NORM_EPS = 1e-5  # SAELens's layer_norm: (x - mean) / (std + eps) in, y * std + mean out
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Reads:
+    """Where an SAE reads a model: ``site`` (None: unknown), and for per-head sites ``[..., H, Dh]``
+    either one ``head`` (the SAE reads ``x[..., head, :]``) or ``flatten_heads`` (``[..., H * Dh]``)."""
+
+    site: str | None = None
+    head: int | None = None
+    flatten_heads: bool = False
+
+    def __post_init__(self):
+        if self.head is not None and (self.head < 0 or self.flatten_heads):
+            raise ValueError(f"Reads: head must be a non-negative index and excludes flatten_heads, got head={self.head}, "
+                             f"flatten_heads={self.flatten_heads}")
+
+
+def _norm_stats(act_norm: str, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(shift, in_scale, out_scale)`` of a per-input normalisation: ``(x - shift) / in_scale`` on the way in,
+    ``y * out_scale + shift`` on the way out. ``[..., D] -> [..., 1]`` each."""
+    if act_norm == "constant_norm_rescale":
+        norm = jnp.linalg.norm(x, axis=-1, keepdims=True) / jnp.sqrt(x.shape[-1])
+        return jnp.zeros_like(norm), norm, norm
+    if act_norm == "layer_norm":
+        mu = x.mean(-1, keepdims=True)
+        std = jnp.std(x - mu, axis=-1, keepdims=True, ddof=1)  # torch's default (unbiased) std
+        return mu, std + LAYER_NORM_EPS, std
+    raise ValueError(f"unknown act_norm {act_norm!r}; choose one of {list(ACT_NORMS)}")
+
 
 @struct.dataclass
 class SAE:
@@ -259,6 +298,17 @@ class SAE:
     # Training path of TopK / BatchTopK: True sparse (decode from the kept latents only), False
     # dense, None auto (sparse when d_sae >= SPARSE_MIN_RATIO * k_max). Same loss and gradients.
     sparse: bool | None = struct.field(pytree_node=False, default=None)
+    reads: Reads = struct.field(pytree_node=False, default=Reads())
+    act_norm: str = struct.field(pytree_node=False, default="none")
+
+    def __post_init__(self):
+        if self.act_norm not in ACT_NORMS:
+            raise ValueError(f"unknown act_norm {self.act_norm!r}; choose one of {list(ACT_NORMS)}")
+
+    @property
+    def site(self) -> str | None:
+        """The site this SAE reads, where its source named one (``reads.site``)."""
+        return self.reads.site
 
     @property
     def sparse_training(self) -> bool:
@@ -277,6 +327,10 @@ class SAE:
         return self.params["W_dec"].shape[-2]
 
     def normalize(self, x: jax.Array) -> jax.Array:
+        """Raw activations to the SAE's units: ``act_norm`` (if any), then ``* input_scale``."""
+        if self.act_norm != "none":
+            shift, in_scale, _ = _norm_stats(self.act_norm, x)
+            x = (x - shift) / in_scale
         return x * self.buffers["input_scale"]
 
     def pre_acts(self, xn: jax.Array) -> jax.Array:
@@ -295,12 +349,22 @@ class SAE:
     def decode_normalized(self, f: jax.Array) -> jax.Array:
         return f @ self.params["W_dec"] + self.params["b_dec"]
 
-    def decode(self, f: jax.Array) -> jax.Array:
-        """Reconstruction in raw units. ``[..., F] -> [..., D]``."""
-        return self.decode_normalized(f) / self.buffers["input_scale"]
+    def decode(self, f: jax.Array, x: jax.Array | None = None) -> jax.Array:
+        """Reconstruction in raw units. ``[..., F] -> [..., D]``.
+
+        ``x``: the input whose latents ``f`` are; needed (only) when ``act_norm`` normalises each input.
+        """
+        out = self.decode_normalized(f) / self.buffers["input_scale"]
+        if self.act_norm == "none":
+            return out
+        if x is None:
+            raise ValueError(f"this SAE normalises each input (act_norm={self.act_norm!r}); decode needs that input: "
+                             f"sae.decode(f, x)")
+        shift, _, out_scale = _norm_stats(self.act_norm, x)
+        return out * out_scale + shift
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.decode(self.encode(x))
+        return self.decode(self.encode(x), x)
 
     # training ------------------------------------------------------------------------
     def train_acts(self, xn: jax.Array, hp: Hparams) -> tuple[jax.Array, jax.Array, dict]:
@@ -554,14 +618,51 @@ def init_sae(family: str, key: jax.Array, d_in: int, d_sae: int, *, k: int = 0, 
     w = w / jnp.linalg.norm(w, axis=-1, keepdims=True)
     params = {"W_enc": w.T, "b_enc": jnp.zeros(d_sae), "W_dec": w,
               "b_dec": jnp.zeros(d_in) if b_dec is None else jnp.asarray(b_dec, jnp.float32)}
-    buffers = {"input_scale": jnp.asarray(input_scale, jnp.float32), "fired_ago": jnp.zeros(d_sae, jnp.int32)}
     if family == "jumprelu":
         params["log_threshold"] = jnp.full(d_sae, jnp.log(threshold), jnp.float32)
     if family == "gated":
         params["r_mag"] = jnp.zeros(d_sae)
         params["b_mag"] = jnp.zeros(d_sae)
+    buffers = _fresh_buffers(family, d_sae, k=k, input_scale=input_scale)
+    return cls(params=params, buffers=buffers, k_max=int(k_max or 0), sparse=sparse)
+
+
+def _fresh_buffers(family: str, d_sae: int, *, k: int, input_scale: float, batch_threshold: float = -1.0) -> dict:
+    """Untrained buffers: ``input_scale``, ``fired_ago`` (0), ``k`` (TopK, BatchTopK), ``threshold`` (BatchTopK; < 0 = unset)."""
+    buffers = {"input_scale": jnp.asarray(input_scale, jnp.float32), "fired_ago": jnp.zeros(d_sae, jnp.int32)}
     if family in ("topk", "batchtopk"):
         buffers["k"] = jnp.asarray(k, jnp.int32)
     if family == "batchtopk":
-        buffers["threshold"] = jnp.asarray(-1.0, jnp.float32)
-    return cls(params=params, buffers=buffers, k_max=int(k_max or 0), sparse=sparse)
+        buffers["threshold"] = jnp.asarray(batch_threshold, jnp.float32)
+    return buffers
+
+
+def family_param_shapes(family: str, d_in: int, d_sae: int) -> dict[str, tuple[int, ...]]:
+    """The parameter names and shapes of one SAE of ``family``."""
+    get_family(family)
+    shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    if family == "jumprelu":
+        shapes["log_threshold"] = (d_sae,)
+    if family == "gated":
+        shapes.update(r_mag=(d_sae,), b_mag=(d_sae,))
+    return shapes
+
+
+def sae_from_params(family: str, params: dict, *, k: int = 0, input_scale: float = 1.0, batch_threshold: float = -1.0,
+                    reads: Reads = Reads(), act_norm: str = "none") -> SAE:
+    """An inference-ready SAE of ``family`` from given parameters (names and shapes checked) and untrained buffers.
+
+    ``k``: TopK / BatchTopK's k; ``batch_threshold``: BatchTopK's inference threshold.
+    """
+    cls = get_family(family)
+    d_sae, d_in = params["W_dec"].shape if "W_dec" in params and params["W_dec"].ndim == 2 else (0, 0)
+    want = family_param_shapes(family, d_in, d_sae)
+    got = {name: tuple(params[name].shape) for name in params}
+    if d_in == 0 or got != want:
+        raise ValueError(f"{family} SAE parameters must be {want} (W_dec [d_sae, d_in]), got {got}")
+    if family in ("topk", "batchtopk") and not 0 < k <= d_sae:
+        raise ValueError(f"{family}: need 0 < k <= d_sae={d_sae}, got k={k}")
+    buffers = _fresh_buffers(family, d_sae, k=k, input_scale=input_scale, batch_threshold=batch_threshold)
+    params = {name: jnp.asarray(v, jnp.float32) for name, v in params.items()}
+    return cls(params=params, buffers=buffers, k_max=k if family in ("topk", "batchtopk") else 0, reads=reads,
+               act_norm=act_norm)

@@ -36,7 +36,7 @@ def reconstruction_metrics(sae: SAE, x: np.ndarray, batch: int = 8192, dense_fra
     @jax.jit
     def chunk(s, a):
         f = s.encode(a)
-        x_hat = s.decode(f)
+        x_hat = s.decode(f, a)
         err = jnp.square(a - x_hat).sum(-1)
         cos = jnp.sum(a * x_hat, -1) / (jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(x_hat, axis=-1) + 1e-12)
         return {"l0": (f != 0).sum(-1).sum(), "sq_err": err.sum(), "cos": cos.sum(), "fires": (f != 0).sum(0),

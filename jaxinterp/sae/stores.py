@@ -44,43 +44,60 @@ class OnlineStore:
         self.buffer_factor = buffer_factor
         self.positions = positions or slice(None)
 
-    def acts(self, model, tokens: jax.Array) -> dict:
-        """``{site: [B * T', D]}`` activations of one forward (T' = kept positions)."""
-        cache = model.run(tokens, capture=list(self.sites)).cache
-        return {s: cache[s][:, self.positions].reshape(-1, cache[s].shape[-1]).astype(jnp.float32)
-                for s in self.sites}
+    def acts(self, model, tokens: jax.Array, attention_mask=None) -> tuple[dict, jax.Array]:
+        """``({site: [B * T', D]}, keep [B * T'])`` of one forward (T' = kept positions); ``keep`` is False
+        at padding (``attention_mask`` 0). Only the layers up to the deepest harvested site run."""
+        layers = [int(s.split(".")[1]) for s in self.sites if s.startswith("blocks.")]
+        stop = None if "final_norm" in self.sites or not layers else max(layers) + 1
+        cache = model.run(tokens, capture=list(self.sites), attention_mask=attention_mask, stop_at=stop).cache
+        mask = jnp.ones(tokens.shape, bool) if attention_mask is None else jnp.asarray(attention_mask, bool)
+        keep = mask[:, self.positions].reshape(-1)
+        acts = {s: cache[s][:, self.positions].reshape(-1, cache[s].shape[-1]).astype(jnp.float32) for s in self.sites}
+        return acts, keep
 
-    def fill(self, model, token_batches: Sequence) -> dict:
-        """A full buffer ``{site: [buffer_factor * n, D]}`` from ``buffer_factor`` token batches."""
+    def fill(self, model, token_batches: Sequence, masks: Sequence | None = None) -> dict:
+        """A full buffer ``{site: [rows, D]}`` from ``buffer_factor`` token batches (padding rows left out)."""
         if len(token_batches) != self.buffer_factor:
             raise ValueError(f"fill needs {self.buffer_factor} token batches, got {len(token_batches)}")
         fwd = jax.jit(self.acts)
-        parts = [fwd(model, jnp.asarray(t)) for t in token_batches]
-        return {s: jnp.concatenate([p[s] for p in parts]) for s in self.sites}
+        masks = [None] * len(token_batches) if masks is None else list(masks)
+        parts = [fwd(model, jnp.asarray(t), m) for t, m in zip(token_batches, masks)]
+        keep = np.concatenate([np.asarray(k) for _, k in parts])
+        return {s: jnp.concatenate([p[s] for p, _ in parts])[keep] for s in self.sites}
 
-    def exchange(self, buffer: dict, fresh: dict, key: jax.Array) -> tuple[dict, dict]:
-        """Swap ``fresh`` rows into random buffer slots; return (buffer, the evicted rows = the batch)."""
+    def exchange(self, buffer: dict, fresh: dict, key: jax.Array, keep=None) -> tuple[dict, dict]:
+        """Swap ``fresh`` rows into random buffer slots; return (buffer, the evicted rows = the batch).
+
+        Rows with ``keep`` False (padding) are not written: their slot keeps its row, so the buffer
+        only ever holds real tokens.
+        """
         n_buf = next(iter(buffer.values())).shape[0]
         n = next(iter(fresh.values())).shape[0]
+        if n > n_buf:
+            raise ValueError(f"a forward gives {n} rows but the buffer holds only {n_buf}; raise buffer_factor")
         idx = jax.random.permutation(key, n_buf)[:n]
         batch = {s: buffer[s][idx] for s in self.sites}
-        buffer = {s: buffer[s].at[idx].set(fresh[s]) for s in self.sites}
+        if keep is None:
+            buffer = {s: buffer[s].at[idx].set(fresh[s]) for s in self.sites}
+        else:
+            buffer = {s: buffer[s].at[idx].set(jnp.where(keep[:, None], fresh[s], batch[s])) for s in self.sites}
         return buffer, batch
 
 
 def fused_step(trainers: Mapping[str, "object"], store: OnlineStore):
     """One jitted program: forward + buffer exchange + the SAE steps of every site's trainer.
 
-    ``trainers``: ``{site: SAETrainer}``. Returns ``step(states, buffer, model, tokens, key)
-    -> (states, buffer, metrics)`` with ``states = {site: trainer states}``.
+    ``trainers``: ``{site: SAETrainer}``. Returns ``step(states, buffer, model, tokens, key, mask=None)
+    -> (states, buffer, metrics)`` with ``states = {site: trainer states}``; padding positions of ``mask``
+    never enter the buffer.
     """
     missing = sorted(set(trainers) - set(store.sites))
     if missing:
         raise ValueError(f"trainers for sites {missing} that the store does not capture ({list(store.sites)})")
 
-    def step(states, buffer, model, tokens, key):
-        fresh = store.acts(model, tokens)
-        buffer, batch = store.exchange(buffer, fresh, key)
+    def step(states, buffer, model, tokens, key, mask=None):
+        fresh, keep = store.acts(model, tokens, mask)
+        buffer, batch = store.exchange(buffer, fresh, key, None if mask is None else keep)
         out, metrics = {}, {}
         for site, trainer in trainers.items():
             out[site], metrics[site] = trainer._multi_step(states[site], batch[site])

@@ -37,8 +37,8 @@ _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 def model_config(spec: str):
     """(family name, config) from ``family:preset``, ``family``, a directory or an embedded name."""
-    from jaxinterp.loading import resolve_source, family_for_model_type
-    from jaxinterp.model import families
+    from jaxinterp.families import families, family_for_model_type
+    from jaxinterp.loading import resolve_source
 
     fams = families()
     name, _, preset = spec.partition(":")
@@ -61,12 +61,9 @@ def _presets(cls) -> list[str]:
 
 
 def abstract_params(family: str, config) -> Any:
-    from jaxinterp.model import get_family
-    from jaxinterp.models.common import param_shapes
-    from jaxinterp.sites import SiteContext
+    from jaxinterp.model import abstract_params as shapes
 
-    fam = get_family(family)
-    return param_shapes(fam.module(config), lambda: SiteContext(fam.site_names(config)))
+    return shapes(config)
 
 
 # ----------------------------------------------------------------------------- dry run
@@ -196,7 +193,7 @@ def patch_sweep(args) -> int:
     if ":" in args.model or args.model == family:
         model = jsh.shard_model(init(config, args.seed), mesh, rules)  # random weights: a scaling run
     else:
-        model = jsh.load_sharded(args.model, mesh, rules, args.dtype)
+        model = ji.load(args.model, args.dtype, mesh=mesh, rules=rules)
     rng = np.random.default_rng(args.seed)  # the same prompts on every process
     clean = rng.integers(0, config.vocab_size, (args.prompts, args.seq)).astype(np.int32)
     corrupt = clean.copy()

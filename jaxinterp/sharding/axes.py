@@ -8,11 +8,11 @@ One vocabulary for parameters, activations and sharding rules (see ``jaxinterp.s
 ``None`` marks an axis that is never sharded (positions table, LoRA rank, a conv's
 singleton channel axis, ...).
 
-Parameter axes are derived from the parameter's path (``"h_3/attn/c_attn/kernel"``)
-with one regex table per family, kept here in one place so the ports stay free of
-sharding concerns. A parameter that matches no row, or whose rank differs from the
-row's, raises naming the parameter and the family's table: a silently replicated
-parameter is a memory bug on a large model.
+Parameter axes are derived from the parameter's path (``"layers/attn/q/kernel"``) with the
+regex table its family declares (``Family.param_axes``); stacked per-layer parameters get the
+``layers`` axis in front. A parameter that matches no row, or whose rank differs from the row's,
+raises naming the parameter and the table: a silently replicated parameter is a memory bug on a
+large model.
 
 Activation axes are derived from the site name (the suffix after ``blocks.{i}.``).
 """
@@ -35,84 +35,15 @@ __all__ = [
     "path_str",
 ]
 
-AXES = ("batch", "seq", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers", "latents",
+AXES = ("batch", "seq", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers", "experts", "latents",
         "d_inner", "ssm_state", "conv")
 
 Axes = tuple[Optional[str], ...]
 
 # ----------------------------------------------------------------------------- parameters
-# Rows are (regex searched in the "/"-joined path, logical axes). First match wins.
-# Kernels are Flax Dense layout [in, out]. Fused projections (GPT-2 c_attn [D, 3D], NeoX
-# query_key_value [D, 3D], Mamba in_proj [D, 2*Di]) are named by their output axis.
-
-_NORM = [
-    (r"(^|/)(ln_\d|ln_f|input_layernorm|post_attention_layernorm|final_layer_norm|norm|norm_f|"
-     r"ln_1|ln_2)/(scale|bias)$", ("embed",)),
-]
-
-_GPT2 = [
-    (r"^wte$", ("vocab", "embed")),
-    (r"^wpe$", (None, "embed")),
-    *_NORM,
-    (r"attn/c_attn/kernel$", ("embed", "heads")),
-    (r"attn/c_attn/bias$", ("heads",)),
-    (r"attn/c_proj/kernel$", ("heads", "embed")),
-    (r"attn/c_proj/bias$", ("embed",)),
-    (r"mlp/c_fc/kernel$", ("embed", "mlp")),
-    (r"mlp/c_fc/bias$", ("mlp",)),
-    (r"mlp/c_proj/kernel$", ("mlp", "embed")),
-    (r"mlp/c_proj/bias$", ("embed",)),
-    (r"^lm_head/kernel$", ("embed", "vocab")),
-]
-
-_GPT_NEOX = [
-    (r"^embed_in$", ("vocab", "embed")),
-    (r"^embed_in/embedding$", ("vocab", "embed")),
-    *_NORM,
-    (r"attention/query_key_value/kernel$", ("embed", "heads")),
-    (r"attention/query_key_value/bias$", ("heads",)),
-    (r"attention/dense/kernel$", ("heads", "embed")),
-    (r"attention/dense/bias$", ("embed",)),
-    (r"mlp/dense_h_to_4h/kernel$", ("embed", "mlp")),
-    (r"mlp/dense_h_to_4h/bias$", ("mlp",)),
-    (r"mlp/dense_4h_to_h/kernel$", ("mlp", "embed")),
-    (r"mlp/dense_4h_to_h/bias$", ("embed",)),
-    (r"^embed_out/kernel$", ("embed", "vocab")),
-]
-
-_LLAMA = [
-    (r"^embed_tokens$", ("vocab", "embed")),
-    (r"^embed_tokens/embedding$", ("vocab", "embed")),
-    *_NORM,
-    (r"self_attn/q_proj/kernel$", ("embed", "heads")),
-    (r"self_attn/q_proj/bias$", ("heads",)),
-    (r"self_attn/(k|v)_proj/kernel$", ("embed", "kv_heads")),
-    (r"self_attn/(k|v)_proj/bias$", ("kv_heads",)),
-    (r"self_attn/o_proj/kernel$", ("heads", "embed")),
-    (r"self_attn/o_proj/bias$", ("embed",)),
-    (r"mlp/(gate_proj|up_proj)/kernel$", ("embed", "mlp")),
-    (r"mlp/(gate_proj|up_proj)/bias$", ("mlp",)),
-    (r"mlp/down_proj/kernel$", ("mlp", "embed")),
-    (r"mlp/down_proj/bias$", ("embed",)),
-    (r"^lm_head/kernel$", ("embed", "vocab")),
-]
-
-_MAMBA = [
-    (r"^(embeddings|embed_tokens|embedding)(/embedding)?$", ("vocab", "embed")),
-    *_NORM,
-    (r"mixer/in_proj/kernel$", ("embed", "d_inner")),
-    (r"mixer/in_proj/bias$", ("d_inner",)),
-    (r"mixer/conv1d/kernel$", ("conv", "d_inner")),  # depthwise conv taps [K, Di]
-    (r"mixer/conv1d/bias$", ("d_inner",)),
-    (r"mixer/x_proj/kernel$", ("d_inner", None)),  # [Di, dt_rank + 2N]
-    (r"mixer/dt_proj/kernel$", (None, "d_inner")),  # [dt_rank, Di]
-    (r"mixer/dt_proj/bias$", ("d_inner",)),
-    (r"mixer/A_log$", ("d_inner", "ssm_state")),
-    (r"mixer/D$", ("d_inner",)),
-    (r"mixer/out_proj/kernel$", ("d_inner", "embed")),
-    (r"mixer/out_proj/bias$", ("embed",)),
-    (r"^lm_head/kernel$", ("embed", "vocab")),
-]
+# A model family declares its rows (``Family.param_axes``: regex searched in the "/"-joined path,
+# logical axes of one layer's parameter); parameters stacked under ``layers`` get the ``layers``
+# axis in front. Kernels are Flax Dense layout [in, out]. Workload tables (SAEs, LoRA) live here.
 
 # Workload parameter trees (SAEs, LoRA adapters) share the table so rules apply uniformly.
 _SAE = [
@@ -130,13 +61,21 @@ _LORA = [
 ]
 
 PARAM_AXES: dict[str, list[tuple[str, Axes]]] = {
-    "gpt2": _GPT2,
-    "gpt_neox": _GPT_NEOX,
-    "llama": _LLAMA,
-    "mamba": _MAMBA,
     "sae": _SAE,
     "lora": _LORA,
 }
+
+
+def table_rows(table_name: str) -> list[tuple[str, Axes]]:
+    """The rows of a workload table or of a registered model family."""
+    if table_name in PARAM_AXES:
+        return PARAM_AXES[table_name]
+    from jaxinterp.families import families
+
+    fams = families()
+    if table_name not in fams:
+        raise KeyError(f"no sharding table {table_name!r}; tables: {sorted(PARAM_AXES) + sorted(fams)}")
+    return list(fams[table_name].param_axes)
 
 
 def path_str(path: Sequence[Any]) -> str:
@@ -153,22 +92,24 @@ def path_str(path: Sequence[Any]) -> str:
 
 
 def _axes_for_path(table_name: str, path: str, ndim: int, strict: bool = True) -> Axes:
-    table = PARAM_AXES[table_name]
+    table = table_rows(table_name)
     if ndim == 0:
         return ()
     for pattern, axes in table:
         if re.search(pattern, path):
+            if path.startswith("layers/") and len(axes) + 1 == ndim:
+                axes = ("layers", *axes)
             if len(axes) != ndim:
                 raise ValueError(
                     f"sharding table {table_name!r}: parameter {path!r} has {ndim} axes but row {pattern!r} "
-                    f"names {len(axes)}: {axes}. Fix the row in jaxinterp/sharding/axes.py."
+                    f"names {len(axes)}: {axes}. Fix the row in the family's param_axes table."
                 )
             return tuple(axes)
     if not strict:
         return (None,) * ndim
     raise KeyError(
-        f"sharding table {table_name!r} has no row for parameter {path!r} (rank {ndim}); add one to "
-        f"PARAM_AXES[{table_name!r}] in jaxinterp/sharding/axes.py. Rows: {[p for p, _ in table]}"
+        f"sharding table {table_name!r} has no row for parameter {path!r} (rank {ndim}); add one to the "
+        f"family's param_axes table. Rows: {[p for p, _ in table][:40]}"
     )
 
 
@@ -179,8 +120,7 @@ def param_axes(table_name: str, params: Any, strict: bool = True) -> Any:
     are replicated. ``strict=False`` replicates leaves no row matches (for whole training
     states: step counters, schedules, hyperparameters) instead of raising.
     """
-    if table_name not in PARAM_AXES:
-        raise KeyError(f"no sharding table {table_name!r}; tables: {sorted(PARAM_AXES)}")
+    table_rows(table_name)  # unknown tables fail here, naming the valid ones
     return jax.tree_util.tree_map_with_path(
         lambda path, leaf: _axes_for_path(table_name, path_str(path), len(jnp_shape(leaf)), strict), params)
 
@@ -203,13 +143,18 @@ _STATE = ("batch", "seq", "ssm_state")
 SITE_AXES: list[tuple[str, Axes]] = [
     (r"^(embed|final_norm)$", _RESID),
     (r"\.(resid_pre|resid_mid|resid_post|ln1|ln2|norm|attn_out|mlp_out|mixer_out)$", _RESID),
+    (r"\.(attn|mlp)\.out$", _RESID),  # raw projection outputs before a post-norm (sandwich / post placement)
+    (r"\.moe\.router_logits$", ("batch", "seq", "experts")),
+    (r"\.moe\.expert_out$", ("batch", "seq", "experts", "embed")),
     (r"\.attn\.(q|z)$", _HEADS),
     (r"\.attn\.(k|v)$", _KV),
     (r"\.attn\.(scores|pattern)$", _ATTN),
     (r"\.mlp\.(pre|post|gate|up)$", _MLP),
+    # A per-head time step [B, T, H] (delta of SSD mixers) is split like d_inner: heads partition it.
     (r"\.mixer\.(in_x|in_z|conv_out|ssm_in|delta|ssm_out|gate|gated)$", _INNER),
     (r"\.mixer\.(B|C)$", _STATE),
     (r"\.mixer\.ssm_state$", ("batch", "seq", "d_inner", "ssm_state")),
+    (r"\.mixer\.heads$", _HEADS),  # per-head scan output [B, T, H, P]
     (r"\.(sae\.)?(latents|features|acts)$", ("batch", "seq", "latents")),
 ]
 

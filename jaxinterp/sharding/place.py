@@ -22,7 +22,6 @@ __all__ = [
     "param_shardings",
     "shard_tree",
     "shard_model",
-    "load_sharded",
     "activation_spec",
     "activation_constraint",
     "place_activation",
@@ -95,29 +94,6 @@ def place_host_params(host_params: Any, table: str, mesh: Mesh, rules: Rules | s
     return jax.tree_util.tree_map(place, host_params, shardings)
 
 
-def load_sharded(source, mesh: Mesh, rules: Rules | str, dtype: str = "float32") -> Model:
-    """``ji.load`` that places every tensor sharded, read slice by slice from the safetensors.
-
-    Models larger than one device's memory load this way: the checkpoint is memory-mapped
-    and each device's shard is read and transferred on its own.
-    """
-    from jaxinterp.hf import ConversionError, read_hf_dir
-    from jaxinterp.loading import resolve_source, family_for_model_type
-
-    path = resolve_source(source)
-    hf_config, tensors = read_hf_dir(path)  # memory-mapped, nothing read yet
-    model_type = hf_config.get("model_type")
-    if model_type is None:
-        raise ConversionError(f"{path}/config.json has no model_type")
-    fam = family_for_model_type(model_type)
-    config = fam.config_cls.from_hf(hf_config)
-    host_params = fam.from_hf(config, tensors)  # views of the memory map where the layout allows
-    params = place_host_params(host_params, fam.name, mesh, rules, dtype)
-    model = Model(params, config, fam.name)
-    model.source = str(path)
-    return model
-
-
 # ----------------------------------------------------------------------------- activations
 
 
@@ -141,7 +117,8 @@ def activation_constraint(mesh: Mesh, rules: Rules | str) -> Callable[[str, jax.
 
 def constrain_logits(logits: jax.Array, mesh: Mesh, rules: Rules | str) -> jax.Array:
     rules = load_rules(rules)
-    spec = activation_spec(LOGITS_AXES, logits.shape, mesh, rules)
+    axes = LOGITS_AXES if logits.ndim == 3 else (LOGITS_AXES[0], LOGITS_AXES[-1])  # [B, T, V] or [B, V]
+    spec = activation_spec(axes, logits.shape, mesh, rules)
     return jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, spec))
 
 

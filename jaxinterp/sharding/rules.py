@@ -1,4 +1,4 @@
-"""Rules mapping logical axes to mesh axes, loaded from ``tpu_configs/rules/*.yaml``.
+"""Rules mapping logical axes to mesh axes, shipped as package data (``jaxinterp/sharding/rule_sets/*.yaml``).
 
 A rule file has two sections, as levanter separates parameter and compute mappings:
 
@@ -14,6 +14,7 @@ tiny test models and to 8B models alike.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -30,16 +31,21 @@ Mapping_ = dict[str, tuple[str, ...]]
 
 
 def configs_dir() -> Path:
-    """The repository's ``tpu_configs/`` folder."""
+    """The repository's ``tpu_configs/`` folder (deployment targets; absent from an installed wheel)."""
     return Path(__file__).resolve().parents[2] / "tpu_configs"
 
 
+def _rule_sets():
+    """The rule sets shipped inside the package (``jaxinterp/sharding/rule_sets/*.yaml``)."""
+    return importlib.resources.files("jaxinterp.sharding").joinpath("rule_sets")
+
+
 def rules_dir() -> Path:
-    return configs_dir() / "rules"
+    return Path(str(_rule_sets()))
 
 
 def rule_names() -> list[str]:
-    return sorted(p.stem for p in rules_dir().glob("*.yaml"))
+    return sorted(p.name[:-5] for p in _rule_sets().iterdir() if p.name.endswith(".yaml"))
 
 
 def _normalise(section: str, raw: Optional[Mapping[str, Any]]) -> Mapping_:
@@ -95,14 +101,17 @@ class Rules:
 
 
 def load_rules(name_or_path: str | Path | Rules) -> Rules:
-    """Rules by name (``"fsdp_tp"`` -> ``tpu_configs/rules/fsdp_tp.yaml``) or path."""
+    """Rules by name (``"fsdp_tp"`` -> the shipped ``rule_sets/fsdp_tp.yaml``) or path."""
     if isinstance(name_or_path, Rules):
         return name_or_path
     path = Path(name_or_path)
     if not path.suffix:
-        path = rules_dir() / f"{name_or_path}.yaml"
+        shipped = _rule_sets().joinpath(f"{name_or_path}.yaml")
+        if not shipped.is_file():
+            raise FileNotFoundError(f"no rules {str(name_or_path)!r}; available: {rule_names()} (or a .yaml path)")
+        return Rules.from_dict(yaml.safe_load(shipped.read_text()) or {}, name=str(name_or_path))
     if not path.exists():
-        raise FileNotFoundError(f"no rules {str(name_or_path)!r} (looked at {path}); available: {rule_names()}")
+        raise FileNotFoundError(f"no rules file {str(name_or_path)!r}; shipped rule sets: {rule_names()}")
     return Rules.from_dict(yaml.safe_load(path.read_text()) or {}, name=path.stem)
 
 

@@ -57,10 +57,10 @@ def _patch_one(model: Model, row, *, site_template: str, n_layers: int, constrai
     clean, corrupt, answer, foil = row["clean"], row["corrupt"], row["answer"], row["foil"]
     t = clean.shape[0]
     sites = [site_template.format(l) for l in range(n_layers)]
-    last = jnp.asarray([t - 1])
+    last = t - 1
 
-    def diff(logits):  # [1, 1, V] -> scalar
-        return logits[0, -1, answer] - logits[0, -1, foil]
+    def diff(logits):  # [1, V] -> scalar
+        return logits[0, answer] - logits[0, foil]
 
     ref = run(model, clean[None], capture=sites, logits_at=last, constrain=constrain)
     bad = run(model, corrupt[None], logits_at=last, constrain=constrain)

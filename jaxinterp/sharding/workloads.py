@@ -45,7 +45,7 @@ def sharded_run(model: Model, tokens, mesh: Mesh, rules: Rules | str, capture=No
                 interventions: Optional[Mapping[str, Any]] = None, logits_at=None) -> RunOutput:
     """``ji.run`` on a mesh: tokens and intervention arrays placed by the site layouts.
 
-    ``model`` should already be placed (``shard_model`` / ``load_sharded``).
+    ``model`` should already be placed (``shard_model`` / ``ji.load(..., mesh=...)``).
     """
     rules = load_rules(rules)
     tokens = place_tokens(tokens, mesh, rules)

@@ -1,22 +1,20 @@
-"""GPT-2 port (``model_type: gpt2``)."""
+"""GPT-2 port (``model_type: gpt2``) on the shared transformer block."""
 
-from jaxinterp.model import Family, register_family
+from jaxinterp.models.transformer.family import transformer_family
 
 from . import convert
 from .config import GPT2Config
-from .model import GPT2, attn_out_weights, site_names
 
-FAMILY = register_family(
-    Family(
-        name="gpt2",
-        config_cls=GPT2Config,
-        module=GPT2,
-        site_names=site_names,
-        from_hf=convert.from_hf,
-        to_hf=convert.to_hf,
-        hf_model_types=("gpt2",),
-        attn_out_weights=attn_out_weights,
-    )
+FAMILY = transformer_family(
+    name="gpt2",
+    config_cls=GPT2Config,
+    hf_model_types=("gpt2",),
+    entries=convert.entries,
+    hf_modules=convert.hf_modules,
+    fan_in_fan_out=True,
+    ignorable=convert.IGNORABLE,
+    rename=convert.canonical,
+    tied=("lm_head.weight", "transformer.wte.weight"),
 )
 
-__all__ = ["GPT2Config", "GPT2", "FAMILY", "site_names"]
+__all__ = ["GPT2Config", "FAMILY"]

@@ -7,6 +7,7 @@ from typing import Any, Mapping
 
 from jaxinterp.hf import ConversionError, check_config_fields
 from jaxinterp.models.common import check_activation
+from jaxinterp.models.transformer.arch import Arch
 
 _HANDLED = {
     "vocab_size", "n_positions", "n_ctx", "n_embd", "n_layer", "n_head", "n_inner", "activation_function",
@@ -44,6 +45,15 @@ class GPT2Config:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def arch(self) -> Arch:
+        """GPT-2 on the shared block: pre-LayerNorm, learned positions, plain GELU MLP, biases everywhere."""
+        return Arch(vocab_size=self.vocab_size, d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads,
+                    n_kv_heads=self.n_heads, head_dim=self.head_dim, d_mlp=self.d_mlp, max_seq_len=self.max_seq_len,
+                    norm="layernorm", norm_eps=self.ln_eps, norm_bias=True, qkv_bias=True, o_bias=True,
+                    scale_by_inverse_layer=self.scale_attn_by_inverse_layer_idx, positions="learned", gated=False,
+                    activation=self.activation, mlp_bias=True, tie_embeddings=self.tie_embeddings)
 
     # presets ---------------------------------------------------------------------------
     @classmethod

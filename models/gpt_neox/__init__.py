@@ -1,22 +1,19 @@
-"""GPT-NeoX / Pythia port (``model_type: gpt_neox``)."""
+"""GPT-NeoX / Pythia port (``model_type: gpt_neox``) on the shared transformer block."""
 
-from jaxinterp.model import Family, register_family
+from jaxinterp.models.transformer.family import transformer_family
 
 from . import convert
 from .config import GPTNeoXConfig
-from .model import GPTNeoX, attn_out_weights, site_names
 
-FAMILY = register_family(
-    Family(
-        name="gpt_neox",
-        config_cls=GPTNeoXConfig,
-        module=GPTNeoX,
-        site_names=site_names,
-        from_hf=convert.from_hf,
-        to_hf=convert.to_hf,
-        attn_out_weights=attn_out_weights,
-        hf_model_types=("gpt_neox",),
-    )
+FAMILY = transformer_family(
+    name="gpt_neox",
+    config_cls=GPTNeoXConfig,
+    hf_model_types=("gpt_neox",),
+    entries=convert.entries,
+    hf_modules=convert.hf_modules,
+    ignorable=convert.IGNORABLE,
+    rename=convert.canonical,
+    tied=("embed_out.weight", "gpt_neox.embed_in.weight"),
 )
 
-__all__ = ["GPTNeoXConfig", "GPTNeoX", "FAMILY", "site_names", "attn_out_weights"]
+__all__ = ["GPTNeoXConfig", "FAMILY"]

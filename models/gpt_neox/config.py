@@ -6,8 +6,9 @@ import dataclasses
 from typing import Any, Mapping
 
 from jaxinterp.hf import ConversionError, check_config_fields
-from jaxinterp.models.common import check_activation
-from jaxinterp.models.common import read_rope
+from jaxinterp.models.common import Rope, check_activation
+from jaxinterp.models.rope import read_rope
+from jaxinterp.models.transformer.arch import Arch
 
 _HANDLED = {
     "vocab_size", "max_position_embeddings", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -64,6 +65,17 @@ class GPTNeoXConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def arch(self) -> Arch:
+        """GPT-NeoX on the shared block: LayerNorm, partial rotary, plain MLP, parallel residual by default."""
+        return Arch(vocab_size=self.vocab_size, d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads,
+                    n_kv_heads=self.n_heads, head_dim=self.head_dim, d_mlp=self.d_mlp, max_seq_len=self.max_seq_len,
+                    norm="layernorm", norm_eps=self.ln_eps, norm_bias=True,
+                    parallel="separate" if self.parallel_residual else "none",
+                    qkv_bias=self.attention_bias, o_bias=self.attention_bias,
+                    rope=Rope.default(self.rotary_dim, self.rope_theta), gated=False, activation=self.activation,
+                    mlp_bias=True, tie_embeddings=self.tie_embeddings)
 
     @property
     def rotary_dim(self) -> int:

@@ -1,22 +1,18 @@
-"""Llama-family port (``model_type``: ``llama``, ``mistral``, ``qwen2``)."""
+"""Llama-family port (``model_type``: ``llama`` (1-3.x), ``mistral``, ``qwen2``, ``qwen3``) on the shared transformer block."""
 
-from jaxinterp.model import Family, register_family
+from jaxinterp.models.transformer.family import transformer_family
 
 from . import convert
 from .config import LlamaConfig
-from .model import Llama, attn_out_weights, site_names
 
-FAMILY = register_family(
-    Family(
-        name="llama",
-        config_cls=LlamaConfig,
-        module=Llama,
-        site_names=site_names,
-        from_hf=convert.from_hf,
-        to_hf=convert.to_hf,
-        attn_out_weights=attn_out_weights,
-        hf_model_types=("llama", "mistral", "qwen2"),
-    )
+FAMILY = transformer_family(
+    name="llama",
+    config_cls=LlamaConfig,
+    hf_model_types=("llama", "mistral", "qwen2", "qwen3"),
+    entries=convert.entries,
+    hf_modules=convert.hf_modules,
+    ignorable=convert.IGNORABLE,
+    tied=("lm_head.weight", "model.embed_tokens.weight"),
 )
 
-__all__ = ["LlamaConfig", "Llama", "FAMILY", "site_names", "attn_out_weights"]
+__all__ = ["LlamaConfig", "FAMILY"]

@@ -52,14 +52,14 @@ def _pad_time(x, multiple):
     return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
 
 
-def _chunked(u, delta, A, B, C, chunk, emit):
+def _chunked(u, delta, A, B, C, chunk, emit, h0):
     """Scan chunks of ``chunk`` steps in sequence; ``emit(states, C_chunk)`` is what each returns.
 
     Padded steps have delta = 0 (decay 1, input 0), so they leave the state unchanged.
+    Returns ``(outputs, last state)``.
     """
     b, t, d = u.shape
-    n = A.shape[-1]
-    to_chunks = lambda x: jnp.moveaxis(_pad_time(x, chunk).reshape(b, -1, chunk, *x.shape[2:]), 1, 0)
+    to_chunks = lambda x: jnp.moveaxis(_pad_time(x, chunk).reshape(b, -1, chunk, *x.shape[2:]), 1, 0)  # noqa: E731
     xs = tuple(to_chunks(x) for x in (u, delta, B, C))  # each [nc, B, c, ...]
 
     def step(h, x):
@@ -67,14 +67,13 @@ def _chunked(u, delta, A, B, C, chunk, emit):
         states = _associative_chunk(*discretize(u_c, dt_c, A, b_c), h)  # [B, c, Di, N]
         return states[:, -1], emit(states, c_c)
 
-    _, out = jax.lax.scan(step, jnp.zeros((b, d, n), jnp.float32), xs)
+    h_last, out = jax.lax.scan(step, h0, xs)
     out = jnp.moveaxis(out, 0, 1)  # [B, nc, c, ...]
-    return out.reshape(b, -1, *out.shape[3:])[:, :t]
+    return out.reshape(b, -1, *out.shape[3:])[:, :t], h_last
 
 
-def _sequential(u, delta, A, B, C, emit):
-    """``lax.scan`` over time; ``emit(h_t, C_t)`` is what each step returns."""
-    b, _, d = u.shape
+def _sequential(u, delta, A, B, C, emit, h0):
+    """``lax.scan`` over time; ``emit(h_t, C_t)`` is what each step returns. ``(outputs, last state)``."""
     xs = tuple(jnp.moveaxis(x, 1, 0) for x in (u, delta, B, C))  # each [T, B, ...]
 
     def step(h, x):
@@ -83,8 +82,8 @@ def _sequential(u, delta, A, B, C, emit):
         h = decay * h + inp
         return h, emit(h, c_t)
 
-    _, out = jax.lax.scan(step, jnp.zeros((b, d, A.shape[-1]), jnp.float32), xs)
-    return jnp.moveaxis(out, 0, 1)
+    h_last, out = jax.lax.scan(step, h0, xs)
+    return jnp.moveaxis(out, 0, 1), h_last
 
 
 def _check_method(method: str, chunk) -> None:
@@ -94,23 +93,30 @@ def _check_method(method: str, chunk) -> None:
         raise ValueError(f"scan chunk must be None or a positive int, got {chunk!r}")
 
 
-def ssm_states(u, delta, A, B, *, method: str = "associative", chunk: int | None = None):
-    """Every state ``h_t`` (``[B, T, Di, N]``, float32), starting from h_{-1} = 0."""
+def _h0(u, A, h0):
+    return jnp.zeros((u.shape[0], *A.shape), jnp.float32) if h0 is None else h0.astype(jnp.float32)
+
+
+def ssm_states(u, delta, A, B, *, method: str = "associative", chunk: int | None = None, h0=None):
+    """Every state ``h_t`` (``[B, T, Di, N]``, float32), starting from ``h0`` (default h_{-1} = 0)."""
     _check_method(method, chunk)
+    h0 = _h0(u, A, h0)
     C = jnp.zeros_like(B)  # unused by the state-emitting paths
     if method == "sequential":
-        return _sequential(u, delta, A, B, C, lambda h, c: h)
+        return _sequential(u, delta, A, B, C, lambda h, c: h, h0)[0]
     if chunk is not None and chunk < u.shape[1]:
-        return _chunked(u, delta, A, B, C, chunk, lambda s, c: s)
-    return _associative_chunk(*discretize(u, delta, A, B), jnp.zeros((u.shape[0], *A.shape), jnp.float32))
+        return _chunked(u, delta, A, B, C, chunk, lambda s, c: s, h0)[0]
+    return _associative_chunk(*discretize(u, delta, A, B), h0)
 
 
-def ssm_outputs(u, delta, A, B, C, *, method: str = "associative", chunk: int | None = None):
-    """``y_t = C_t . h_t`` (``[B, T, Di]``, float32, without the D skip), holding as few states as
-    the method allows."""
+def ssm_outputs(u, delta, A, B, C, *, method: str = "associative", chunk: int | None = None, h0=None):
+    """``(y, h_last)``: ``y_t = C_t . h_t`` (``[B, T, Di]``, float32, without the D skip) and the last
+    state ``[B, Di, N]``, holding as few states as the method allows."""
     _check_method(method, chunk)
+    h0 = _h0(u, A, h0)
     if method == "sequential":
-        return _sequential(u, delta, A, B, C, lambda h, c: jnp.einsum("bdn,bn->bd", h, c.astype(jnp.float32)))
+        return _sequential(u, delta, A, B, C, lambda h, c: jnp.einsum("bdn,bn->bd", h, c.astype(jnp.float32)), h0)
     if chunk is not None and chunk < u.shape[1]:
-        return _chunked(u, delta, A, B, C, chunk, lambda s, c: readout(s, c))
-    return readout(ssm_states(u, delta, A, B, method=method), C)
+        return _chunked(u, delta, A, B, C, chunk, lambda s, c: readout(s, c), h0)
+    states = ssm_states(u, delta, A, B, method=method, h0=h0)
+    return readout(states, C), states[:, -1]

@@ -25,7 +25,8 @@ V = 97
 def gpt():
     # Scaled-up init: a default-init tiny model barely routes information between positions.
     m = ji.init(GPT2Config.tiny(n_layers=2, vocab_size=V), 0)
-    return m.replace(params=jax.tree_util.tree_map(lambda p: p * 3.0 if p.ndim == 2 else p, m.params))
+    big = lambda path, p: p * 3.0 if getattr(path[-1], "key", None) in ("kernel", "embed", "pos_embed") else p  # noqa: E731
+    return m.replace(params=jax.tree_util.tree_map_with_path(big, m.params))
 
 
 @pytest.fixture(scope="module")
@@ -61,19 +62,20 @@ def test_edit_gpt2_makes_target_argmax_and_keeps_original(gpt, corpus):
     assert cov.shape == (gpt.config.d_mlp, gpt.config.d_mlp)
     prompt = [5, 17, 23, 40, 8]
     before = np.asarray(ji.run(gpt, np.asarray(prompt)[None]).logits[0, -1])
-    target = 49  # ranked 11th of 97 before the edit
-    old_kernel = np.asarray(gpt.params["h_0"]["mlp"]["c_proj"]["kernel"]).copy()
-    neighbour = np.asarray([6, 30, 2, 41, 9])[None]
-    top_neighbour = int(jnp.argmax(ji.run(gpt, neighbour).logits[0, -1]))
+    target = int(np.argsort(-before)[10])  # ranked 11th of 97 before the edit
+    old_kernel = np.asarray(gpt.params["layers"]["mlp"]["down"]["kernel"][0]).copy()
+    neighbours = np.random.default_rng(5).integers(0, V, (16, 5))  # unrelated prompts
+    top_neighbours = np.asarray(jnp.argmax(ji.run(gpt, neighbours).logits[:, -1], -1))
     assert int(np.argsort(-before).tolist().index(target)) >= 10
     res = edit(gpt, _request(prompt, 2, target), layer, cov, config=RomeConfig())
     after = ji.run(res.model, np.asarray(prompt)[None], capture="blocks.0.mlp_out")
     assert int(jnp.argmax(after.logits[0, -1])) == target
-    assert int(jnp.argmax(ji.run(res.model, neighbour).logits[0, -1])) == top_neighbour
+    after_neighbours = np.asarray(jnp.argmax(ji.run(res.model, neighbours).logits[:, -1], -1))
+    assert (after_neighbours == top_neighbours).mean() >= 0.75 and not (after_neighbours == target).any()
     # With only the bare context, k* is the prompt's key and the edited layer maps it to v*.
     np.testing.assert_allclose(after.cache["blocks.0.mlp_out"][0, 2], res.v_star, atol=1e-4)
     # The original model is untouched; only the edited kernel changed.
-    np.testing.assert_array_equal(np.asarray(gpt.params["h_0"]["mlp"]["c_proj"]["kernel"]), old_kernel)
+    np.testing.assert_array_equal(np.asarray(gpt.params["layers"]["mlp"]["down"]["kernel"][0]), old_kernel)
     np.testing.assert_array_equal(np.asarray(ji.run(gpt, np.asarray(prompt)[None]).logits[0, -1]), before)
     changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), gpt.params, res.model.params)
     assert sum(jax.tree_util.tree_leaves(changed)) == 1
@@ -97,7 +99,7 @@ def test_edit_averages_key_over_contexts(gpt, corpus):
         keys.append(np.asarray(cache["blocks.1.mlp.post"][0, len(ctx) + 1]))
         values.append(np.asarray(cache["blocks.1.mlp_out"][0, len(ctx) + 1]))
     k_star = np.mean(np.stack(keys), 0)
-    w_old = np.asarray(gpt.params["h_1"]["mlp"]["c_proj"]["kernel"], np.float64)
+    w_old = np.asarray(gpt.params["layers"]["mlp"]["down"]["kernel"][1], np.float64)
     ridged = np.asarray(cov, np.float64) + 1e-3 * np.mean(np.diag(cov)) * np.eye(len(k_star))
     u = np.linalg.solve(ridged, k_star)
     for mode, k_insert in (("bare", keys[0]), ("mean", k_star)):
@@ -107,7 +109,7 @@ def test_edit_averages_key_over_contexts(gpt, corpus):
         np.testing.assert_allclose(res.k_insert, k_insert, atol=1e-5)
         # v_init is the bare prompt's value (bos + prompt), the activation the optimised delta is added to.
         np.testing.assert_allclose(res.v_init, values[0], atol=1e-5)
-        w = res.model.params["h_1"]["mlp"]["c_proj"]
+        w = jax.tree_util.tree_map(lambda a: a[1], res.model.params["layers"]["mlp"]["down"])
         np.testing.assert_allclose(k_insert @ np.asarray(w["kernel"]) + np.asarray(w["bias"]), res.v_star, atol=1e-3)
         # The update is u Lambda^T with u = C^-1 k*: every column of the change is parallel to u.
         diff = np.asarray(w["kernel"], np.float64) - w_old
@@ -130,6 +132,34 @@ def test_edit_mamba_targets():
         out = ji.run(res.model, np.asarray(prompt)[None], capture=t.value_site).cache[t.value_site]
         np.testing.assert_allclose(out[0, 2], res.v_star, atol=1e-4, err_msg=name)
     assert cfg.steps == 5
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "gpt_neox_sequential", "llama"])
+def test_edit_other_families(family):
+    """ROME reaches every transformer family through its Family: the edited down-projection sends
+    the inserted key to v* (direct computation), only that kernel changes, and the model then
+    computes v* at the subject's last token."""
+    from jaxinterp.models.gpt_neox import GPTNeoXConfig
+    from jaxinterp.models.llama import LlamaConfig
+
+    cfg = {"gpt_neox": lambda: GPTNeoXConfig.tiny(n_layers=2, vocab_size=V, d_model=32, d_mlp=64),
+           "gpt_neox_sequential": lambda: GPTNeoXConfig.tiny(n_layers=2, vocab_size=V, d_model=32, d_mlp=64,
+                                                             parallel_residual=False),
+           "llama": lambda: LlamaConfig.llama_tiny(n_layers=2, vocab_size=V, d_model=32, d_mlp=48)}[family]()
+    model = ji.init(cfg, 0)
+    corpus = [np.random.default_rng(9).integers(0, V, (4, 12))]
+    prompt, layer = [4, 8, 15, 16, 23], 1
+    cov = key_covariances(model, [layer], corpus)[layer]
+    res = edit(model, _request(prompt, 2, 11), layer, cov, config=RomeConfig(steps=5))
+    t = res.target
+    assert t.name == "mlp.down" and t.value_site == f"blocks.{layer}.mlp_out"
+    w = jax.tree_util.tree_map(lambda a: np.asarray(a[layer], np.float64), res.model.params["layers"]["mlp"]["down"])
+    value = res.k_insert @ w["kernel"] + (w["bias"] if "bias" in w else 0.0)
+    np.testing.assert_allclose(value, res.v_star, atol=1e-4)
+    changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), model.params, res.model.params)
+    assert sum(jax.tree_util.tree_leaves(changed)) == 1
+    out = ji.run(res.model, np.asarray(prompt)[None], capture=t.value_site).cache[t.value_site]
+    np.testing.assert_allclose(out[0, 2], res.v_star, atol=1e-4)
 
 
 def test_target_logprobs_and_counterfact_scores(gpt):
@@ -173,7 +203,7 @@ def test_rome_on_facts_gpt_new_object_wins_and_neighbour_keeps():
 
     model = ji.load("facts-gpt")
     world = FactsWorld.from_dir(model.source)
-    top = lambda m, ids: int(jnp.argmax(m.run(np.asarray([ids]), logits_at=-1).logits[0, -1]))  # noqa: E731
+    top = lambda m, ids: int(jnp.argmax(m.run(np.asarray([ids]), logits_at=-1).logits[0]))  # noqa: E731
     record = neighbour = None
     for rec in world.counterfact(40, seed=0):
         known = [p for p in rec.neighborhood_prompts if top(model, p.ids) == rec.target_true_id]

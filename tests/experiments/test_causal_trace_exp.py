@@ -10,11 +10,10 @@ import pytest
 import jaxinterp as ji
 from jaxinterp import cli
 from jaxinterp.experiments.causal_trace.config import TraceExperimentConfig
-from jaxinterp.experiments.causal_trace.main import run as run_trace
 from jaxinterp.experiments.data.facts_world import FactsWorld
 from jaxinterp.experiments.rome.config import RomeExperimentConfig
 from jaxinterp.experiments.rome.main import eval_record
-from jaxinterp.experiments.rome.main import run as run_rome
+from jaxinterp.experiments.rome.main import main as rome_main
 from jaxinterp.experiments.train_lm.config import get_config
 from jaxinterp.experiments.train_lm.main import build_model, export
 from jaxinterp.editing.rome import counterfact_scores, target_logprobs
@@ -80,10 +79,12 @@ def model_answer(fact):
 
 @pytest.mark.slow
 def test_rome_experiment_numbers(tiny_dir, tmp_path):
-    cfg = RomeExperimentConfig.smoke(model=str(tiny_dir), out=str(tmp_path / "rome"), layers=(0,))
-    res = run_rome(cfg)
+    assert rome_main(["--preset", "smoke", "--model", str(tiny_dir), "--set", "layers=0", "--out",
+                      str(tmp_path / "rome")]) == 0
+    cfg = RomeExperimentConfig.smoke(model=str(tiny_dir), layers=(0,))
     saved = json.loads((tmp_path / "rome" / "results.json").read_text())
-    assert saved["per_layer"]["0"]["mean"] == res["per_layer"]["0"]["mean"]
+    assert json.loads((tmp_path / "rome" / "config.json").read_text()) == json.loads(json.dumps(dataclasses.asdict(cfg)))
+    assert list(saved["per_layer"]) == ["0"]
     assert (tmp_path / "rome" / "layer_sweep.png").stat().st_size > 0
     model = ji.load(tiny_dir)
     world = FactsWorld.from_dir(tiny_dir)

@@ -51,11 +51,14 @@ def test_merged_equals_unmerged_and_direct_reference(model):
     np.testing.assert_allclose(merged_run, unmerged, atol=2e-5)
     # direct: W + (alpha/r) A B written out by hand for one kernel
     w = lm.lora.weights["blocks.1.mlp.up"]
-    ref = np.asarray(model.params["h_1"]["mlp"]["c_fc"]["kernel"]) + 2.0 * np.asarray(w["A"]) @ np.asarray(w["B"])
-    np.testing.assert_allclose(np.asarray(merged_model.params["h_1"]["mlp"]["c_fc"]["kernel"]), ref, atol=1e-6)
+    up = lambda m: np.asarray(m.params["layers"]["mlp"]["up"]["kernel"])  # noqa: E731  [L, D, F]
+    ref = up(model)[1] + 2.0 * np.asarray(w["A"]) @ np.asarray(w["B"])
+    np.testing.assert_allclose(up(merged_model)[1], ref, atol=1e-6)
     # untouched projections keep their base weights
-    np.testing.assert_array_equal(merged_model.params["h_0"]["mlp"]["c_fc"]["kernel"], model.params["h_0"]["mlp"]["c_fc"]["kernel"])
-    np.testing.assert_array_equal(merged_model.params["h_1"]["attn"]["c_attn"]["kernel"], model.params["h_1"]["attn"]["c_attn"]["kernel"])
+    np.testing.assert_array_equal(up(merged_model)[0], up(model)[0])
+    for n in ("q", "k", "v"):
+        np.testing.assert_array_equal(merged_model.params["layers"]["attn"][n]["kernel"],
+                                      model.params["layers"]["attn"][n]["kernel"])
     assert not np.allclose(unmerged, np.asarray(model.run(tokens).logits), atol=1e-3)
 
 
@@ -118,7 +121,8 @@ def test_other_families(family):
     lm = lora.init(base, lora.LoraConfig(rank=2, layers=(0,)))
     kinds = {"llama": 7, "gpt_neox": 4, "mamba": 2}[family]
     assert len(lm.lora.projections) == kinds
-    np.testing.assert_array_equal(np.asarray(lm.run(tokens).logits), np.asarray(base.run(tokens).logits))
+    # B = 0: the side path adds exact zeros (XLA may fuse the base matmuls differently: float32 rounding only)
+    np.testing.assert_allclose(np.asarray(lm.run(tokens).logits), np.asarray(base.run(tokens).logits), atol=1e-6, rtol=0)
     lm = _randomise_b(lm, scale=0.1)
     unmerged = np.asarray(lm.run(tokens, mode="unmerged").logits)
     np.testing.assert_allclose(np.asarray(lora.merge(lm).run(tokens).logits), unmerged, atol=2e-5)

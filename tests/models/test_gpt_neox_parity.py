@@ -7,13 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.hf_utils import hf_forward, hooked_forward, max_err, save_random_hf, torch, transformers
+from tests.hf_utils import hf_forward, hooked_forward, max_err, save_random_hf, torch, transformers, visited_sites
 
 import jaxinterp as ji
 from jaxinterp.hf import ConversionError, read_hf_dir, write_hf_dir
-from jaxinterp.models.common import param_shapes
 from jaxinterp.models.gpt_neox import FAMILY, GPTNeoXConfig
-from jaxinterp.sites import SiteContext
 
 TOL = 1e-4
 BASE = dict(attn_implementation="eager")
@@ -78,17 +76,16 @@ def test_gpt_neox_matches_hf(tmp_path, name, batch, seq):
 
 
 def _abstract_params(cfg):
-    return param_shapes(FAMILY.module(cfg), lambda: SiteContext(FAMILY.site_names(cfg)))
+    return ji.model.abstract_params(cfg)
 
 
 @pytest.mark.parametrize("parallel", [True, False])
 def test_sites_visited_equal_model_sites(parallel):
     cfg = GPTNeoXConfig.tiny(n_layers=2, parallel_residual=parallel, vocab_size=40)
     model = ji.Model(_abstract_params(cfg), cfg, FAMILY.name)
-    ctx = SiteContext(model.sites)
-    # Tracing is enough to see every site the forward emits (no compile, no FLOPs).
-    jax.eval_shape(lambda p: model.module.apply({"params": p}, jnp.zeros((2, 5), jnp.int32), ctx), model.params)
-    assert ctx.visited == list(model.sites)
+    assert visited_sites(model, capture="all") == list(model.sites)
+    # Unobserved, attention runs fused: its scores and pattern are never formed.
+    assert visited_sites(model) == [s for s in model.sites if not s.endswith((".scores", ".pattern"))]
     design = ["resid_pre", "ln1", "attn.q", "attn.k", "attn.v", "attn.scores", "attn.pattern", "attn.z", "attn_out",
               "resid_mid", "ln2", "mlp.pre", "mlp.post", "mlp_out", "resid_post"]  # DESIGN.md, forward order
     if parallel:

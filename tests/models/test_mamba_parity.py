@@ -10,14 +10,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.hf_utils import max_err, save_random_hf, torch, transformers
+from tests.hf_utils import max_err, save_random_hf, torch, transformers, visited_sites
 
 import jaxinterp as ji
 from jaxinterp.hf import ConversionError, read_hf_dir, write_hf_dir
-from jaxinterp.models.common import _hf_shape, param_shapes
-from jaxinterp.models.mamba import MambaConfig, convert, param_axes, site_names, ssm_outputs, ssm_states
+from jaxinterp.models.common import expected_hf_shapes
+from jaxinterp.models.mamba import FAMILY, MambaConfig, site_names, ssm_outputs, ssm_states
+from jaxinterp.models.mamba import convert
+from jaxinterp.models.mamba.family import param_shapes
 from jaxinterp.models.mamba.model import MIXER_SITES, Mamba
-from jaxinterp.sites import SiteContext
 
 TOL = 1e-4
 SHAPES = {
@@ -168,7 +169,16 @@ def test_scan_functions_match_numpy(method, chunk):
     states = ssm_states(u, delta, A, B, method=method, chunk=chunk)
     assert states.shape == (b, t, d, n)
     assert max_err(states, want_states) < 1e-5
-    assert max_err(ssm_outputs(u, delta, A, B, C, method=method, chunk=chunk), want_y) < 1e-5
+    y, h_last = ssm_outputs(u, delta, A, B, C, method=method, chunk=chunk)
+    assert max_err(y, want_y) < 1e-5
+    assert max_err(h_last, want_states[:, -1]) < 1e-5
+    # Continuing from a state: the second half scanned from h0 = state after the first half.
+    s = 6
+    y2, h2 = ssm_outputs(u[:, s:], delta[:, s:], A, B[:, s:], C[:, s:], method=method, chunk=chunk,
+                         h0=want_states[:, s - 1])
+    assert max_err(y2, want_y[:, s:]) < 1e-5 and max_err(h2, want_states[:, -1]) < 1e-5
+    assert max_err(ssm_states(u[:, s:], delta[:, s:], A, B[:, s:], method=method, chunk=chunk,
+                              h0=want_states[:, s - 1]), want_states[:, s:]) < 1e-5
 
 
 def test_scan_rejects_unknown_method():
@@ -254,7 +264,7 @@ def test_zero_state_ablation_leaves_only_skip(tmp_path):
     _, model = make(tmp_path, **SHAPES["d32s4auto"])
     tokens = tokens_for(61, 1, 8)
     out = run(model, tokens, capture="blocks.1.mixer.*", interventions={"blocks.1.mixer.ssm_state": ji.ZeroAblate()})
-    D = np.asarray(model.params["layers_1"]["mixer"]["D"])
+    D = np.asarray(model.params["layers"]["mixer"]["D"][1])
     c = out.cache
     assert np.all(np.asarray(c["blocks.1.mixer.ssm_state"]) == 0)
     assert max_err(c["blocks.1.mixer.ssm_out"], np.asarray(c["blocks.1.mixer.ssm_in"]) * D) < 1e-6
@@ -290,14 +300,10 @@ def test_sites_visited_equal_model_sites(tmp_path):
     _, model = make(tmp_path, **SHAPES["d48s16r5"])
     cfg = model.config
     tokens = jnp.asarray(tokens_for(cfg.vocab_size, 2, 5))
-    ctx = SiteContext(model.sites, capture="all")
-    model.module.apply({"params": model.params}, tokens, ctx)
-    assert tuple(ctx.visited) == model.sites == site_names(cfg)
+    assert tuple(visited_sites(model, capture="all")) == model.sites == site_names(cfg)
     assert len(set(model.sites)) == len(model.sites) == 1 + cfg.n_layers * (4 + len(MIXER_SITES)) + 1
     # Without asking for it, the per-step state is neither emitted nor kept.
-    ctx = SiteContext(model.sites)
-    model.module.apply({"params": model.params}, tokens, ctx)
-    assert tuple(ctx.visited) == tuple(s for s in model.sites if not s.endswith(".ssm_state"))
+    assert tuple(visited_sites(model)) == tuple(s for s in model.sites if not s.endswith(".ssm_state"))
     # Layouts as documented.
     out = run(model, tokens, capture="all")
     b, t, d, di, n = 2, 5, cfg.d_model, cfg.d_inner, cfg.d_state
@@ -340,16 +346,11 @@ def test_130m_shapes_match_hf_state_dict():
     with torch.device("meta"):
         hf = transformers.MambaForCausalLM(transformers.MambaConfig(**cfg.to_hf()))
     hf_shapes = {k: tuple(v.shape) for k, v in hf.state_dict().items() if k != "lm_head.weight"}
-    shapes = param_shapes(Mamba(cfg), lambda: SiteContext(site_names(cfg)))
-    ours = {}
-    for e in convert.entries(cfg):
-        leaf = shapes
-        for p in e.path:
-            leaf = leaf[p]
-        ours[e.hf] = _hf_shape(e, tuple(leaf.shape))
+    shapes = param_shapes(cfg)
+    ours = expected_hf_shapes(convert.entries(cfg), shapes, cfg.n_layers)
     assert ours == hf_shapes
     assert sum(int(np.prod(s)) for s in ours.values()) == 129_135_360
-    axes = param_axes(cfg)
+    axes = ji.sharding.param_axes("mamba", shapes)
     is_axes = lambda x: isinstance(x, tuple)
     assert jax.tree_util.tree_structure(axes, is_leaf=is_axes) == jax.tree_util.tree_structure(shapes)
     for a, s in zip(jax.tree_util.tree_leaves(axes, is_leaf=is_axes), jax.tree_util.tree_leaves(shapes)):
@@ -372,7 +373,7 @@ def test_roundtrip_export(tmp_path, shape):
 def test_init_runs_and_exports(tmp_path):
     cfg = MambaConfig.tiny(vocab_size=50, d_model=32)
     model = jax.jit(lambda key: ji.init(cfg, key))(jax.random.PRNGKey(0))
-    a_log = np.asarray(model.params["layers_0"]["mixer"]["A_log"])
+    a_log = np.asarray(model.params["layers"]["mixer"]["A_log"][0])
     assert np.allclose(np.exp(a_log), np.arange(1, cfg.d_state + 1))  # S4D-real init, A = -[1..N]
     ji.save_pretrained(model, tmp_path)
     hf = transformers.MambaForCausalLM.from_pretrained(tmp_path).eval()
@@ -414,16 +415,16 @@ def test_refuses_bad_checkpoints(checkpoint):
     name = "backbone.layers.1.mixer.conv1d.weight"
     missing = {k: v for k, v in tensors.items() if k != name}
     with pytest.raises(ConversionError, match=f"missing tensors.*{name}"):
-        convert.from_hf(cfg, missing)
+        FAMILY.from_hf(cfg, missing)
     extra = {**tensors, "backbone.layers.1.mixer.dt_norm.weight": np.zeros(3, np.float32)}
     with pytest.raises(ConversionError, match="unexpected tensors.*dt_norm"):
-        convert.from_hf(cfg, extra)
+        FAMILY.from_hf(cfg, extra)
     bad = {**tensors, "backbone.layers.0.mixer.A_log": np.zeros((64, 5), np.float32)}
     with pytest.raises(ConversionError, match=r"mis-shaped.*A_log: checkpoint \(64, 5\) vs expected \(64, 4\)"):
-        convert.from_hf(cfg, bad)
+        FAMILY.from_hf(cfg, bad)
     # A checkpoint with conv biases for a config without them is refused too.
     with pytest.raises(ConversionError, match="unexpected tensors.*conv1d.bias"):
-        convert.from_hf(dataclasses.replace(cfg, use_conv_bias=False), tensors)
+        FAMILY.from_hf(dataclasses.replace(cfg, use_conv_bias=False), tensors)
 
 
 def test_loads_backbone_only_checkpoint(checkpoint):
@@ -431,7 +432,7 @@ def test_loads_backbone_only_checkpoint(checkpoint):
     config, tensors = checkpoint
     cfg = MambaConfig.from_hf(config)
     stripped = {k.removeprefix("backbone.").replace("embeddings.", "embedding."): v for k, v in tensors.items()}
-    a, b = convert.from_hf(cfg, tensors), convert.from_hf(cfg, stripped)
+    a, b = FAMILY.from_hf(cfg, tensors), FAMILY.from_hf(cfg, stripped)
     assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda x, y: np.array_equal(x, y), a, b))
 
 
@@ -454,7 +455,7 @@ def test_logits_at_selects_positions(tmp_path):
     _, model = make(tmp_path, **SHAPES["d48s16r5"])
     tokens = jnp.asarray(tokens_for(77, 2, 9))
     full = run(model, tokens).logits
-    some = jax.jit(lambda m, t: m.run(t, logits_at=jnp.array([2, 8])).logits)(model, tokens)
+    some = jax.jit(lambda m, t: m.run(t, logits_at=jnp.array([[2, 8], [2, 8]])).logits)(model, tokens)
     assert some.shape == (2, 2, 77)
     assert max_err(some, full[:, [2, 8]]) < 1e-6
 
@@ -470,7 +471,7 @@ def test_parameter_grads_match_hf(tmp_path, shape):
         logits = model.replace(params=params).run(jnp.asarray(tokens)).logits
         return -jax.nn.log_softmax(logits[:, -1])[:, 3].sum()
 
-    grads = convert.to_hf(model.config, jax.jit(jax.grad(loss))(model.params))
+    grads = FAMILY.to_hf(model.config, jax.jit(jax.grad(loss))(model.params))
     hf.zero_grad()
     out = hf(torch.as_tensor(tokens)).logits
     (-torch.log_softmax(out[:, -1], -1)[:, 3].sum()).backward()

@@ -22,7 +22,8 @@ def logit_diff(logits):
 @pytest.fixture(scope="module")
 def model():
     m = ji.init(GPT2Config.tiny(n_layers=2, vocab_size=61), 0)
-    return m.replace(params=jax.tree_util.tree_map(lambda p: p * 3.0 if p.ndim == 2 else p, m.params))
+    big = lambda path, p: p * 3.0 if getattr(path[-1], "key", None) in ("kernel", "embed", "pos_embed") else p  # noqa: E731
+    return m.replace(params=jax.tree_util.tree_map_with_path(big, m.params))
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +138,31 @@ def test_bad_inputs(model, pair):
         mean_ablation_knockout(model, clean, [1])
     with pytest.raises(ValueError, match="source positions"):
         attention_knockout(model, clean, [SEQ + 3])
+
+
+
+def test_padded_prompts_patch_like_each_prompt_alone(model):
+    """A left-padded batch of two prompts of different lengths: each row patched in its padded form equals
+    the prompt patched alone at its real positions, and the batch's effect is the mean of its rows' (the
+    metric reads each row's last real token)."""
+    rng = np.random.default_rng(11)
+    lengths, width, site = (5, 7), 7, "blocks.1.resid_pre"
+    clean = np.zeros((2, width), np.int32)
+    mask = np.zeros((2, width), bool)
+    for i, n in enumerate(lengths):
+        clean[i, width - n:], mask[i, width - n:] = rng.integers(1, 61, n), True
+    corrupt = clean.copy()
+    corrupt[:, -3] = (corrupt[:, -3] + 3) % 61
+    batch = activation_patching(model, clean, corrupt, site, logit_diff, attention_mask=mask).effects[site]
+    rows = []
+    for i, n in enumerate(lengths):
+        padded = activation_patching(model, clean[i:i + 1], corrupt[i:i + 1], site, logit_diff,
+                                     attention_mask=mask[i:i + 1]).effects[site]
+        alone = activation_patching(model, clean[i:i + 1, width - n:], corrupt[i:i + 1, width - n:], site,
+                                    logit_diff).effects[site]
+        np.testing.assert_allclose(padded[width - n:], alone, atol=1e-5)
+        rows.append(padded)
+    np.testing.assert_allclose(batch, np.mean(rows, axis=0), atol=1e-5)
+    assert np.ptp(batch[mask.any(0)]) > 1e-3  # patching matters, so the comparison can fail
+    attr = attribution_patching(model, clean, corrupt, site, logit_diff, attention_mask=mask).effects[site]
+    assert attr.shape == (width,) and np.isfinite(attr).all()

@@ -28,11 +28,16 @@ SEQ, SUBJECT = 6, (1, 3)
 CFG = TraceConfig(n_samples=3, window=2, position_buckets=2)
 
 
+def _amplified(config, factor=3.0):
+    """Larger-than-default weights so that restorations move the probabilities visibly."""
+    m = ji.init(config, 0)
+    big = lambda path, p: p * factor if getattr(path[-1], "key", None) in ("kernel", "embed", "pos_embed") else p  # noqa: E731
+    return m.replace(params=jax.tree_util.tree_map_with_path(big, m.params))
+
+
 @pytest.fixture(scope="module")
 def model():
-    # Larger-than-default init so that restorations move the probabilities visibly.
-    m = ji.init(GPT2Config.tiny(n_layers=3, vocab_size=97), 0)
-    return m.replace(params=jax.tree_util.tree_map(lambda p: p * 3.0 if p.ndim == 2 else p, m.params))
+    return _amplified(GPT2Config.tiny(n_layers=3, vocab_size=97))
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +100,38 @@ def test_sweep_matches_loop(model, tokens, sigma, kind, engine):
     np.testing.assert_allclose(res.probs, ref, atol=TOL, rtol=0)
     assert np.ptp(ref) > 1e-3, "the toy must make restorations matter, else the test cannot fail"
     assert res.window == (1 if kind == "resid_post" else 2)
+
+
+def _family_model(name):
+    from jaxinterp.models.gpt_neox import GPTNeoXConfig
+    from jaxinterp.models.llama import LlamaConfig
+    from jaxinterp.models.mamba import MambaConfig
+
+    small = dict(vocab_size=97, n_layers=3)
+    config = {
+        "neox-parallel": lambda: GPTNeoXConfig.tiny(**small, d_model=32, d_mlp=64),
+        "neox-sequential": lambda: GPTNeoXConfig.tiny(**small, d_model=32, d_mlp=64, parallel_residual=False),
+        "llama-gqa": lambda: LlamaConfig.llama_tiny(**small, d_model=32, d_mlp=48),
+        "mistral-window": lambda: LlamaConfig.mistral_tiny(**small, d_model=32, d_mlp=48, sliding_window=3),
+        "mamba": lambda: MambaConfig.tiny(**small, d_model=32),
+    }[name]()
+    return _amplified(config, {"mamba": 5.0, "neox-parallel": 6.0, "neox-sequential": 6.0}.get(name, 3.0))
+
+
+@pytest.mark.parametrize("name,kind", [
+    ("neox-parallel", "resid_post"), ("neox-sequential", "mlp_out"), ("llama-gqa", "resid_post"),
+    ("llama-gqa", "attn_out"), ("mistral-window", "mlp.post"), ("mamba", "resid_post"), ("mamba", "mixer_out"),
+    ("mamba", "mixer.ssm_in")])
+def test_incremental_engine_matches_loop_on_every_family(tokens, name, kind):
+    """The incremental engine (each family's own stepper) equals one full forward per cell."""
+    model = _family_model(name)
+    sigma = embedding_sigma(model, [tokens[SUBJECT[0]:SUBJECT[1]]])
+    cfg = TraceConfig(n_samples=3, window=2, position_buckets=2, engine="incremental")
+    res = trace(model, tokens, SUBJECT, kind=kind, sigma=sigma, config=cfg)
+    ref = loop_table(model, tokens, gaussian_corruption(model, tokens, SUBJECT, sigma, cfg), res.answer, kind,
+                     res.window)
+    np.testing.assert_allclose(res.probs, ref, atol=TOL, rtol=0)
+    assert np.ptp(ref) > 1e-3, "the toy must make restorations matter, else the test cannot fail"
 
 
 def test_severed_matches_loop(model, tokens, sigma):
@@ -186,7 +223,7 @@ def test_prepare_batch_plan_table_equals_trace(model, sigma):
 
 def test_embedding_sigma_is_token_embedding_std(model):
     subs = [[1, 2, 3], [4]]
-    rows = np.asarray(model.params["wte"])[[1, 2, 3, 4]]
+    rows = np.asarray(model.params["embed"])[[1, 2, 3, 4]]
     assert embedding_sigma(model, subs) == pytest.approx(rows.std(ddof=1), rel=1e-6)
 
 

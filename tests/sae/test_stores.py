@@ -69,3 +69,27 @@ def test_online_buffer_exchange_and_fused_step_match_unfused():
         np.testing.assert_allclose(buffer[s], ref_buffer[s], rtol=1e-5, atol=1e-7)
         a = ref_states[s]["relu"].sae.params["W_dec"]
         np.testing.assert_allclose(states[s]["relu"].sae.params["W_dec"], a, rtol=1e-5, atol=1e-6)
+
+
+def test_online_store_skips_padding_and_stops_early():
+    """Harvesting a padded batch: padding rows never enter the buffer, real rows equal each prompt run alone,
+    and only the layers up to the harvested site run."""
+    model = ji.init(GPT2Config.tiny(vocab_size=17, d_model=16, n_layers=3, n_heads=2, d_mlp=32, max_seq_len=8), 0)
+    site = "blocks.0.resid_post"
+    store = OnlineStore(site, buffer_factor=2)
+    tokens = np.asarray(jax.random.randint(jax.random.PRNGKey(3), (2, 6), 1, 17))
+    mask = np.ones((2, 6), bool)
+    mask[0, :4] = False  # row 0: two real tokens, left-padded
+    buffer = store.fill(model, [tokens, tokens], masks=[mask, mask])
+    assert buffer[site].shape == (2 * int(mask.sum()), 16)
+    alone = [model.run(tokens[i:i + 1, mask[i]], capture=site).cache[site][0] for i in range(2)]
+    want = np.concatenate([np.asarray(a) for a in alone])
+    np.testing.assert_allclose(buffer[site][: len(want)], want, atol=1e-5)
+    fresh, keep = store.acts(model, jnp.asarray(tokens), jnp.asarray(mask))
+    assert np.asarray(keep).tolist() == mask.reshape(-1).tolist()
+    # exchange never writes a padding row: the buffer keeps only rows of real tokens
+    poisoned = {site: jnp.where(jnp.asarray(mask.reshape(-1, 1)), fresh[site], 1e6)}
+    new, _ = store.exchange(buffer, poisoned, jax.random.PRNGKey(0), keep)
+    assert float(jnp.abs(new[site]).max()) < 1e5
+    jaxpr = jax.make_jaxpr(lambda t, m: store.acts(model, t, m))(jnp.asarray(tokens), jnp.asarray(mask))
+    assert [e.params["length"] for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"] == [1]

@@ -64,9 +64,9 @@ def test_forward_capture_interventions_match_single_device(model, tokens, rules,
 def test_parameters_are_actually_split(model):
     mesh = _mesh("fsdp_tp", 4, 2)
     sharded = jsh.shard_model(model, mesh, "fsdp_tp")
-    kernel = sharded.params["h_0"]["mlp"]["c_fc"]["kernel"]  # [embed 64, mlp 128]
-    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
-    assert {s.data.shape for s in kernel.addressable_shards} == {(16, 64)}
+    kernel = sharded.params["layers"]["mlp"]["up"]["kernel"]  # [layers 2, embed 64, mlp 128]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    assert {s.data.shape for s in kernel.addressable_shards} == {(2, 16, 64)}
     per_device = jsh.per_device_bytes(sharded.params)
     total = sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(model.params))
     assert len(per_device) == 8 and max(per_device.values()) < total / 4
@@ -118,3 +118,18 @@ def test_every_port_forward_and_captures_match_single_device(port, shape):
     for site in ref.cache:
         np.testing.assert_allclose(np.asarray(out.cache[site]), np.asarray(ref.cache[site]), atol=1e-5, rtol=0,
                                    err_msg=site)
+
+
+def test_layer_axis_can_be_sharded(model, tokens):
+    """Stacked parameters shard along the ``layers`` axis (each device holds some layers); the scanned
+    forward then gathers one layer per step and still equals the single-device run."""
+    rules = jsh.Rules.from_dict({"params": {"layers": "fsdp", "heads": "tensor", "mlp": "tensor"},
+                                 "activations": {"batch": "fsdp"}}, name="layers_fsdp")
+    mesh = jsh.make_mesh({"data": 1, "fsdp": 2, "tensor": 4})
+    sharded = jsh.shard_model(model, mesh, rules)
+    kernel = sharded.params["layers"]["mlp"]["up"]["kernel"]  # [layers 2, embed, mlp]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", None, "tensor")
+    assert {s.data.shape[0] for s in kernel.addressable_shards} == {1}  # one layer per fsdp shard
+    out = jsh.sharded_run(sharded, tokens, mesh, rules, capture="blocks.*.resid_post")
+    ref = model.run(tokens, capture="blocks.*.resid_post")
+    np.testing.assert_allclose(np.asarray(out.logits), np.asarray(ref.logits), atol=1e-5, rtol=0)

@@ -34,7 +34,7 @@ def test_model_over_the_device_budget_loads_and_runs_sharded(checkpoint, monkeyp
     monkeypatch.setattr(place, "_read_slice", lambda a, idx, dt: reads.append((a.shape, idx)) or real_read(a, idx, dt))
 
     mesh = jsh.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
-    model = jsh.load_sharded(checkpoint, mesh, "fsdp_tp")
+    model = ji.load(checkpoint, mesh=mesh, rules="fsdp_tp")
     per_device = jsh.per_device_bytes(model.params)
     assert len(per_device) == 8
     assert max(per_device.values()) <= budget, (max(per_device.values()), budget, total)
@@ -64,20 +64,20 @@ def test_model_over_the_device_budget_loads_and_runs_sharded(checkpoint, monkeyp
 
 def test_sharded_load_in_bfloat16_matches_plain_load(checkpoint):
     mesh = jsh.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    model = jsh.load_sharded(checkpoint, mesh, "fsdp_tp", dtype="bfloat16")
+    model = ji.load(checkpoint, "bfloat16", mesh=mesh, rules="fsdp_tp")
     plain = ji.load(checkpoint, dtype="bfloat16")
     for a, b in zip(jax.tree_util.tree_leaves(model.params), jax.tree_util.tree_leaves(plain.params)):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
     with pytest.raises(ValueError, match="dtype must be one of"):
-        jsh.load_sharded(checkpoint, mesh, "fsdp_tp", dtype="int8")
+        ji.load(checkpoint, "int8", mesh=mesh, rules="fsdp_tp")
 
 
 def test_ji_load_with_a_mesh_places_sharded(checkpoint):
     mesh = jsh.make_mesh({"data": 1, "fsdp": 2, "tensor": 4})
     model = ji.load(checkpoint, mesh=mesh, rules="tp")
-    kernel = model.params["h_0"]["mlp"]["c_fc"]["kernel"]  # [embed, mlp]
-    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "tensor")
+    kernel = model.params["layers"]["mlp"]["up"]["kernel"]  # [layers, embed, mlp]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor")
     assert len(jsh.per_device_bytes(model.params)) == 8
     with pytest.raises(ValueError, match="rules given without a mesh"):
         ji.load(checkpoint, rules="tp")

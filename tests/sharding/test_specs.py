@@ -1,4 +1,4 @@
-"""Golden PartitionSpecs: every port's parameters under every rule set."""
+"""Golden PartitionSpecs: every family's (layer-stacked) parameters under every rule set."""
 
 from __future__ import annotations
 
@@ -8,53 +8,60 @@ from jax.sharding import PartitionSpec as P
 
 import jaxinterp as ji
 from jaxinterp import sharding as jsh
-from jaxinterp.models.common import param_shapes
-from jaxinterp.sites import SiteContext
 
 RULES = ["dp", "fsdp", "tp", "fsdp_tp"]
-
-# parameter path -> spec per rule set (pure rules, before fitting to a mesh)
-GPT2_GOLDEN = {
-    "wte": {"dp": P(), "fsdp": P(None, "fsdp"), "tp": P("tensor"), "fsdp_tp": P("tensor", "fsdp")},
-    "wpe": {"dp": P(), "fsdp": P(None, "fsdp"), "tp": P(), "fsdp_tp": P(None, "fsdp")},
-    "h_0/ln_1/scale": {"dp": P(), "fsdp": P("fsdp"), "tp": P(), "fsdp_tp": P("fsdp")},
-    "h_0/attn/c_attn/kernel": {"dp": P(), "fsdp": P("fsdp"), "tp": P(None, "tensor"), "fsdp_tp": P("fsdp", "tensor")},
-    "h_0/attn/c_attn/bias": {"dp": P(), "fsdp": P(), "tp": P("tensor"), "fsdp_tp": P("tensor")},
-    "h_0/attn/c_proj/kernel": {"dp": P(), "fsdp": P(None, "fsdp"), "tp": P("tensor"), "fsdp_tp": P("tensor", "fsdp")},
-    "h_0/mlp/c_fc/kernel": {"dp": P(), "fsdp": P("fsdp"), "tp": P(None, "tensor"), "fsdp_tp": P("fsdp", "tensor")},
-    "h_0/mlp/c_fc/bias": {"dp": P(), "fsdp": P(), "tp": P("tensor"), "fsdp_tp": P("tensor")},
-    "h_0/mlp/c_proj/kernel": {"dp": P(), "fsdp": P(None, "fsdp"), "tp": P("tensor"), "fsdp_tp": P("tensor", "fsdp")},
-    "h_0/mlp/c_proj/bias": {"dp": P(), "fsdp": P("fsdp"), "tp": P(), "fsdp_tp": P("fsdp")},
-    "ln_f/bias": {"dp": P(), "fsdp": P("fsdp"), "tp": P(), "fsdp_tp": P("fsdp")},
-    "lm_head/kernel": {"dp": P(), "fsdp": P("fsdp"), "tp": P(None, "tensor"), "fsdp_tp": P("fsdp", "tensor")},
-}
-
 
 _EMB = {"dp": P(), "fsdp": P(None, "fsdp"), "tp": P("tensor"), "fsdp_tp": P("tensor", "fsdp")}  # [vocab, embed]
 _IN = {"dp": P(), "fsdp": P("fsdp"), "tp": P(None, "tensor"), "fsdp_tp": P("fsdp", "tensor")}  # [embed, heads|mlp]
 _OUT = {"dp": P(), "fsdp": P(None, "fsdp"), "tp": P("tensor"), "fsdp_tp": P("tensor", "fsdp")}  # [heads|mlp, embed]
 _NORM = {"dp": P(), "fsdp": P("fsdp"), "tp": P(), "fsdp_tp": P("fsdp")}
+_BIAS = {"dp": P(), "fsdp": P(), "tp": P("tensor"), "fsdp_tp": P("tensor")}  # [heads|mlp]
+
+
+def _stacked(golden):
+    """The spec of a layer-stacked parameter: the ``layers`` axis in front is never sharded by these rules."""
+    return {rule: P(None, *spec) if len(spec) else P() for rule, spec in golden.items()}
+
+
+# Every transformer family shares the block's parameter layout (stacked on ``layers``).
+TRANSFORMER_GOLDEN = {
+    "embed": _EMB,
+    "pos_embed": {"dp": P(), "fsdp": P(None, "fsdp"), "tp": P(), "fsdp_tp": P(None, "fsdp")},
+    "layers/ln1/scale": _stacked(_NORM),
+    "layers/attn/q/kernel": _stacked(_IN),
+    "layers/attn/q/bias": _stacked(_BIAS),
+    "layers/attn/k/kernel": _stacked(_IN),
+    "layers/attn/o/kernel": _stacked(_OUT),
+    "layers/attn/o/bias": _stacked(_NORM),
+    "layers/mlp/up/kernel": _stacked(_IN),
+    "layers/mlp/up/bias": _stacked(_BIAS),
+    "layers/mlp/down/kernel": _stacked(_OUT),
+    "final_norm/bias": _NORM,
+    "lm_head/kernel": _IN,
+}
 
 OTHER_GOLDEN = {
     ("llama", "llama_tiny"): {
-        "embed_tokens": _EMB, "layers_0/self_attn/q_proj/kernel": _IN, "layers_0/self_attn/k_proj/kernel": _IN,
-        "layers_0/self_attn/o_proj/kernel": _OUT, "layers_0/mlp/gate_proj/kernel": _IN,
-        "layers_0/mlp/down_proj/kernel": _OUT, "norm/scale": _NORM,
+        "embed": _EMB, "layers/attn/q/kernel": _stacked(_IN), "layers/attn/k/kernel": _stacked(_IN),
+        "layers/attn/o/kernel": _stacked(_OUT), "layers/mlp/gate/kernel": _stacked(_IN),
+        "layers/mlp/down/kernel": _stacked(_OUT), "final_norm/scale": _NORM,
     },
     ("gpt_neox", "tiny"): {
-        "embed_in": _EMB, "layers_1/attention/query_key_value/kernel": _IN, "layers_1/attention/dense/kernel": _OUT,
-        "layers_1/mlp/dense_h_to_4h/kernel": _IN, "layers_1/mlp/dense_4h_to_h/kernel": _OUT,
-        "embed_out/kernel": _IN, "final_layer_norm/bias": _NORM,
+        "embed": _EMB, "layers/attn/v/kernel": _stacked(_IN), "layers/attn/o/kernel": _stacked(_OUT),
+        "layers/mlp/up/kernel": _stacked(_IN), "layers/mlp/down/kernel": _stacked(_OUT),
+        "lm_head/kernel": _IN, "final_norm/bias": _NORM,
     },
     ("mamba", "tiny"): {
-        "embeddings": _EMB,
-        "layers_0/mixer/in_proj/kernel": _IN,  # [embed, d_inner]
-        "layers_0/mixer/out_proj/kernel": {"dp": P(), "fsdp": P("fsdp"), "tp": P("tensor"), "fsdp_tp": P("tensor", "fsdp")},
-        "layers_0/mixer/A_log": {"dp": P(), "fsdp": P("fsdp"), "tp": P("tensor"), "fsdp_tp": P("tensor")},
-        "layers_0/mixer/conv1d/kernel": {"dp": P(), "fsdp": P(None, "fsdp"), "tp": P(None, "tensor"),
-                                         "fsdp_tp": P(None, "tensor")},
-        "layers_0/mixer/x_proj/kernel": {"dp": P(), "fsdp": P("fsdp"), "tp": P("tensor"), "fsdp_tp": P("tensor")},
-        "norm_f/scale": _NORM,
+        "embed": _EMB,
+        "layers/mixer/in_proj/kernel": _stacked(_IN),  # [embed, d_inner]
+        "layers/mixer/out_proj/kernel": _stacked({"dp": P(), "fsdp": P("fsdp"), "tp": P("tensor"),
+                                                   "fsdp_tp": P("tensor", "fsdp")}),
+        "layers/mixer/A_log": _stacked({"dp": P(), "fsdp": P("fsdp"), "tp": P("tensor"), "fsdp_tp": P("tensor")}),
+        "layers/mixer/conv1d/kernel": _stacked({"dp": P(), "fsdp": P(None, "fsdp"), "tp": P(None, "tensor"),
+                                                 "fsdp_tp": P(None, "tensor")}),
+        "layers/mixer/x_proj/kernel": _stacked({"dp": P(), "fsdp": P("fsdp"), "tp": P("tensor"),
+                                                 "fsdp_tp": P("tensor")}),
+        "final_norm/scale": _NORM,
     },
 }
 
@@ -72,8 +79,7 @@ def _small_configs(cls):
 
 
 def _shapes(config):
-    fam = ji.model.family_for_config(config)
-    return param_shapes(fam.module(config), lambda: SiteContext(fam.site_names(config)))
+    return ji.model.abstract_params(config)
 
 
 @pytest.mark.parametrize("rules", RULES)
@@ -81,7 +87,7 @@ def test_gpt2_golden_specs(rules):
     from jaxinterp.models.gpt2 import GPT2Config
 
     specs = _flat_specs("gpt2", _shapes(GPT2Config.tiny(tie_embeddings=False)), rules)
-    for path, golden in GPT2_GOLDEN.items():
+    for path, golden in TRANSFORMER_GOLDEN.items():
         assert specs[path] == golden[rules], (path, specs[path], golden[rules])
 
 
@@ -116,10 +122,10 @@ def test_every_site_of_every_port_has_a_layout():
 
 
 def test_unknown_parameter_is_refused():
-    with pytest.raises(KeyError, match="no row for parameter 'h_0/attn/mystery'"):
-        jsh.param_axes("gpt2", {"h_0": {"attn": {"mystery": jax.ShapeDtypeStruct((4, 4), "float32")}}})
+    with pytest.raises(KeyError, match="no row for parameter 'layers/attn/mystery'"):
+        jsh.param_axes("gpt2", {"layers": {"attn": {"mystery": jax.ShapeDtypeStruct((2, 4, 4), "float32")}}})
     with pytest.raises(ValueError, match="has 3 axes"):
-        jsh.param_axes("gpt2", {"wte": jax.ShapeDtypeStruct((4, 4, 4), "float32")})
+        jsh.param_axes("gpt2", {"embed": jax.ShapeDtypeStruct((4, 4, 4), "float32")})
 
 
 def test_fitting_to_a_mesh_drops_axes_that_do_not_divide():

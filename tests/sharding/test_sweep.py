@@ -48,8 +48,8 @@ def test_patching_sweep_over_devices_matches_loop(model, pair, shape):
     sharded = jsh.shard_model(model, mesh, "fsdp_tp")
     cache = model.run(clean, capture="blocks.*.resid_pre").cache
     masks, (n_l, n_t) = jsh.layer_position_masks(model, T)
-    metric = lambda logits: logits[:, -1, 5] - logits[:, -1, 9]
-    out = jsh.patching_sweep(sharded, corrupt, cache, masks, metric, mesh, "fsdp_tp", logits_at=[T - 1],
+    metric = lambda logits: logits[:, 5] - logits[:, 9]  # logits at the last position: [B, V]
+    out = jsh.patching_sweep(sharded, corrupt, cache, masks, metric, mesh, "fsdp_tp", logits_at=T - 1,
                              chunk_size=1 if shape[0] <= 2 else None)
     assert out.shape == (n_l * n_t, 2)
     np.testing.assert_allclose(out.reshape(n_l, n_t, 2), ref, atol=1e-5, rtol=0)
