@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 import jaxinterp as ji
-from jaxinterp import lora
+from jaxinterp import lora, train
 from jaxinterp.unlearning import elm
 from jaxinterp.models.gpt2 import GPT2Config
 
@@ -43,17 +43,17 @@ def bench_jax(args, batch, cfg, lcfg):
                                    n_layers=args.layers, n_heads=args.heads, d_mlp=4 * args.d_model), 0)
     lm = lora.init(base, lcfg, key=0)
     opt = optax.adamw(cfg.lr)
-    step = elm.make_train_step(lambda a, b, bt, k: elm.elm_loss(a, b, bt, k, cfg), opt)
-    state = elm.init_state(lm, opt, jax.random.PRNGKey(0))
+    step = train.make_train_step(train.loss_step(lambda a, b, bt, k: elm.elm_loss(a, b, bt, k, cfg), opt))
+    state = train.init_state(lm.lora, opt, jax.random.PRNGKey(0))
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     t0 = time.perf_counter()
-    state, m = step(state, base, batch)
+    state, m = step(state, batch, base)
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t0
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
-        state, m = step(state, base, batch)
+        state, m = step(state, batch, base)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t0)
     return statistics.median(times), compile_s

@@ -29,6 +29,8 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxinterp.train import make_train_step
+
 MESHES = [(8, 1, 1), (1, 8, 1), (1, 4, 2), (1, 2, 4), (1, 1, 8), (2, 2, 2)]
 
 
@@ -114,7 +116,7 @@ def sae_workload(model, mesh, rules, batch, seq):
     state = sae.unstack(sae.init_state(cfg, [{}], x), 0)
     shardings = jsh.param_shardings("sae", state, mesh, rules, strict=False)
     batch_sh = NamedSharding(mesh, jsh.activation_spec(("batch", "embed"), x.shape, mesh, jsh.load_rules(rules)))
-    fn = jsh.make_train_step(functools.partial(sae.sae_step, cfg=cfg), shardings, batch_sh, donate=False)
+    fn = make_train_step(functools.partial(sae.sae_step, cfg=cfg), shardings, batch_sh, donate=False)
     placed = jax.device_put(state, shardings)
     return fn, (placed, jax.device_put(x, batch_sh)), placed
 
@@ -143,7 +145,7 @@ def lora_workload(model, mesh, rules, batch, seq):
                 base.replace(params=jsh.param_shardings(model.family, base.params, mesh, rules)),
                 jsh.param_shardings("lora", opt_state, mesh, rules, strict=False))
     tok_sh = NamedSharding(mesh, jsh.activation_spec(("batch", "seq"), tokens.shape, mesh, jsh.load_rules(rules)))
-    fn = jsh.make_train_step(step, state_sh, tok_sh, donate=False)
+    fn = make_train_step(step, state_sh, tok_sh, donate=False)
     placed = jax.device_put((adapters, base, opt_state), state_sh)
     return fn, (placed, jax.device_put(tokens, tok_sh)), placed
 

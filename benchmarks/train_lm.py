@@ -48,7 +48,7 @@ def setup(args):
     import transformers
 
     from jaxinterp.experiments.train_lm.config import Config, DataConfig, ModelSpec, OptimConfig, TrainConfig
-    from jaxinterp.experiments.train_lm.main import make_optimizer, make_train_step
+    from jaxinterp.experiments.train_lm.main import data_mesh, make_optimizer, make_train_step
     import jaxinterp as ji
 
     torch.set_num_threads(args.torch_threads)
@@ -62,7 +62,7 @@ def setup(args):
     model = ji.load(tmp)
     cfg = Config(model=ModelSpec(), data=DataConfig(seq_len=args.seq, batch_size=args.batch),
                  optim=OptimConfig(lr=1e-3, warmup_steps=10), train=TrainConfig(steps=1000))
-    jax_step = make_train_step(model, make_optimizer(cfg))
+    jax_step = make_train_step(make_optimizer(cfg), data_mesh())  # the training loop's step
     torch_opt = torch.optim.AdamW(hf.parameters(), lr=1e-3, betas=(0.9, 0.98), weight_decay=0.1)
     return hf, torch_opt, model, cfg, jax_step
 
@@ -94,12 +94,14 @@ def main(argv=None) -> dict:
         torch_opt.zero_grad(set_to_none=True)
         return float(out.loss.detach())
 
-    params = model.params
-    opt_state = make_opt_state(cfg, params)
-    tokens = jnp.asarray(batch)
+    from jaxinterp.experiments.train_lm.main import make_optimizer
+    from jaxinterp.train import init_state
+
+    state = init_state(model.params, make_optimizer(cfg), jax.random.key(0))
+    jax_batch, skeleton = {"tokens": jnp.asarray(batch), "weights": None}, model.replace(params={})
     t0 = time.perf_counter()
-    params, opt_state, loss = jax_step(params, opt_state, tokens)
-    loss.block_until_ready()
+    state, metrics = jax_step(state, jax_batch, skeleton)
+    metrics["loss"].block_until_ready()
     compile_s = time.perf_counter() - t0
     torch_first_s = _timed(torch_step)
     torch_step()  # warm-up (allocator, optimizer state)
@@ -108,8 +110,8 @@ def main(argv=None) -> dict:
     for _ in range(args.rounds):
         t = time.perf_counter()
         for _ in range(args.steps):
-            params, opt_state, loss = jax_step(params, opt_state, tokens)
-        loss.block_until_ready()
+            state, metrics = jax_step(state, jax_batch, skeleton)
+        metrics["loss"].block_until_ready()
         jax_times.append((time.perf_counter() - t) / args.steps)
         torch_times.append(_timed(lambda: [torch_step() for _ in range(args.steps)]) / args.steps)
     tokens_per_step = args.batch * args.seq
@@ -128,12 +130,6 @@ def main(argv=None) -> dict:
     }
     print(json.dumps(result, indent=2))
     return result
-
-
-def make_opt_state(cfg, params):
-    from jaxinterp.experiments.train_lm.main import make_optimizer
-
-    return make_optimizer(cfg).init(params)
 
 
 if __name__ == "__main__":

@@ -276,7 +276,10 @@ def _run(name: str, preset, args: argparse.Namespace, run: Callable[[Any, Path],
             check_model(source)
     out = _output_dir(args.out, name, args.preset, cfg, preset)
     t0 = int(time.time())
-    written = [write_json(out / "results.json", run(cfg, out)), write_json(out / "config.json", config)]
+    from jaxinterp.checkpoint import OutputLock  # (orbax: imported only when a run starts)
+
+    with OutputLock(out):  # a second run on this --out is refused (ValueError naming the PID holding it)
+        written = [write_json(out / "results.json", run(cfg, out)), write_json(out / "config.json", config)]
     written += sorted(p for p in out.iterdir() if p.stat().st_mtime >= t0 and p not in written
                       and not p.name.startswith("."))
     print("wrote " + ", ".join(f"{p}/" if p.is_dir() else str(p) for p in written))

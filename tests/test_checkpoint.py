@@ -112,3 +112,80 @@ def test_kill_mid_save_keeps_previous_checkpoint(tmp_path):
         template["big"] = jnp.ones((4000, 4000))
     restored = ck.restore(template=template)
     np.testing.assert_array_equal(restored["x"], np.full((256, 256), float(step)))
+
+
+# ----------------------------------------------------------------------------- integrity (issue 24 item 6)
+
+
+def _two_steps(directory):
+    """Steps 1 and 2 of incompressible arrays; returns their values."""
+    rng = np.random.default_rng(0)
+    values = {s: {"x": rng.normal(size=(64, 64)).astype(np.float32), "n": s} for s in (1, 2)}
+    with Checkpointer(directory, keep=3) as ck:
+        for s, v in values.items():
+            ck.save(s, {"x": jnp.asarray(v["x"]), "n": v["n"]})
+    return values
+
+
+def _largest_file(step_dir):
+    return max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def test_flipped_byte_falls_back_to_the_previous_step(tmp_path):
+    """A flipped byte in the newest step's array data used to restore silently (wrong values)."""
+    values = _two_steps(tmp_path)
+    data = _largest_file(tmp_path / "2")
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    data.write_bytes(bytes(raw))
+    lines = []
+    restored = Checkpointer(tmp_path, log=lines.append).restore(template={"x": jnp.zeros((64, 64)), "n": 0})
+    assert restored["n"] == 1
+    np.testing.assert_array_equal(np.asarray(restored["x"]), values[1]["x"])
+    assert len(lines) == 1 and "step 2" in lines[0] and "skipped" in lines[0] and "checksum" in lines[0], lines
+    with pytest.raises(ValueError, match="step 2 .* is damaged"):  # asking for that step by number: an error
+        Checkpointer(tmp_path, log=lines.append).restore(2, template={"x": jnp.zeros((64, 64)), "n": 0})
+
+
+_RESTORE_SCRIPT = textwrap.dedent("""
+    import sys, jax.numpy as jnp
+    from jaxinterp.checkpoint import Checkpointer
+    r = Checkpointer(sys.argv[1]).restore(template={"x": jnp.zeros((64, 64)), "n": 0})
+    print("restored", r["n"], float(r["x"].sum()))
+""")
+
+
+def test_truncated_step_is_one_line_and_no_traceback(tmp_path):
+    """Truncating the newest step's data used to print ~70 frames of tracebacks and fail."""
+    values = _two_steps(tmp_path / "ck")
+    data = _largest_file(tmp_path / "ck" / "2")
+    size = data.stat().st_size
+    data.write_bytes(data.read_bytes()[: size // 2])
+    script = tmp_path / "restore.py"
+    script.write_text(_RESTORE_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "ck")], capture_output=True, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    notes = [l for l in proc.stderr.splitlines() if "skipped" in l]
+    assert len(notes) == 1 and "step 2" in notes[0] and f"{size // 2} bytes, {size} were written" in notes[0], \
+        proc.stderr
+    assert proc.stdout.split()[:2] == ["restored", "1"]
+    np.testing.assert_allclose(float(proc.stdout.split()[2]), values[1]["x"].sum(), rtol=1e-5)
+
+
+def test_missing_checksum_or_file_is_not_intact(tmp_path):
+    """A step whose writer died before its checksum, or with a file removed, is skipped; a damaged
+    step is replaced when saved again."""
+    _two_steps(tmp_path)
+    (tmp_path / "2" / "sha256.json").unlink()
+    lines = []
+    ck = Checkpointer(tmp_path, log=lines.append)
+    assert ck.latest_step() == 1 and ck.all_steps() == [1, 2]
+    assert ck.restore(template={"x": jnp.zeros((64, 64)), "n": 0})["n"] == 1
+    assert "no sha256.json" in lines[0]
+    assert ck.save(2, {"x": jnp.ones((64, 64)), "n": 2})  # replaced, now intact
+    assert ck.restore(template={"x": jnp.zeros((64, 64)), "n": 0})["n"] == 2
+    _largest_file(tmp_path / "1").unlink()
+    with pytest.raises(ValueError, match="is missing"):
+        ck.restore(1, template={"x": jnp.zeros((64, 64)), "n": 0})

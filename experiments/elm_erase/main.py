@@ -11,6 +11,7 @@ the ELM adapter (``elm_adapter/``, PEFT layout) and training checkpoints (``ckpt
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxinterp import lora
+from jaxinterp import lora, train
 from jaxinterp.unlearning import elm
 from jaxinterp.unlearning import baselines as ub
 from jaxinterp.unlearning import metrics as um
@@ -130,9 +131,20 @@ def run_method(name, base, batches, cfg: ExperimentConfig, out: Path, key):
         loss_fn = lambda a, b, batch, k: ub.rmu_loss(a, b, batch, k, rcfg, control)
         opt = optax.adamw(cfg.elm.lr, weight_decay=cfg.elm.weight_decay)
     t0 = time.perf_counter()
-    trained, hist = elm.train(lm, loss_fn, batches, steps=cfg.steps, optimizer=opt, key=jax.random.fold_in(key, 3),
-                              checkpoint_dir=out / "ckpt" / name, save_every=max(1, cfg.steps // 3), desc=name)
-    return trained, hist, time.perf_counter() - t0
+    state = train.init_state(lm.lora, opt, jax.random.fold_in(key, 3))
+    loop = train.LoopConfig(steps=cfg.steps, save_every=max(1, cfg.steps // 3), desc=name)
+    state, hist = train.fit(train.make_train_step(train.loss_step(loss_fn, opt)), state, batches, loop,
+                            directory=out / "ckpt" / name, frozen=lm.base, run_config=_config_dict(cfg),
+                            may_change=TRAINING_FREE_FIELDS)
+    return lora.combine(state["params"], lm.base), hist, time.perf_counter() - t0
+
+
+# a resume may change these (evaluation only, or other methods); any other change is refused
+TRAINING_FREE_FIELDS = ("steps", "methods", "gen_prompts", "gen_new", "gen_new_open")
+
+
+def _config_dict(cfg: ExperimentConfig) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
 def evaluate(logits_fn, original_fn, world, corpus, cfg: ExperimentConfig, key) -> dict:

@@ -130,8 +130,9 @@ def train_saes(cfg: BoardgameConfig, model, games: dict, board: othello.OthelloC
 def run_model(cfg: BoardgameConfig, model, name: str, games: dict, board: othello.OthelloConfig,
               ckpt_dir: Path | None = None) -> dict:
     """Train and evaluate one model's SAEs. With ``ckpt_dir``, training state is checkpointed
-    every tenth of the run and a re-run resumes from the latest checkpoint (``history`` then
-    covers the resumed steps only)."""
+    every tenth of the run and a re-run resumes from the latest checkpoint (``history``, rows
+    ``{"step", run: {metric: [G]}}``, then still covers the whole run: it is read back from the
+    checkpoint directory's ``metrics.jsonl``)."""
     t0 = time.time()
     tenth = max(cfg.steps // 10, 1)
     runs, states, history, data = train_saes(cfg, model, games, board, log_every=tenth, ckpt_dir=ckpt_dir,

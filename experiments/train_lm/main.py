@@ -7,8 +7,10 @@ name of ``--preset``.) Writes under ``--out`` (default ``results/train_lm/<prese
 ``ckpt/`` (orbax checkpoints of params, optimizer state, step = data
 position, RNG key), ``metrics.jsonl``, ``results.json``, ``loss.png`` and ``export/`` (config.json
 + model.safetensors + tokenizer files + world.json, loadable by ``ji.load`` and transformers).
-Re-running the same command after a kill resumes from the latest checkpoint and ends with the
-same parameters, bit for bit, as an uninterrupted run.
+Re-running the same command after a kill resumes from the newest intact checkpoint and ends
+with the same parameters, bit for bit, as an uninterrupted run; a rerun with another config is
+refused naming the fields (only ``train.steps`` and the eval/save cadence may change, never to
+fewer steps than the checkpoint holds), and so is a second process on the same ``--out``.
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from tqdm import tqdm
 
-from jaxinterp.checkpoint import Checkpointer
+from jaxinterp import train as train_lib
+from jaxinterp.checkpoint import OutputLock
 from jaxinterp.experiments.common import experiment_main, pyplot, save_figure
 from jaxinterp.experiments.data.facts_world import FactsWorld
 from jaxinterp.experiments.train_lm.config import PRESETS, Config
@@ -37,7 +39,8 @@ from jaxinterp.experiments.train_lm.evaluate import evaluate_world
 from jaxinterp.loading import load, resolve_source, save_pretrained
 from jaxinterp.model import Model, get_family, init, run
 
-__all__ = ["build_model", "load_initial", "decay_mask", "make_optimizer", "make_train_step", "train", "export", "main"]
+__all__ = ["build_model", "load_initial", "decay_mask", "make_optimizer", "lm_loss", "make_train_step", "train", "export",
+           "main"]
 
 
 # model / optimiser ---------------------------------------------------------------------------
@@ -118,32 +121,21 @@ def lm_loss(params, model: Model, tokens: jax.Array, weights: jax.Array | None =
     return ce.mean() if weights is None else (ce * weights).sum() / weights.sum()
 
 
-def make_train_step(model: Model, optimizer: optax.GradientTransformation):
-    """jit(params, opt_state, tokens, weights=None) -> (params, opt_state, loss); batch sharding
-    comes from the input."""
+def batch_loss(params, skeleton: Model, batch: dict, key) -> jax.Array:
+    """``lm_loss`` of a ``{"tokens", "weights"}`` batch (the loop's ``loss_fn``; no randomness)."""
+    return lm_loss(params, skeleton, batch["tokens"], batch["weights"])
 
-    skeleton = model.replace(params={})  # config only: the parameters are jit arguments, not constants
 
-    def step(params, opt_state, tokens, weights=None):
-        loss, grads = jax.value_and_grad(lm_loss)(params, skeleton, tokens, weights)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return jax.jit(step, donate_argnums=(0, 1))
+def make_train_step(optimizer: optax.GradientTransformation, mesh: Mesh):
+    """The jitted loop step: state replicated over ``mesh``, batches split over its ``data`` axis."""
+    return train_lib.make_train_step(train_lib.loss_step(batch_loss, optimizer), NamedSharding(mesh, P()),
+                                     NamedSharding(mesh, P("data")))
 
 
 # state ----------------------------------------------------------------------------------------
 def data_mesh() -> Mesh:
     """A 1-D ``data`` mesh over every device."""
     return Mesh(np.array(jax.devices()), ("data",))
-
-
-def initial_state(cfg: Config, model: Model, optimizer, mesh: Mesh) -> dict:
-    replicated = NamedSharding(mesh, P())
-    params = jax.device_put(model.params, replicated)
-    opt_state = jax.device_put(optimizer.init(params), replicated)
-    return {"params": params, "opt": opt_state, "step": 0,
-            "key": jax.random.key(cfg.train.seed + 1)}  # carried for stochastic extensions (dropout)
 
 
 def _check_batch(cfg: Config, mesh: Mesh) -> None:
@@ -154,50 +146,45 @@ def _check_batch(cfg: Config, mesh: Mesh) -> None:
 
 
 # loop -------------------------------------------------------------------------------------------
+RESUMABLE_FIELDS = ("train.steps", "train.eval_every", "train.save_every", "train.keep", "train.eval_prompts")
+
+
 def train(cfg: Config, out: Path, *, progress: bool = True, log=print) -> tuple[Model, dict]:
-    """Run (or resume) training; returns the final model and the last evaluation."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Run (or resume) training in ``out`` (locked); returns the final model and the last evaluation.
+
+    The loop state is ``{"params", "opt", "key"}`` (the key is carried for stochastic extensions
+    such as dropout) plus the step, which is the data position. A resume may change only
+    ``RESUMABLE_FIELDS``; anything else in ``cfg`` differing from the checkpoint's is refused.
+    """
     world = FactsWorld(cfg.data.world)
     model = build_model(cfg, world, jax.random.PRNGKey(cfg.train.seed))
     mesh = data_mesh()
     _check_batch(cfg, mesh)
     optimizer = make_optimizer(cfg)
-    state = initial_state(cfg, model, optimizer, mesh)
-    ckpt = Checkpointer(out / "ckpt", keep=cfg.train.keep, save_every=max(cfg.train.save_every, 1))
-    if ckpt.latest_step() is not None:
-        state = ckpt.restore(template=state)
-        log(f"resumed from step {state['step']}")
+    state = jax.device_put(train_lib.init_state(model.params, optimizer, jax.random.key(cfg.train.seed + 1)),
+                           NamedSharding(mesh, P()))
     data = FactsBatches(world, cfg.data.batch_size, cfg.data.seq_len, cfg.data.seed)
-    batch_sharding = NamedSharding(mesh, P("data"))
-    step_fn = make_train_step(model, optimizer)
-    metrics_path = out / "metrics.jsonl"
+
+    def batches(step: int) -> dict:
+        tokens = data.batch(step)
+        weights = answer_weights(world, tokens, cfg.data.answer_weight) if cfg.data.answer_weight != 1.0 else None
+        return {"tokens": tokens, "weights": weights}
+
     last_eval: dict = {}
-    bar = tqdm(range(state["step"], cfg.train.steps), initial=state["step"], total=cfg.train.steps,
-               disable=not progress, desc=cfg.name)
-    for step in bar:
-        batch = data.batch(step)
-        weights = None
-        if cfg.data.answer_weight != 1.0:
-            weights = jax.device_put(answer_weights(world, batch, cfg.data.answer_weight), batch_sharding)
-        tokens = jax.device_put(batch, batch_sharding)
-        state["params"], state["opt"], loss = step_fn(state["params"], state["opt"], tokens, weights)
-        state["key"], _ = jax.random.split(state["key"])
-        state["step"] = step + 1
-        record = {"step": step + 1, "loss": None}
-        if (step + 1) % 10 == 0 or step + 1 == cfg.train.steps:
-            record["loss"] = float(loss)
-            bar.set_postfix(loss=f"{record['loss']:.3f}")
-        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
-            last_eval = evaluate_world(model.replace(params=state["params"]), world, cfg.train.eval_prompts, 128)
-            record["eval"] = {k: v for k, v in last_eval.items() if k != "per_relation"}
-            log(f"step {step + 1}: {record['eval']}")
-        if record["loss"] is not None or "eval" in record:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-        if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and ckpt.save(step + 1, state):
-            log(f"saved checkpoint step {step + 1}")
-    ckpt.save(state["step"], state, force=True)
-    ckpt.close()
+
+    def evaluate(step: int, state, metrics) -> dict:
+        last_eval.update(evaluate_world(model.replace(params=state["params"]), world, cfg.train.eval_prompts, 128))
+        row = {k: v for k, v in last_eval.items() if k != "per_relation"}
+        log(f"step {step}: {row}")
+        return {"eval": row}
+
+    loop = train_lib.LoopConfig(steps=cfg.train.steps, save_every=cfg.train.save_every or cfg.train.steps,
+                                keep=cfg.train.keep, log_every=10, desc=cfg.name, quiet=not progress)
+    hooks = [train_lib.Hook(cfg.train.eval_every, evaluate)] if cfg.train.eval_every else []
+    with OutputLock(out):
+        state, _ = train_lib.fit(make_train_step(optimizer, mesh), state, batches, loop, directory=out / "ckpt",
+                                 frozen=model.replace(params={}), run_config=cfg.to_dict(),
+                                 may_change=RESUMABLE_FIELDS, hooks=hooks, metrics_path=out / "metrics.jsonl", log=log)
     return model.replace(params=jax.device_get(state["params"])), last_eval
 
 

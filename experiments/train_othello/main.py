@@ -30,10 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm import tqdm
 
 import jaxinterp as ji
-from jaxinterp.checkpoint import Checkpointer, check_run_config
+from jaxinterp import train as train_lib
 from jaxinterp.experiments.common import UsageError, experiment_main
 from jaxinterp.experiments.data import othello
 from jaxinterp.models.gpt2 import GPT2Config
@@ -64,66 +63,42 @@ def make_optimizer(cfg: TrainOthelloConfig):
 
 @functools.lru_cache(maxsize=4)
 def _train_step(cfg: TrainOthelloConfig):
-    """The jitted step ``(model, opt_state, key, data) -> (model, opt_state, key, loss)``, one per config.
+    """The jitted loop step, one per config: ``batch_size`` games of ``data [G, n_moves]`` (the
+    frozen argument, kept on device) drawn with the step's fresh split of the state's key."""
 
-    The batch is ``batch_size`` games of ``data [G, n_moves]`` drawn with a fresh split of ``key``.
-    """
-    opt = make_optimizer(cfg)
+    def loss(model, data, _, key):
+        return next_move_loss(model, data[jax.random.randint(key, (cfg.batch_size,), 0, data.shape[0])])
 
-    @jax.jit
-    def step(model, opt_state, key, data):
-        key, sub = jax.random.split(key)
-        batch = data[jax.random.randint(sub, (cfg.batch_size,), 0, data.shape[0])]
-        loss, grads = jax.value_and_grad(next_move_loss)(model, batch)
-        updates, opt_state = opt.update(grads, opt_state, model)
-        return optax.apply_updates(model, updates), opt_state, key, loss
-
-    return step
+    return train_lib.make_train_step(train_lib.loss_step(loss, make_optimizer(cfg)))
 
 
 def train(cfg: TrainOthelloConfig, tokens: np.ndarray, *, ckpt_dir: str | Path | None = None,
           save_every: int = 500, eval_every: int = 0, eval_fn=None, progress: bool = True, log=print):
-    """Train (or resume) on ``tokens [G, n_moves]``; returns (model, losses).
+    """Train (or resume) on ``tokens [G, n_moves]``; returns (model, metrics rows).
 
-    With ``ckpt_dir``, the state (params, optimizer, step, RNG key) is saved there every
-    ``save_every`` steps and at the end, and a re-run resumes from the latest checkpoint,
-    ending bit-identical to an uninterrupted run. Batches are drawn on-device from a JAX key
-    split once per step, so the key is the whole data-order state. Every ``eval_every`` steps
-    ``eval_fn(model)`` (e.g. legal-move accuracy) is logged; ``losses`` holds ``(step, loss)``
-    every 50 steps of this process plus the last step.
+    With ``ckpt_dir`` (locked while training), the state (params, optimizer, RNG key) and step
+    are saved there every ``save_every`` steps and at the end, and a re-run resumes from the
+    newest intact checkpoint, ending bit-identical to an uninterrupted run; a checkpoint of a
+    different config is refused (a longer ``steps`` continues the run). Batches are drawn
+    on-device from a JAX key split once per step, so the key is the whole data-order state.
+    Every ``eval_every`` steps ``eval_fn(model)`` (e.g. legal-move accuracy) is logged; the rows
+    (``{"step", "loss", "grad_norm"}`` every 50 steps and at the last) are also in
+    ``<ckpt_dir>/metrics.jsonl``.
     """
     model = ji.init(model_config(cfg), cfg.seed)
-    opt = make_optimizer(cfg)
-    state = {"params": model, "opt": opt.init(model), "step": 0, "key": jax.random.key(cfg.seed)}
-    ckpt = None
-    if ckpt_dir is not None:
-        ckpt_dir = Path(ckpt_dir)
-        check_run_config(ckpt_dir, dataclasses.asdict(cfg), hint="pass another --ckpt or delete that directory")
-        ckpt = Checkpointer(ckpt_dir, keep=2, save_every=max(save_every, 1))
-        if ckpt.latest_step() is not None:
-            state = ckpt.restore(template=state)
-            log(f"resumed from step {state['step']} ({ckpt_dir})")
-    data = jnp.asarray(tokens)
-    step = _train_step(cfg)
-    losses = []
+    state = train_lib.init_state(model, make_optimizer(cfg), jax.random.key(cfg.seed))
     t0 = time.time()
-    bar = tqdm(range(state["step"], cfg.steps), initial=state["step"], total=cfg.steps, desc="othello-gpt",
-               disable=not progress, mininterval=10)
-    for i in bar:
-        state["params"], state["opt"], state["key"], loss = step(state["params"], state["opt"], state["key"], data)
-        state["step"] = i + 1
-        if i % 50 == 0 or i == cfg.steps - 1:
-            losses.append((i, float(loss)))
-            bar.set_postfix(loss=f"{losses[-1][1]:.4f}")
-        if eval_fn is not None and eval_every and (i + 1) % eval_every == 0:
-            log(f"step {i + 1}/{cfg.steps}: loss {float(loss):.4f}, {eval_fn(state['params'])}, "
-                f"{time.time() - t0:.0f}s")
-        if ckpt is not None and (i + 1) % save_every == 0:
-            ckpt.save(i + 1, state)
-    if ckpt is not None:
-        ckpt.save(state["step"], state, force=True)
-        ckpt.close()
-    return state["params"], losses
+
+    def evaluate(step, state, metrics):
+        log(f"step {step}/{cfg.steps}: loss {float(metrics['loss']):.4f}, {eval_fn(state['params'])}, "
+            f"{time.time() - t0:.0f}s")
+
+    hooks = [train_lib.Hook(eval_every, evaluate)] if eval_fn is not None and eval_every else []
+    loop = train_lib.LoopConfig(steps=cfg.steps, save_every=max(save_every, 1), log_every=50, desc="othello-gpt",
+                                quiet=not progress)
+    state, rows = train_lib.fit(_train_step(cfg), state, None, loop, directory=ckpt_dir, frozen=jnp.asarray(tokens),
+                                run_config=dataclasses.asdict(cfg), may_change=("steps",), hooks=hooks, log=log)
+    return state["params"], rows
 
 
 def legal_move_accuracy(model, board: othello.OthelloConfig, games: othello.Games, batch: int = 256) -> float:
@@ -246,7 +221,7 @@ def run(cfg: TrainOthelloConfig, out: Path, *, ckpt: str | None = None, save_eve
                           eval_every=eval_every, eval_fn=eval_fn, progress=progress,
                           log=lambda m: print(m, flush=True))
     ji.save_pretrained(model, out / "export")  # before evaluation, so a failed evaluation loses no training
-    metrics = {"config": dataclasses.asdict(cfg), "final_loss": losses[-1][1] if losses else None,
+    metrics = {"config": dataclasses.asdict(cfg), "final_loss": losses[-1]["loss"] if losses else None,
                "train_seconds": time.time() - t0,  # this process only (a resumed run counts from the resume)
                "trained": evaluate(model, cfg, eval_games),
                "random_init": evaluate(ji.init(model_config(cfg), cfg.seed + 1), cfg, eval_games)}

@@ -6,13 +6,13 @@
                      [{"k": k} for k in (8, 16, 32)])}
     trainer = SAETrainer(runs)
     states = trainer.init(sample_activations)
-    states, history = trainer.fit(states, batch_fn, ckpt_dir="runs/sae/ckpt")
+    states, history = trainer.fit(states, batch_fn, ckpt_dir="runs/sae/ckpt")   # jaxinterp.train's loop
 
 Every run is a family config plus a list of overrides (``lr``, ``sparsity_coeff``, ``k``,
 ``p_end``, ``bandwidth``, ``aux_coeff``, ``seed``); its SAEs are stacked along a leading
 grid axis and one jitted step updates every run on the same batch. ``batch_fn(step)``
 must return the batch for a step (deterministically), which makes resuming from an
-orbax checkpoint bit-identical.
+orbax checkpoint bit-identical (``fit`` runs ``jaxinterp.train.fit``).
 
 Per step, per SAE: Adam on the loss with linear lr warmup (and optional linear decay),
 the sparsity coefficient warmed up linearly; with ``unit_norm_decoder`` the gradient of
@@ -33,7 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import serialization, struct
+from flax import struct
+
+from jaxinterp.train import LoopConfig, fit, make_train_step
 
 from .families import FAMILIES, SAE, Hparams, check_sparse, init_sae, lp_penalty
 
@@ -325,7 +327,7 @@ class SAETrainer:
         self.runs = dict(runs)
         self.steps = steps.pop()
         self.mesh, self.batch_axis, self.latent_axis = mesh, batch_axis, latent_axis
-        self._step = jax.jit(self._multi_step, donate_argnums=0)
+        self._step = make_train_step(self._multi_step)
 
     def _multi_step(self, states: dict, x: jax.Array):
         out, metrics = {}, {}
@@ -370,34 +372,16 @@ class SAETrainer:
         return self._step(states, self.place_batch(x))
 
     def fit(self, states: dict, batch_fn: Callable[[int], Any], *, ckpt_dir=None, save_every: int = 100,
-            log_every: int = 50, progress: bool = True, stop_after: int | None = None) -> tuple[dict, list]:
-        """Train until ``self.steps`` (resuming from ``ckpt_dir`` if it holds a checkpoint).
+            log_every: int = 50, progress: bool = True, stop_after: int | None = None,
+            log: Callable[[str], None] = print) -> tuple[dict, list]:
+        """Train until ``self.steps`` with ``jaxinterp.train.fit`` (resuming from ``ckpt_dir`` if it
+        holds a checkpoint; the directory is locked while training).
 
-        Returns ``(states, history)``; history holds ``(step, {run: {metric: [G]}})`` every
-        ``log_every`` steps. ``stop_after``: return early after this many steps in this call.
+        Returns ``(states, history)``; history rows are ``{"step": s, run: {metric: [G]}}`` every
+        ``log_every`` steps (and the last): the whole run's with ``ckpt_dir`` (also in its
+        ``metrics.jsonl``), this call's without. ``stop_after``: return early after this many steps.
         """
-        from tqdm import tqdm
-
-        ckpt = None
         start = int(np.asarray(jax.tree_util.tree_leaves(next(iter(states.values())).step)[0]).reshape(-1)[0])
-        if ckpt_dir is not None:
-            from jaxinterp.checkpoint import Checkpointer
-
-            ckpt = Checkpointer(ckpt_dir, keep=2, save_every=save_every)
-            if ckpt.latest_step() is not None:
-                states, start = self.restore(ckpt, states), ckpt.latest_step()
-        history = []
-        end = self.steps if stop_after is None else min(self.steps, start + stop_after)
-        for t in tqdm(range(start, end), desc="sae", disable=not progress, initial=start, total=self.steps):
-            states, metrics = self.step(states, batch_fn(t))
-            if (t + 1) % log_every == 0 or t + 1 == self.steps:
-                history.append((t + 1, jax.tree_util.tree_map(lambda a: np.asarray(a).tolist(), metrics)))
-            if ckpt is not None:
-                ckpt.save(t + 1, serialization.to_state_dict(states), force=t + 1 == self.steps)
-        if ckpt is not None:
-            ckpt.close()
-        return states, history
-
-    def restore(self, ckpt, template: dict) -> dict:
-        restored = ckpt.restore(template=serialization.to_state_dict(template))
-        return self.place(serialization.from_state_dict(template, restored))
+        loop = LoopConfig(steps=self.steps, save_every=save_every, log_every=log_every, desc="sae",
+                          quiet=not progress)
+        return fit(self.step, states, batch_fn, loop, directory=ckpt_dir, start=start, stop_after=stop_after, log=log)

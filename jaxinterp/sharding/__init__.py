@@ -35,7 +35,6 @@ from jaxinterp.sharding import runner
 from jaxinterp.sharding.workloads import (
     layer_position_masks,
     make_forward,
-    make_train_step,
     patching_sweep,
     sharded_map,
     sharded_run,
@@ -48,5 +47,5 @@ __all__ = [
     "param_specs", "param_shardings", "shard_tree", "shard_model", "place_host_params",
     "activation_spec", "activation_constraint", "place_activation", "place_tokens", "place_interventions",
     "per_device_bytes", "estimate_per_device_bytes",
-    "make_forward", "sharded_run", "sharded_map", "patching_sweep", "layer_position_masks", "make_train_step",
+    "make_forward", "sharded_run", "sharded_map", "patching_sweep", "layer_position_masks",
 ]

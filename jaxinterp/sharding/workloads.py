@@ -1,4 +1,5 @@
-"""Workloads on a mesh: forward with captures and interventions, sharded sweeps, train steps.
+"""Workloads on a mesh: forward with captures and interventions, sharded sweeps (train steps on a
+mesh: ``jaxinterp.train.make_train_step`` with state and batch shardings).
 
 Every function here is the single-device program plus placement: the same ``ji.run``,
 the same interventions, the same loss. Equality with the single-device result is what
@@ -21,7 +22,7 @@ from jaxinterp.sharding.place import (activation_constraint, constrain_logits, p
 from jaxinterp.sharding.rules import Rules, load_rules
 
 __all__ = ["make_forward", "sharded_run", "sharded_map", "patching_sweep", "layer_position_masks",
-           "sweep_axes_size", "make_train_step"]
+           "sweep_axes_size"]
 
 SWEEP_AXES = ("data", "fsdp")
 
@@ -175,18 +176,3 @@ def patching_sweep(model: Model, corrupt_tokens, clean_cache: Mapping[str, jax.A
         return metric(out.logits)
 
     return sharded_map(one, (model, tokens, values), dict(masks), mesh, axes, chunk_size)
-
-
-# ----------------------------------------------------------------------------- training
-
-
-def make_train_step(step: Callable[[Any, Any], tuple[Any, Any]], state_shardings: Any, batch_sharding: Any,
-                    donate: bool = True) -> Callable:
-    """Jit a ``(state, batch) -> (state, metrics)`` step keeping the state where it lives.
-
-    ``state_shardings`` fixes both input and output placement of the state (so FSDP/TP
-    parameters and their optimizer moments never get gathered between steps);
-    ``batch_sharding`` splits the batch over the data axes.
-    """
-    return jax.jit(step, in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
-                   donate_argnums=(0,) if donate else ())

@@ -6,8 +6,8 @@
   scale) and keep it equal to the frozen model's on retain text:
   ``mean ||h_l(x_erase) - c u||^2 + alpha * mean ||h_l(x_retain) - h_l^frozen(x_retain)||^2``.
 
-Both losses have the ``loss_fn(adapters, base, batch, key)`` signature that
-``elm.make_train_step`` / ``elm.train`` expect, on ELM's batch dict.
+Both losses have ELM's ``loss(adapters, base, batch, key)`` signature on ELM's batch dict, so
+they train through the same ``jaxinterp.train.loss_step`` / ``fit`` (the base as the frozen argument).
 """
 
 from __future__ import annotations

@@ -24,30 +24,27 @@ Losses (each weighted, 1 by default):
   positions whose next token is not a fact object (``erase_template_mask``): keeps the
   erased domain's sentence frames, names and punctuation while the objects are erased.
 
-Batches are dicts of int/bool arrays (see ``ElmBatch``); ``make_train_step`` builds one
-jitted step over any loss of that shape (the baselines in ``unlearning_baselines`` reuse
-it), data-parallel over a mesh axis; ``train`` runs it with orbax checkpoints and resume.
+Batches are dicts of int/bool arrays (``make_elm_batch``). ``elm_loss`` and the baselines'
+losses (``unlearning.baselines``) share the signature ``loss(adapters, base, batch, key)``: the
+LoRA adapters train through ``jaxinterp.train`` (``loss_step`` + ``fit``, the frozen base passed
+as the step's frozen argument), with orbax checkpoints and resume.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxinterp import lora as lora_lib
 from jaxinterp.model import Model, run
 
 __all__ = [
     "ElmConfig", "elm_target_logprobs", "eta_ramp", "aligned_logits", "elm_losses", "elm_loss",
-    "guided_generate", "pad_batch", "make_elm_batch", "TrainState", "make_train_step", "train",
-    "data_mesh", "shard_batch",
+    "guided_generate", "pad_batch", "make_elm_batch",
 ]
 
 
@@ -65,8 +62,8 @@ class ElmConfig:
         that predict a fact object masked; 0 = off, as in the reference).
       retain_soft: retain against the frozen distribution instead of its argmax.
       guidance: eta of the guided sampler that writes the fluency continuations (3).
-      lr, weight_decay: AdamW.
-      steps, batch_size: optimisation budget.
+      lr, weight_decay: AdamW (the step count and batch size are the caller's: the training
+        loop's ``LoopConfig.steps`` and the batches it is given).
       lora_mode: forward of the adapted model ("auto", "merged", "unmerged").
     """
 
@@ -81,8 +78,6 @@ class ElmConfig:
     guidance: float = 3.0
     lr: float = 5e-5
     weight_decay: float = 0.01
-    steps: int = 300
-    batch_size: int = 8
     lora_mode: str = "auto"
 
     def __post_init__(self):
@@ -93,8 +88,6 @@ class ElmConfig:
         for name in ("erase_weight", "retain_weight", "fluency_weight", "template_weight", "lr", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ElmConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if self.steps <= 0 or self.batch_size <= 0:
-            raise ValueError(f"ElmConfig.steps and batch_size must be positive, got {self.steps}, {self.batch_size}")
         if self.lora_mode not in ("auto", "merged", "unmerged"):
             raise ValueError(f"ElmConfig.lora_mode must be 'auto', 'merged' or 'unmerged', got {self.lora_mode!r}")
 
@@ -106,7 +99,7 @@ class ElmConfig:
     @classmethod
     def tiny(cls, **kw) -> "ElmConfig":
         """Settings for the few-MB facts-world models (small eta, larger learning rate)."""
-        defaults = dict(eta=4.0, lr=2e-3, steps=120, batch_size=8, top_k=50)
+        defaults = dict(eta=4.0, lr=2e-3, top_k=50)
         return cls(**{**defaults, **kw})
 
 
@@ -325,92 +318,3 @@ def make_elm_batch(erase: Sequence[Sequence[int]], expert_prefix: Sequence[int],
             "expert": expert_tokens,
             "expert_index": expert_index, "novice": novice_tokens, "novice_index": novice_index, "retain": retain_tokens, "retain_valid": retain_valid,
             "fluency": fluency_tokens, "fluency_mask": fluency_mask}
-
-
-# ----------------------------------------------------------------------------- training
-
-
-@struct.dataclass
-class TrainState:
-    adapters: Any          # lora.Lora
-    opt_state: Any
-    step: jax.Array
-    key: jax.Array
-
-
-def data_mesh(axis: str = "data", devices=None) -> Mesh:
-    """A 1-D mesh over all (or the given) devices for data parallelism."""
-    devices = jax.devices() if devices is None else devices
-    return Mesh(np.asarray(devices), (axis,))
-
-
-def shard_batch(batch: Mapping[str, Any], mesh: Mesh, axis: str = "data") -> dict:
-    """Place every batch array split along its leading (batch) axis over ``axis``."""
-    n = mesh.shape[axis]
-    out = {}
-    for k, v in batch.items():
-        if np.shape(v)[0] % n:
-            raise ValueError(f"batch[{k!r}] has {np.shape(v)[0]} rows, not divisible by the {n} devices of mesh axis {axis!r}")
-        out[k] = jax.device_put(v, NamedSharding(mesh, P(axis)))
-    return out
-
-
-def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, mesh: Mesh | None = None):
-    """``step(state, base, batch) -> (state, metrics)``, jitted; grads only for the adapters.
-
-    ``loss_fn(adapters, base, batch, key) -> (loss, {name: scalar})``. With ``mesh`` the
-    state and base are replicated and the batch is expected sharded on the mesh's axis
-    (``shard_batch``); XLA inserts the gradient all-reduce.
-    """
-
-    def step(state: TrainState, base: Model, batch):
-        key, sub = jax.random.split(state.key)
-        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.adapters, base, batch, sub)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.adapters)
-        adapters = optax.apply_updates(state.adapters, updates)
-        metrics = {"loss": loss, **terms, "grad_norm": optax.tree.norm(grads)}
-        return TrainState(adapters, opt_state, state.step + 1, key), metrics
-
-    if mesh is None:
-        return jax.jit(step, donate_argnums=0)
-    replicated = NamedSharding(mesh, P())
-    return jax.jit(step, donate_argnums=0, out_shardings=(replicated, replicated))
-
-
-def init_state(lm: lora_lib.LoraModel, optimizer, key) -> TrainState:
-    adapters = jax.tree_util.tree_map(jnp.copy, lm.lora)  # the step donates its state; keep lm intact
-    return TrainState(adapters, optimizer.init(adapters), jnp.zeros((), jnp.int32), jnp.copy(key))
-
-
-def train(lm: lora_lib.LoraModel, loss_fn: Callable, batches: Callable[[int], Mapping[str, np.ndarray]], *,
-          steps: int, optimizer: optax.GradientTransformation, key, mesh: Mesh | None = None,
-          checkpoint_dir=None, save_every: int = 50, progress: bool = True, desc: str = "train"):
-    """Run ``steps`` steps of ``loss_fn`` on ``batches(step)``; resume from ``checkpoint_dir``.
-
-    Returns ``(LoraModel with the trained adapters, [metrics per step])``. Batches are a pure
-    function of the step, so a resumed run sees exactly the data it would have seen.
-    """
-    from tqdm.auto import tqdm
-
-    step_fn = make_train_step(loss_fn, optimizer, mesh)
-    state = init_state(lm, optimizer, key)
-    ckpt = None
-    if checkpoint_dir is not None:
-        from jaxinterp.checkpoint import Checkpointer
-
-        ckpt = Checkpointer(checkpoint_dir, keep=2, save_every=save_every)
-        if ckpt.latest_step() is not None:
-            state = ckpt.restore(template=state)
-    history = []
-    start = int(state.step)
-    for s in tqdm(range(start, steps), desc=desc, disable=not progress, initial=start, total=steps):
-        batch = batches(s)
-        batch = shard_batch(batch, mesh) if mesh is not None else {k: jnp.asarray(v) for k, v in batch.items()}
-        state, metrics = step_fn(state, lm.base, batch)
-        history.append({k: float(v) for k, v in metrics.items()})
-        if ckpt is not None:
-            ckpt.save(s + 1, state, force=(s + 1 == steps))
-    if ckpt is not None:
-        ckpt.wait()
-        ckpt.close()
-    return lora_lib.combine(state.adapters, lm.base), history

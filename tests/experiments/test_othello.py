@@ -162,6 +162,8 @@ def test_train_resumes_bit_identical(tmp_path):
     assert logs and "resumed from step 4" in logs[0]
     for a, b in zip(jax.tree_util.tree_leaves(full), jax.tree_util.tree_leaves(resumed), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    # the checkpoint is from a different run's config: a clear error, not a silent mix
-    with pytest.raises(ValueError, match="different config.*steps"):
-        train(TrainOthelloConfig.tiny(steps=13, warmup_steps=3), tokens, ckpt_dir=tmp_path, progress=False)
+    # the checkpoint is from a different run's config: a clear error naming the field, not a silent mix
+    with pytest.raises(ValueError, match=r"different config \(lr: 0\.002 -> 0\.001\)"):
+        train(TrainOthelloConfig.tiny(steps=12, warmup_steps=3, lr=1e-3), tokens, ckpt_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="checkpoint at step 12, past the 10 steps asked for"):  # never the longer run
+        train(TrainOthelloConfig.tiny(steps=10, warmup_steps=3), tokens, ckpt_dir=tmp_path, progress=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from jaxinterp.experiments.sae_boardgame.main import main
@@ -68,11 +69,15 @@ def test_killed_run_resumes_to_the_same_results(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(mod, "batch_fn_for", dies_at_step_12)
     with pytest.raises(Killed):
         main(args + ["--out", str(tmp_path / "killed")])
-    assert sorted(p.name for p in (tmp_path / "killed/ckpt/trained").iterdir()) == ["10", "12"]
+    assert sorted(p.name for p in (tmp_path / "killed/ckpt/trained").iterdir()) == ["10", "12", "metrics.jsonl"]
     monkeypatch.setattr(mod, "batch_fn_for", real)
     resumed = run(tmp_path / "killed")
-    assert full["trained"]["history"][0][0] == 2  # logged every 2 of the 20 steps
-    assert resumed["trained"]["history"][0][0] == 14  # trained from the step-12 checkpoint, not from 0
+    # logged every 2 of the 20 steps; the resumed run trained from the step-12 checkpoint (rows 2..12 are
+    # the killed run's, read back from metrics.jsonl, none twice) and logged the same numbers
+    assert [r["step"] for r in full["trained"]["history"]] == list(range(2, 21, 2))
+    assert [r["step"] for r in resumed["trained"]["history"]] == list(range(2, 21, 2))
+    for a, b in zip(full["trained"]["history"], resumed["trained"]["history"], strict=True):
+        np.testing.assert_allclose(a["relu"]["loss"], b["relu"]["loss"], rtol=1e-6)
     for name in ("trained", "random_init"):
         for a, b in zip(full[name]["rows"], resumed[name]["rows"], strict=True):
             assert a.keys() == b.keys()
@@ -82,4 +87,4 @@ def test_killed_run_resumes_to_the_same_results(tmp_path, monkeypatch, capsys):
                 else:
                     assert a[key] == b[key], (name, a["family"], key)
     assert main(args + ["steps=30", "--out", str(tmp_path / "killed")]) == 2
-    assert "different config (fields ['steps']" in capsys.readouterr().err
+    assert "different config (steps: 20 -> 30)" in capsys.readouterr().err

@@ -78,14 +78,14 @@ def test_sparse_training_equals_dense(family, grid):
         assert bool(states["r"].sae.sparse_training) is sparse
         out.append((states, hist))
     (a, hist_a), (b, hist_b) = out
-    assert max(h["r"]["auxk"][0] for _, h in hist_a) > 0 and max(h["r"]["dead_frac"][0] for _, h in hist_a) > 0
+    assert max(h["r"]["auxk"][0] for h in hist_a) > 0 and max(h["r"]["dead_frac"][0] for h in hist_a) > 0
     # Adam's first update is ~lr * sign(g): a latent whose step-0 gradient is a near-cancelling ~1e-8
     # (seen: batchtopk, 1.5e-8 vs 1.4e-8 for one column) turns rounding into up to ~6e-5 = 0.06 lr,
     # which later steps carry along. A wrong gradient would move a latent by ~lr per step (1e-3);
     # the tight gradient equality is test_sparse_loss_metrics_and_grads_equal_dense's job.
     for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-4, err_msg=f"{family} {path}")
-    for (_, ma), (_, mb) in zip(hist_a, hist_b):
+    for ma, mb in zip(hist_a, hist_b, strict=True):
         for name in ("loss", "mse", "l0", "auxk", "dead_frac"):
             np.testing.assert_allclose(ma["r"][name], mb["r"][name], rtol=1e-5, atol=1e-7, err_msg=name)
 

@@ -67,7 +67,7 @@ def test_decoder_rows_stay_unit_norm_and_training_reduces_mse():
     states, hist = trainer.fit(trainer.init(SAMPLE), batch_fn, progress=False, log_every=10)
     norms = jnp.linalg.norm(states["r"].sae.params["W_dec"], axis=-1)
     np.testing.assert_allclose(norms, 1.0, rtol=1e-5)
-    assert hist[-1][1]["r"]["mse"][0] < 0.5 * hist[0][1]["r"]["mse"][0]
+    assert hist[-1]["r"]["mse"][0] < 0.5 * hist[0]["r"]["mse"][0]
 
 
 def test_panneal_schedule_steps_p_at_the_points():
@@ -75,13 +75,13 @@ def test_panneal_schedule_steps_p_at_the_points():
                          sparsity_coeff=0.05, lr=1e-3)
     trainer = SAETrainer({"p": (cfg, [{}])})
     _, hist = trainer.fit(trainer.init(SAMPLE), batch_fn, progress=False, log_every=1)
-    p_seen = np.array([h[1]["p"]["p"][0] for h in hist])  # p used at step t
+    p_seen = np.array([h["p"]["p"][0] for h in hist])  # p used at step t
     points = np.linspace(8, 40, 5).astype(int)  # 8, 16, 24, 32, 40
     values = np.linspace(1, 0.2, 5)
     want = np.array([values[np.searchsorted(points[:-1], t, side="right")] for t in range(40)])
     want[: points[0]] = 1.0
     np.testing.assert_allclose(p_seen, want, rtol=1e-6)
-    coeffs = np.array([h[1]["p"]["sparsity_coeff"][0] for h in hist])
+    coeffs = np.array([h["p"]["sparsity_coeff"][0] for h in hist])
     assert len(np.unique(np.round(coeffs, 7))) == 5  # lambda rescaled at each of the 4 changes
 
 

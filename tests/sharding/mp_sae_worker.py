@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 from jaxinterp.sharding import distributed
 from jaxinterp import sharding as jsh
 from jaxinterp.checkpoint import Checkpointer
+from jaxinterp.train import make_train_step
 
 D, F, B = 32, 128, 64
 
@@ -70,7 +71,7 @@ def main(argv=None):
     mesh = jsh.make_mesh({"data": 2, "fsdp": 1, "tensor": 2})
     cfg, state0, step = sae_setup(args.steps)
     shardings = jsh.param_shardings("sae", state0, mesh, "tp", strict=False)
-    train = jsh.make_train_step(step, shardings, jax.sharding.NamedSharding(mesh, P("data")))
+    train = make_train_step(step, shardings, jax.sharding.NamedSharding(mesh, P("data")))
     xs = data(args.steps)
 
     def run(state, start, stop):

@@ -1,4 +1,5 @@
-"""SAE and LoRA train steps on the mesh equal the single-device steps."""
+"""SAE, LoRA and ELM train steps on the mesh (``jaxinterp.train.make_train_step``) equal the
+single-device steps."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jaxinterp as ji
-from jaxinterp import lora
+from jaxinterp import lora, train
 from jaxinterp import sharding as jsh
 from jaxinterp.models.gpt2 import GPT2Config
 
@@ -50,10 +51,10 @@ def test_sae_steps_match_single_device(sae_setup, shape):
     mesh = jsh.make_mesh({"data": shape[0], "fsdp": 1, "tensor": shape[1]})
     shardings = jsh.param_shardings("sae", state, mesh, "tp", strict=False)
     batch = NamedSharding(mesh, jsh.activation_spec(("batch", "embed"), x.shape[1:], mesh, jsh.load_rules("tp")))
-    train = jsh.make_train_step(step, shardings, batch, donate=False)
+    step_fn = train.make_train_step(step, shardings, batch, donate=False)
     st = jax.device_put(state, shardings)
     for i in range(3):
-        st, metrics = train(st, x[i])
+        st, metrics = step_fn(st, x[i])
     w_enc = st.sae.params["W_enc"]
     assert w_enc.sharding.spec == (P(None, "tensor") if shape[1] > 1 else P())
     assert {s.data.shape for s in w_enc.addressable_shards} == {(32, 128 // shape[1])}
@@ -66,10 +67,10 @@ def test_sae_step_fsdp_tp(sae_setup):
     mesh = jsh.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     shardings = jsh.param_shardings("sae", state, mesh, "fsdp_tp", strict=False)
     batch = NamedSharding(mesh, P(("data", "fsdp")))
-    train = jsh.make_train_step(step, shardings, batch, donate=False)
+    step_fn = train.make_train_step(step, shardings, batch, donate=False)
     st = jax.device_put(state, shardings)
     for i in range(3):
-        st, _ = train(st, x[i])
+        st, _ = step_fn(st, x[i])
     assert st.sae.params["W_dec"].sharding.spec == P("tensor", "fsdp")
     _assert_trees_close(st.sae.params, ref.sae.params)
 
@@ -115,10 +116,10 @@ def test_lora_steps_match_single_device(lora_setup, shape):
     opt_sh = jsh.param_shardings("lora", opt_state, mesh, "fsdp_tp", strict=False)
     state_sh = (ad_sh, base.replace(params=base_sh), opt_sh)
     batch = NamedSharding(mesh, jsh.activation_spec(("batch", "seq"), tokens.shape, mesh, jsh.load_rules("fsdp_tp")))
-    train = jsh.make_train_step(step, state_sh, batch, donate=False)
+    step_fn = train.make_train_step(step, state_sh, batch, donate=False)
     state = jax.device_put((adapters, base, opt_state), state_sh)
     for i in range(3):
-        state, loss = train(state, tokens)
+        state, loss = step_fn(state, tokens)
         np.testing.assert_allclose(float(loss), losses[i], atol=1e-5)
     for leaf in jax.tree_util.tree_leaves(state[0]):
         assert leaf.sharding.is_fully_replicated
@@ -145,11 +146,11 @@ def elm_setup():
     cfg = elm.ElmConfig.tiny(lora_mode="unmerged")
     opt = optax.sgd(0.5)
     loss_fn = lambda ad, base, b, key: elm.elm_loss(ad, base, b, key, cfg)
-    step = elm.make_train_step(loss_fn, opt)
-    state0 = elm.init_state(lm, opt, jax.random.PRNGKey(0))
-    ref, losses = elm.init_state(lm, opt, jax.random.PRNGKey(0)), []
+    step = train.make_train_step(train.loss_step(loss_fn, opt))
+    state0 = train.init_state(lm.lora, opt, jax.random.PRNGKey(0))
+    ref, losses = train.init_state(lm.lora, opt, jax.random.PRNGKey(0)), []
     for _ in range(2):
-        ref, metrics = step(ref, lm.base, batch)
+        ref, metrics = step(ref, batch, lm.base)
         losses.append(float(metrics["loss"]))
     return lm, batch, opt, step, state0, ref, losses
 
@@ -163,13 +164,14 @@ def test_elm_steps_match_single_device(elm_setup, shape):
     lm, batch, opt, step, state0, ref, losses = elm_setup
     mesh = jsh.make_mesh({"data": 1, "fsdp": shape[0], "tensor": shape[1]})
     base = jsh.shard_model(lm.base, mesh, "fsdp_tp")
-    state = jax.device_put(elm.init_state(lm, opt, jax.random.PRNGKey(0)), NamedSharding(mesh, P()))
+    replicated = NamedSharding(mesh, P())
+    state = jax.device_put(train.init_state(lm.lora, opt, jax.random.PRNGKey(0)), replicated)
     rows = NamedSharding(mesh, jsh.activation_spec(("batch",), (8,), mesh, jsh.load_rules("fsdp_tp")))
-    placed = {k: jax.device_put(v, rows) for k, v in batch.items()}
     loss_fn = lambda ad, b, bt, key: elm.elm_loss(ad, b, bt, key, elm.ElmConfig.tiny(lora_mode="unmerged"))
-    sharded_step = elm.make_train_step(loss_fn, opt, mesh)  # keeps the adapters replicated between steps
+    # the loop's step: adapters replicated between steps, host batches split by rows, the base as it lies
+    sharded_step = train.make_train_step(train.loss_step(loss_fn, opt), replicated, rows)
     for i in range(2):
-        state, metrics = sharded_step(state, base, placed)
+        state, metrics = sharded_step(state, batch, base)
         np.testing.assert_allclose(float(metrics["loss"]), losses[i], atol=1e-5)
-    assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree_util.tree_leaves(state.adapters))
-    _assert_trees_close(state.adapters, ref.adapters)
+    assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree_util.tree_leaves(state["params"]))
+    _assert_trees_close(state["params"], ref["params"])

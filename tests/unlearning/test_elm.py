@@ -1,6 +1,8 @@
 """ELM objective: target distribution vs a direct numpy computation, batch alignment, gradients
 only into LoRA parameters, guided sampling vs a plain loop, training + checkpoint resume."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,12 +10,12 @@ import optax
 import pytest
 
 import jaxinterp as ji
-from jaxinterp import lora
+from jaxinterp import lora, train
 from jaxinterp.unlearning import elm
 from jaxinterp.models.gpt2 import GPT2Config
 
 CFG = GPT2Config.tiny(vocab_size=61, max_seq_len=64, n_layers=2)
-ECFG = elm.ElmConfig.tiny(eta=3.0, top_k=10, lr=1e-2, steps=4, batch_size=2, template_weight=1.0)
+ECFG = elm.ElmConfig.tiny(eta=3.0, top_k=10, lr=1e-2, template_weight=1.0)
 OBJECTS = (7, 11, 13, 17, 19, 23, 29, 31, 37, 41)   # token ids playing fact objects in the toy batches
 
 
@@ -142,36 +144,46 @@ def test_guided_generate_matches_loop(base):
         assert seq[len(p):] == list(got[i])
 
 
+def _train(lm, loss_fn, data, steps, opt, key, directory=None, step=None, **kw):
+    """ELM's training path: the adapters through jaxinterp.train, the frozen base as ``frozen``."""
+    step = step or train.make_train_step(train.loss_step(loss_fn, opt))
+    state, hist = train.fit(step, train.init_state(lm.lora, opt, key), lambda s: data,
+                            train.LoopConfig(steps=steps, save_every=3, quiet=True), directory=directory,
+                            frozen=lm.base, log=lambda m: None, **kw)
+    return lora.combine(state["params"], lm.base), hist
+
+
 def test_train_step_learns_and_resumes(base, tmp_path):
     lm = lora.init(base, lora.LoraConfig(rank=2), key=0)
     data = {k: np.asarray(v) for k, v in _batch().items()}
     erase_only = elm.ElmConfig.tiny(eta=3.0, top_k=10, retain_weight=0.0, fluency_weight=0.0)
-    _, hist = elm.train(lm, lambda a, b, batch, k: elm.elm_loss(a, b, batch, k, erase_only), lambda s: data,
-                        steps=5, optimizer=optax.adam(5e-3), key=jax.random.PRNGKey(0), progress=False)
+    _, hist = _train(lm, lambda a, b, batch, k: elm.elm_loss(a, b, batch, k, erase_only), data, 5,
+                     optax.adam(5e-3), jax.random.PRNGKey(0))
     assert hist[-1]["erase"] < hist[0]["erase"] - 0.05
     loss_fn = lambda a, b, batch, k: elm.elm_loss(a, b, batch, k, ECFG)
     opt = optax.adamw(ECFG.lr)
     key = jax.random.PRNGKey(0)
-    trained, hist = elm.train(lm, loss_fn, lambda s: data, steps=6, optimizer=opt, key=key, progress=False)
-    # 3 steps, stop, resume to 6 from the checkpoint == 6 straight steps (bit for bit)
-    elm.train(lm, loss_fn, lambda s: data, steps=3, optimizer=opt, key=key, progress=False,
-              checkpoint_dir=tmp_path / "ckpt", save_every=3)
-    resumed, hist2 = elm.train(lm, loss_fn, lambda s: data, steps=6, optimizer=opt, key=key, progress=False,
-                               checkpoint_dir=tmp_path / "ckpt", save_every=3)
-    assert len(hist2) == 3
+    trained, hist = _train(lm, loss_fn, data, 6, opt, key)
+    # 3 steps, stop, resume to 6 from the checkpoint == 6 straight steps (bit for bit), same metrics rows
+    _train(lm, loss_fn, data, 3, opt, key, tmp_path / "ckpt")
+    resumed, hist2 = _train(lm, loss_fn, data, 6, opt, key, tmp_path / "ckpt")
+    assert hist2 == hist and [r["step"] for r in hist2] == list(range(1, 7))
     for a, b in zip(jax.tree_util.tree_leaves(trained.lora), jax.tree_util.tree_leaves(resumed.lora)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_data_parallel_mesh_matches_single_device(base):
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
     lm = lora.init(base, lora.LoraConfig(rank=2), key=0)
     data = {k: np.asarray(v) for k, v in _batch().items()}
     loss_fn = lambda a, b, batch, k: elm.elm_loss(a, b, batch, k, ECFG)
     opt = optax.adamw(ECFG.lr)
-    mesh = elm.data_mesh()
-    a, _ = elm.train(lm, loss_fn, lambda s: data, steps=2, optimizer=opt, key=jax.random.PRNGKey(0), progress=False)
-    b, _ = elm.train(lm, loss_fn, lambda s: data, steps=2, optimizer=opt, key=jax.random.PRNGKey(0), progress=False,
-                     mesh=mesh)
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    sharded = train.make_train_step(train.loss_step(loss_fn, opt), NamedSharding(mesh, P()),
+                                    NamedSharding(mesh, P("data")))
+    a, _ = _train(lm, loss_fn, data, 2, opt, jax.random.PRNGKey(0))
+    b, _ = _train(lm, loss_fn, data, 2, opt, jax.random.PRNGKey(0), step=sharded)
     for x, y in zip(jax.tree_util.tree_leaves(a.lora), jax.tree_util.tree_leaves(b.lora)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
 
@@ -205,6 +217,9 @@ def test_elm_on_facts_gpt_erases_pathogens_keeps_other_domains(tmp_path):
     trained, hist, _ = exp.run_method("elm", base, exp.batch_fn(corpus, fluency, starts, world, cfg), cfg,
                                       tmp_path, key)
     assert np.isfinite(hist[-1]["loss"]) and hist[-1]["erase"] < hist[0]["erase"]
+    # the run's step count is the experiment's (ElmConfig has none to disagree with it: issue 25 item 5)
+    assert [r["step"] for r in hist] == list(range(1, cfg.steps + 1))
+    assert not {"steps", "batch_size"} & {f.name for f in dataclasses.fields(elm.ElmConfig)}
     merged = lora.merge(trained)
 
     def acc(model, domain):
