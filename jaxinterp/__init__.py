@@ -17,12 +17,14 @@ from jaxinterp.interventions import (
     Patch,
     ProjectOut,
     Scale,
+    Steer,
     ZeroAblate,
     heads_mask,
     positions_mask,
 )
 from jaxinterp.loading import ConversionError, embedded_models, load, save_pretrained
 from jaxinterp.families import families, get_family
+from jaxinterp.generate import Generation, generate
 from jaxinterp.model import Model, RunOutput, init, run
 from jaxinterp.sites import UnknownSiteError, resolve_sites
 
@@ -32,7 +34,7 @@ __version__ = "0.1.0"
 # ``import jaxinterp`` stays fast and pulls in no optional machinery.
 _LAZY_SUBMODULES = (
     "patching", "editing", "sae", "lora", "unlearning", "sharding", "checkpoint", "heads", "grads", "hf",
-    "interventions", "sites", "models",
+    "interventions", "sites", "models", "steering",
 )
 
 
@@ -47,7 +49,8 @@ def __getattr__(name):
 
 
 __all__ = [
-    "load", "save_pretrained", "embedded_models", "init", "run", "Model", "RunOutput", "families", "get_family",
-    "Patch", "ZeroAblate", "MeanAblate", "Add", "Scale", "ProjectOut", "Noise", "Fn", "Compose", "ByLayer", "Intervention",
+    "load", "save_pretrained", "embedded_models", "init", "run", "generate", "Generation", "Model", "RunOutput",
+    "families", "get_family", "Patch", "ZeroAblate", "MeanAblate", "Add", "Scale", "ProjectOut", "Noise", "Fn", "Compose", "ByLayer", "Steer",
+    "Intervention",
     "positions_mask", "heads_mask", "resolve_sites", "UnknownSiteError", "ConversionError",
 ]
