@@ -24,7 +24,8 @@ class SteeringConfig:
         at the prompt's last position, so ``"generated"`` cannot change it.
       vector_share: share of the entities whose prompts build the vector; the rest are evaluated.
       free_tokens: length of the free continuations of each evaluated subject's name (mention rate).
-      n_examples: evaluated prompts whose steered continuations are kept as text in results.json.
+      n_examples: evaluated subjects (one prompt each) whose continuations, unsteered and steered, are
+        kept as text in results.json.
     """
 
     model: str = "facts-gpt"
@@ -36,7 +37,7 @@ class SteeringConfig:
     where: str = "all"
     vector_share: float = 0.5
     free_tokens: int = 12
-    n_examples: int = 3
+    n_examples: int = 4
     seed: int = 0
 
     def __post_init__(self):

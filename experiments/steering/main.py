@@ -105,22 +105,36 @@ def sweep(model, world, vector_sets, sets, cfg: SteeringConfig, target_id: int) 
     return out
 
 
-def examples(model, world, sets, vector_sets, best: dict, cfg: SteeringConfig) -> list[dict]:
-    """Continuations of a few evaluated prompts, unsteered and steered at each contrast's best
-    (layer, scale) of ``summary`` (else its last layer at the largest scale), as text."""
-    prompts = [list(p.ids) for p in sets["steered"][: cfg.n_examples]]
-    if not prompts:
+def example_settings(results: dict, best: dict) -> dict:
+    """Per contrast: the (layer, scale) with a target rate >= 0.5 and the least unrelated-recall
+    drop, else the contrast's best within the drop budget (else its first row)."""
+    out = {}
+    for contrast, layers in results.items():
+        rows = [{**r, "layer": int(layer)} for layer, entry in layers.items() for r in entry["rows"]]
+        strong = [r for r in rows if r["target_rate"] >= 0.5]
+        pick = min(strong, key=lambda r: r["unrelated_recall_drop"]) if strong else best[contrast]
+        out[contrast] = (pick.get("layer", rows[0]["layer"]), pick.get("scale", rows[0]["scale"]))
+    return out
+
+
+def examples(model, world, sets, vector_sets, settings: dict, cfg: SteeringConfig) -> list[dict]:
+    """Continuations of one prompt per evaluated subject (the first ``n_examples``), unsteered and
+    steered at each contrast's ``settings`` (layer, scale), as text."""
+    per_subject = len(world.relation(cfg.relation).templates)
+    chosen = sets["steered"][::per_subject][: cfg.n_examples]
+    if not chosen:
         return []
+    prompts = [list(p.ids) for p in chosen]
     base = ji.generate(model, prompts, max_new_tokens=cfg.free_tokens, stop_at_eos=False)
     rows = []
     for contrast, (pos, neg) in vector_sets.items():
-        layer, scale = best[contrast].get("layer", cfg.layers[-1]), best[contrast].get("scale", max(cfg.scales))
+        layer, scale = settings[contrast]
         site = f"blocks.{layer}.resid_post"
         iv = {site: ji.Steer(ji.steering.mean_difference(model, pos, neg, site), jnp.float32(scale), where=cfg.where)}
         out = ji.generate(model, prompts, max_new_tokens=cfg.free_tokens, interventions=iv, stop_at_eos=False)
         rows += [{"contrast": contrast, "layer": layer, "scale": scale, "prompt": p.text,
                   "unsteered": world.decode(b), "steered": world.decode(s)}
-                 for p, b, s in zip(sets["steered"], base.tokens, out.tokens)]
+                 for p, b, s in zip(chosen, base.tokens, out.tokens)]
     return rows
 
 
@@ -210,7 +224,7 @@ def run(cfg: SteeringConfig, out: Path) -> dict:
         },
         "sweep": results,
         "best_within_recall_drop": {"max_drop": MAX_DROP, **best},
-        "examples": examples(model, world, sets, vector_sets, best, cfg),
+        "examples": examples(model, world, sets, vector_sets, example_settings(results, best), cfg),
         "wall_s": round(time.time() - t0, 1),
     }
 
