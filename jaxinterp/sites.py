@@ -127,7 +127,10 @@ class Cache(collections.abc.Mapping):
             return self._flat[name]
         layer, suffix = split_layer_site(name)
         if suffix in self._stacked and layer is not None and name in self._names:
-            return self._stacked[suffix][layer]
+            stacked = self._stacked[suffix]
+            if isinstance(stacked, jax.ShapeDtypeStruct):  # under jax.eval_shape
+                return jax.ShapeDtypeStruct(stacked.shape[1:], stacked.dtype, sharding=None)
+            return stacked[layer]
         raise KeyError(name)
 
     @property
@@ -324,8 +327,9 @@ class LayerSites:
             else:
                 member = np.zeros(self.ctx.n_layers, bool)
                 member[sorted(layers)] = True
+                where = _layers_name(layers, suffix)  # error messages name the layers the item acts on
                 x = jax.lax.cond(jnp.asarray(member)[self.layer],
-                                 lambda v, item=item: apply_intervention(item, v, name), lambda v: v, x)
+                                 lambda v, item=item, where=where: apply_intervention(item, v, where), lambda v: v, x)
         if constrain is not None and items:
             x = constrain(name, x)
         if suffix in self.ctx._layer_capture:
@@ -338,6 +342,12 @@ class LayerSites:
         if adapter is None:
             return y
         return y + adapter(x, self.layer).astype(y.dtype)
+
+
+def _layers_name(layers: frozenset, suffix: str) -> str:
+    """``blocks.3.attn.z`` for one layer, ``blocks.{1,4}.attn.z`` for several."""
+    ids = sorted(layers)
+    return f"blocks.{ids[0]}.{suffix}" if len(ids) == 1 else f"blocks.{{{','.join(map(str, ids))}}}.{suffix}"
 
 
 def apply_intervention(item: Any, x: jax.Array, site: str) -> jax.Array:
