@@ -27,6 +27,11 @@ FAMILIES = {
     "mistral-window": (transformers.MistralConfig, transformers.MistralForCausalLM,
                        dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                             intermediate_size=48, vocab_size=61, max_position_embeddings=64, sliding_window=6)),
+    "gemma2-window-softcap": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM,
+                              dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   head_dim=8, intermediate_size=48, vocab_size=61, max_position_embeddings=64,
+                                   sliding_window=6, query_pre_attn_scalar=8, attn_logit_softcapping=0.5,
+                                   final_logit_softcapping=0.8)),
     "mamba": (transformers.MambaConfig, transformers.MambaForCausalLM,
               dict(hidden_size=32, num_hidden_layers=2, state_size=4, vocab_size=61, conv_kernel=4)),
 }
