@@ -22,6 +22,7 @@ from jaxinterp.interventions import (
     heads_mask,
     positions_mask,
 )
+from jaxinterp.remote.wire import load_intervention, save_intervention
 from jaxinterp.loading import ConversionError, embedded_models, load, save_pretrained
 from jaxinterp.families import families, get_family
 from jaxinterp.generate import Generation, generate
@@ -34,7 +35,7 @@ __version__ = "0.1.0"
 # ``import jaxinterp`` stays fast and pulls in no optional machinery.
 _LAZY_SUBMODULES = (
     "patching", "editing", "sae", "lora", "unlearning", "sharding", "checkpoint", "heads", "grads", "hf",
-    "interventions", "sites", "models", "steering",
+    "interventions", "sites", "models", "steering", "remote",
 )
 
 
@@ -50,7 +51,8 @@ def __getattr__(name):
 
 __all__ = [
     "load", "save_pretrained", "embedded_models", "init", "run", "generate", "Generation", "Model", "RunOutput",
-    "families", "get_family", "Patch", "ZeroAblate", "MeanAblate", "Add", "Scale", "ProjectOut", "Noise", "Fn", "Compose", "ByLayer", "Steer",
-    "Intervention",
-    "positions_mask", "heads_mask", "resolve_sites", "UnknownSiteError", "ConversionError",
+    "families", "get_family", "Patch", "ZeroAblate", "MeanAblate", "Add", "Scale", "ProjectOut", "Noise", "Fn", "Compose",
+    "ByLayer", "Steer", "Intervention",
+    "positions_mask", "heads_mask", "save_intervention", "load_intervention", "resolve_sites", "UnknownSiteError",
+    "ConversionError",
 ]

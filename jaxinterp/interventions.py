@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxinterp.errors import cap_list
+
 __all__ = [
     "Intervention",
     "Patch",
@@ -185,8 +187,13 @@ class Scale(Intervention):
 class ProjectOut(Intervention):
     """Remove the component of the last axis that lies in span(``basis``).
 
-    ``basis`` is ``[k, D]`` (or one ``[D]`` vector); it need not be orthonormal (it is
-    orthonormalised with a QR decomposition inside ``apply``, so gradients flow).
+    ``basis`` is ``[k, D]`` (or one ``[D]`` vector) of any rank: it need not be orthonormal or
+    even independent. ``apply`` computes ``x - (x B⁺) B`` with the pseudo-inverse ``B⁺`` (an
+    SVD dropping directions whose singular value is below ``10·max(k, D)·eps`` times the largest),
+    which is ``x - x V Vᵀ`` for an orthonormal basis ``V`` of span(``basis``): dependent rows
+    count once, zero rows and a zero basis remove nothing. The pseudo-inverse has a closed-form
+    derivative, so ``grad`` stays finite for rank-deficient and orthonormal bases (an SVD's
+    derivative is not), and ``jit``/``vmap`` apply as usual.
     """
 
     basis: jax.Array
@@ -199,13 +206,17 @@ class ProjectOut(Intervention):
                 f"ProjectOut at {site!r}: basis of shape {tuple(jnp.shape(self.basis))} must be [k, {x.shape[-1]}] "
                 f"or [{x.shape[-1]}] for a site of shape {tuple(x.shape)}"
             )
+        if not isinstance(basis, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(basis))):
+            raise ValueError(f"ProjectOut at {site!r}: basis has non-finite values (NaN or inf)")
         _check_mask(self.mask, x, site, "ProjectOut")
 
     def apply(self, x):
-        basis = jnp.atleast_2d(self.basis).astype(jnp.float32)  # [k, D]
-        q, _ = jnp.linalg.qr(basis.T)  # [D, k], orthonormal columns
-        xf = x.astype(jnp.float32)
-        projected = xf - (xf @ q) @ q.T
+        dtype = jnp.promote_types(x.dtype, jnp.float32)
+        basis = jnp.atleast_2d(self.basis).astype(dtype)  # [k, D]
+        xf = x.astype(dtype)
+        hi = jax.lax.Precision.HIGHEST
+        coords = jnp.matmul(xf, jnp.linalg.pinv(basis), precision=hi)  # [..., k]
+        projected = xf - jnp.matmul(coords, basis, precision=hi)  # [..., D]
         return _select(self.mask, projected.astype(x.dtype), x)
 
 
@@ -274,7 +285,8 @@ class ByLayer(Intervention):
     item: Any
 
     def at_layer(self, layer) -> Any:
-        return jax.tree_util.tree_map(lambda a: a[layer], self.item)
+        # jnp.asarray: a NumPy leaf cannot be indexed by the scan's traced layer index
+        return jax.tree_util.tree_map(lambda a: jnp.asarray(a)[layer], self.item)
 
     def apply(self, x):  # pragma: no cover - the site context slices it first
         raise TypeError("ByLayer acts on per-layer sites (blocks.*.<site>): the layer picks its slice")
@@ -332,7 +344,8 @@ def positions_mask(seq_len: int, positions: Sequence[int] | int, batch: int = 1)
     """Boolean ``[batch, seq_len]`` mask that is true at ``positions`` (negatives count from the end)."""
     positions = np.atleast_1d(np.asarray(positions, dtype=np.int64))
     if np.any((positions >= seq_len) | (positions < -seq_len)):
-        raise IndexError(f"positions {positions.tolist()} out of range for a sequence of length {seq_len}")
+        bad = positions[(positions >= seq_len) | (positions < -seq_len)]
+        raise IndexError(f"positions {cap_list(bad.tolist())} out of range for a sequence of length {seq_len}")
     mask = np.zeros((batch, seq_len), dtype=bool)
     mask[:, positions % seq_len] = True
     return jnp.asarray(mask)
@@ -342,7 +355,8 @@ def heads_mask(seq_len: int, n_heads: int, heads: Sequence[int] | int, positions
     """Boolean ``[batch, seq_len, n_heads]`` mask for ``attn.z``: ``heads`` at ``positions`` (all if None)."""
     heads = np.atleast_1d(np.asarray(heads, dtype=np.int64))
     if np.any((heads >= n_heads) | (heads < 0)):
-        raise IndexError(f"heads {heads.tolist()} out of range for a model with {n_heads} heads")
+        bad = heads[(heads >= n_heads) | (heads < 0)]
+        raise IndexError(f"heads {cap_list(bad.tolist())} out of range for a model with {n_heads} heads")
     pos = np.ones((batch, seq_len), bool) if positions is None else np.asarray(positions_mask(seq_len, positions, batch))
     mask = np.zeros((batch, seq_len, n_heads), dtype=bool)
     mask[:, :, heads] = True

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from jaxinterp.families import family_for_config, family_for_model_type
 from jaxinterp.hf import ConversionError, read_hf_dir, write_hf_dir
 from jaxinterp.model import Model
 from jaxinterp.placement import DevicePlacer
-from jaxinterp.tokenizer import Tokenizer, check_vocab
+from jaxinterp.tokenizer import TOKENIZER_FILES, Tokenizer, check_vocab
 
 __all__ = ["load", "save_pretrained", "read_model", "embedded_models", "embedded_dir", "resolve_source",
            "family_for_model_type", "ConversionError"]
@@ -90,8 +90,11 @@ def _download(repo_id: str) -> Path:
         ) from err
 
 
-def load(source: str | os.PathLike, dtype: str = "float32", *, mesh=None, rules=None) -> Model:
+def load(source: str | os.PathLike, dtype: str = "float32", *, mesh=None, rules=None, strict: bool = False
+         ) -> Model:
     """Load a model from an embedded name, a local HF directory, or a hub id.
+
+    Weights holding NaN or inf are named in a warning (``strict=True``: refused with an error).
 
     With ``mesh`` (a ``jax.sharding.Mesh``) every parameter is placed sharded by ``rules``
     (a shipped rule-set name, a YAML path, or a ``jaxinterp.sharding.Rules``; default
@@ -103,23 +106,23 @@ def load(source: str | os.PathLike, dtype: str = "float32", *, mesh=None, rules=
         raise ValueError("rules given without a mesh; pass mesh=jaxinterp.sharding.make_mesh(...) as well")
     path = resolve_source(source)
     if mesh is None:  # each tensor goes to the device as it is read
-        fam, config, params, tokenizer = read_model(path, dtype, placer=DevicePlacer())
+        fam, config, params, tokenizer = read_model(path, dtype, placer=DevicePlacer(), strict=strict)
     else:
         from jaxinterp.sharding.place import place_host_params
 
-        fam, config, host_params, tokenizer = read_model(path, dtype)
+        fam, config, host_params, tokenizer = read_model(path, dtype, strict=strict)
         params = place_host_params(host_params, fam.name, mesh, "fsdp_tp" if rules is None else rules, dtype)
     model = Model(params, config, fam.name, tokenizer)
     model.source = str(path)  # informative only (not part of the pytree)
     return model
 
 
-def read_model(path: Path, dtype: str = "float32", placer=None):
+def read_model(path: Path, dtype: str = "float32", placer=None, strict: bool = False):
     """``(family, config, params in dtype, tokenizer or None)`` of a local HF directory (host numpy arrays
     unless ``placer`` places them)."""
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    hf_config, tensors = read_hf_dir(path)
+    hf_config, tensors = read_hf_dir(path, strict)
     model_type = hf_config.get("model_type")
     if model_type is None:
         raise ConversionError(f"{path}/config.json has no model_type")
@@ -136,22 +139,32 @@ def save_pretrained(model: Model, path: str | os.PathLike, tokenizer_dir: str | 
                     dtype: str = "float32", max_shard_bytes: int | None = None) -> Path:
     """Write ``model`` as a Hugging Face directory readable by ``ji.load`` and ``transformers``.
 
-    The model's tokenizer (if any) is written alongside; ``tokenizer_dir``: a directory whose
-    tokenizer files (tokenizer.json, tokenizer_config.json, special_tokens_map.json) are copied
-    instead.
+    Atomic, and the directory is replaced as a whole (``jaxinterp.hf.write_hf_dir``): the export
+    is written to a temporary sibling directory and swapped into place, so a kill or a full disk
+    mid-write leaves the previous export intact, and no file of an earlier export (stale shards,
+    an old index, old tokenizer files) nor anything else put in the directory survives a new
+    export. A directory holding subdirectories, or files but no config.json, is refused rather
+    than deleted. The model's tokenizer (if any) is written alongside, before the swap;
+    ``tokenizer_dir``: a directory whose tokenizer files (tokenizer.json, tokenizer_config.json,
+    special_tokens_map.json) are copied instead; it may be ``path`` itself, to keep the export's
+    current tokenizer. ``max_shard_bytes``: split the weights into shards of at most this size
+    with a model.safetensors.index.json.
     """
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     fam = family_for_config(model.config)
     np_dtype = {"float32": np.float32, "bfloat16": jnp.bfloat16, "float16": np.float16}[dtype]
     tensors = {k: np.asarray(jnp.asarray(v).astype(np_dtype)) for k, v in fam.to_hf(model.config, model.params).items()}
     hf_config = dict(model.config.to_hf())
     hf_config["torch_dtype"] = dtype
-    path = Path(path)
-    write_hf_dir(path, hf_config, tensors, max_shard_bytes=max_shard_bytes)
-    if tokenizer_dir is None and model.tokenizer is not None:
-        model.tokenizer.save(path)
-    if tokenizer_dir is not None:
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            src = Path(tokenizer_dir) / name
-            if src.exists() and src.resolve() != (path / name).resolve():
-                shutil.copy(src, path / name)
-    return path
+    with tempfile.TemporaryDirectory() as tok_dir:
+        if tokenizer_dir is None and model.tokenizer is not None:
+            model.tokenizer.save(tok_dir)
+            tokenizer_dir = tok_dir
+        extra = {}
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                if (Path(tokenizer_dir) / name).is_file():
+                    extra[name] = Path(tokenizer_dir) / name
+        write_hf_dir(path, hf_config, tensors, max_shard_bytes=max_shard_bytes, extra_files=extra)
+    return Path(path)

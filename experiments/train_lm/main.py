@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -201,13 +202,10 @@ def train(cfg: Config, out: Path, *, progress: bool = True, log=print) -> tuple[
 
 
 def export(model: Model, world: FactsWorld, directory: Path) -> Path:
-    """config.json + model.safetensors + tokenizer files + world.json."""
-    tok_dir = directory / ".tokenizer"
-    world.save_tokenizer(tok_dir, model_max_length=getattr(model.config, "max_seq_len", 2048))
-    save_pretrained(model, directory, tokenizer_dir=tok_dir)
-    for f in tok_dir.iterdir():
-        f.unlink()
-    tok_dir.rmdir()
+    """config.json + model.safetensors + tokenizer files + world.json (save_pretrained replaces the directory)."""
+    with tempfile.TemporaryDirectory() as tok_dir:
+        world.save_tokenizer(Path(tok_dir), model_max_length=getattr(model.config, "max_seq_len", 2048))
+        save_pretrained(model, directory, tokenizer_dir=tok_dir)
     world.config.to_json(directory / "world.json")
     return directory
 
