@@ -17,6 +17,7 @@ from jaxinterp.interventions import (
     Patch,
     ProjectOut,
     Scale,
+    Steer,
     ZeroAblate,
     heads_mask,
     positions_mask,
@@ -24,6 +25,7 @@ from jaxinterp.interventions import (
 from jaxinterp.remote.wire import load_intervention, save_intervention
 from jaxinterp.loading import ConversionError, embedded_models, load, save_pretrained
 from jaxinterp.families import families, get_family
+from jaxinterp.generate import Generation, generate
 from jaxinterp.model import Model, RunOutput, init, run
 from jaxinterp.sites import UnknownSiteError, resolve_sites
 
@@ -33,7 +35,7 @@ __version__ = "0.1.0"
 # ``import jaxinterp`` stays fast and pulls in no optional machinery.
 _LAZY_SUBMODULES = (
     "patching", "editing", "sae", "lora", "unlearning", "sharding", "checkpoint", "heads", "grads", "hf",
-    "interventions", "sites", "models", "remote",
+    "interventions", "sites", "models", "steering", "remote",
 )
 
 
@@ -48,7 +50,9 @@ def __getattr__(name):
 
 
 __all__ = [
-    "load", "save_pretrained", "embedded_models", "init", "run", "Model", "RunOutput", "families", "get_family",
-    "Patch", "ZeroAblate", "MeanAblate", "Add", "Scale", "ProjectOut", "Noise", "Fn", "Compose", "ByLayer", "Intervention",
-    "positions_mask", "heads_mask", "save_intervention", "load_intervention", "resolve_sites", "UnknownSiteError", "ConversionError",
+    "load", "save_pretrained", "embedded_models", "init", "run", "generate", "Generation", "Model", "RunOutput",
+    "families", "get_family", "Patch", "ZeroAblate", "MeanAblate", "Add", "Scale", "ProjectOut", "Noise", "Fn", "Compose",
+    "ByLayer", "Steer", "Intervention",
+    "positions_mask", "heads_mask", "save_intervention", "load_intervention", "resolve_sites", "UnknownSiteError",
+    "ConversionError",
 ]

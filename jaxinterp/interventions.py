@@ -41,6 +41,8 @@ __all__ = [
     "Fn",
     "Compose",
     "ByLayer",
+    "Steer",
+    "STEER_WHERE",
     "positions_mask",
     "heads_mask",
 ]
@@ -288,6 +290,54 @@ class ByLayer(Intervention):
 
     def apply(self, x):  # pragma: no cover - the site context slices it first
         raise TypeError("ByLayer acts on per-layer sites (blocks.*.<site>): the layer picks its slice")
+
+
+STEER_WHERE = ("all", "prompt", "generated")
+
+
+@struct.dataclass
+class Steer(Intervention):
+    """Add ``scale * vector`` at every position of a site (activation steering).
+
+    ``vector`` is one position's activation (``[D]`` for the residual stream, ``[H, Dh]`` for
+    ``attn.z``); ``scale`` a scalar. ``where`` picks the positions: ``"all"``, ``"prompt"`` or
+    ``"generated"``. ``ji.generate`` tells the positions apart (it sets ``prompt_len``, the padded
+    prompt width); in a plain ``run`` every position is a prompt position, so ``"generated"`` adds
+    nothing there.
+    """
+
+    vector: jax.Array
+    scale: jax.Array = 1.0
+    where: str = struct.field(pytree_node=False, default="all")
+    prompt_len: Optional[int] = struct.field(pytree_node=False, default=None)
+
+    def __post_init__(self):
+        if self.where not in STEER_WHERE:
+            raise ValueError(f"Steer(where=...) must be one of {STEER_WHERE}, got {self.where!r}")
+
+    def validate(self, x, site):
+        vector = jnp.asarray(self.vector)
+        if x.ndim < 2 or tuple(vector.shape) != tuple(x.shape[2:]):
+            raise ValueError(
+                f"Steer at {site!r}: the vector has shape {tuple(vector.shape)} but one position of the site "
+                f"{tuple(x.shape)} is {tuple(x.shape[2:])}; steer with a vector of that width"
+            )
+        if jnp.ndim(self.scale) != 0:
+            raise ValueError(f"Steer at {site!r}: scale must be a scalar, got shape {jnp.shape(self.scale)}")
+
+    def generating(self, prompt_len: int) -> "Steer":
+        """This intervention inside ``ji.generate``: positions ``< prompt_len`` are the prompt's."""
+        return self.replace(prompt_len=int(prompt_len))
+
+    def apply(self, x):
+        delta = (jnp.asarray(self.scale, jnp.float32) * jnp.asarray(self.vector, jnp.float32)).astype(x.dtype)
+        if self.where == "all" or (self.prompt_len is None and self.where == "prompt"):
+            return x + delta
+        if self.prompt_len is None:  # "generated" outside generation: nothing is generated
+            return x
+        prompt = jnp.arange(x.shape[1]) < self.prompt_len  # [T]: absolute positions of the prompt
+        selected = prompt if self.where == "prompt" else ~prompt
+        return jnp.where(selected.reshape((1, -1) + (1,) * (x.ndim - 2)), x + delta, x)
 
 
 def positions_mask(seq_len: int, positions: Sequence[int] | int, batch: int = 1) -> jax.Array:

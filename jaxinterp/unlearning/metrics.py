@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinterp.generate import generate as generate_tokens
+from jaxinterp.model import Model
 from jaxinterp.unlearning.elm import guided_generate, pad_batch
 
 __all__ = ["mc_accuracy", "perplexity", "continuation_token_nll", "continuation_nll", "nll_split", "generate",
@@ -102,9 +104,14 @@ def perplexity(logits_fn: Callable, seqs: Sequence[Sequence[int]], **kw) -> floa
     return float(np.exp((nll * lengths).sum() / lengths.sum()))
 
 
-def generate(logits_fn: Callable, prompts: Sequence[Sequence[int]], n_new: int, key, *, temperature: float = 1.0,
-             pad_id: int = 0) -> list[list[int]]:
-    """Sampled continuations (``n_new`` tokens) of each prompt."""
+def generate(logits_fn: Callable | Model, prompts: Sequence[Sequence[int]], n_new: int, key, *,
+             temperature: float = 1.0, pad_id: int = 0) -> list[list[int]]:
+    """Sampled continuations (``n_new`` tokens) of each prompt. A ``Model`` runs ``ji.generate``
+    (cached, the same per-step keys as the loop over a logits function, so the same tokens)."""
+    if isinstance(logits_fn, Model):
+        out = generate_tokens(logits_fn, [list(p) for p in prompts], max_new_tokens=n_new, temperature=temperature,
+                              seed=key, stop_at_eos=False)
+        return [list(r) for r in out.tokens]
     tokens, valid = pad_batch(prompts, max(len(p) for p in prompts) + n_new, pad_id)
     new = guided_generate(jax.jit(logits_fn), jnp.asarray(tokens), jnp.asarray(valid.sum(1)), n_new, key,
                           temperature=temperature)
