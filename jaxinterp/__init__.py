@@ -32,11 +32,15 @@ __version__ = "0.1.0"
 # ``import jaxinterp`` stays fast and pulls in no optional machinery.
 _LAZY_SUBMODULES = (
     "patching", "editing", "sae", "lora", "unlearning", "sharding", "checkpoint", "heads", "grads", "hf",
-    "interventions", "sites", "models",
+    "interventions", "sites", "models", "lens", "attribution", "folding", "viz", "interop",
 )
 
 
 def __getattr__(name):
+    if name == "fold_layer_norm":  # ji.fold_layer_norm(model): a function of jaxinterp.folding
+        from jaxinterp.folding import fold_layer_norm
+
+        return fold_layer_norm
     if name in _LAZY_SUBMODULES:
         import importlib
 
@@ -47,7 +51,7 @@ def __getattr__(name):
 
 
 __all__ = [
-    "load", "save_pretrained", "embedded_models", "init", "run", "Model", "RunOutput", "families", "get_family",
+    "load", "save_pretrained", "fold_layer_norm", "embedded_models", "init", "run", "Model", "RunOutput", "families", "get_family",
     "Patch", "ZeroAblate", "MeanAblate", "Add", "Scale", "ProjectOut", "Noise", "Fn", "Compose", "ByLayer", "Intervention",
     "positions_mask", "heads_mask", "resolve_sites", "UnknownSiteError", "ConversionError",
 ]
