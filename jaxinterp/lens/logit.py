@@ -10,15 +10,19 @@ transformers with the tuned lens").
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import functools
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxinterp.families import get_family
 from jaxinterp.model import Model, prepare_inputs, run
+from jaxinterp.sites import resolve_sites
 
-__all__ = ["residual_sites", "capture_residuals", "apply_head", "logit_lens", "kl_to_final", "gather"]
+__all__ = ["residual_sites", "capture_residuals", "apply_head", "logit_lens", "kl_to_final", "gather",
+           "jit_when_arrays", "prepare"]
 
 
 def residual_sites(model: Model, layers: Optional[Sequence[int]] = None, *, embed: bool = False) -> tuple[str, ...]:
@@ -45,20 +49,51 @@ def gather(x: jax.Array, at: Optional[jax.Array]) -> jax.Array:
     return out[:, 0] if at.ndim == 1 else out
 
 
-def capture_residuals(model: Model, tokens, sites: Sequence[str], *, attention_mask=None, positions=None,
-                      logits_at=None, interventions=None) -> tuple[jax.Array, jax.Array]:
-    """``(residuals [n, B, (P|T), D], final logits [B, (P|T), V])`` of one forward pass.
+def jit_when_arrays(fn: Callable, static_argnames: Sequence[str] = ()) -> Callable:
+    """``fn(model, ..., interventions=..., **static)`` compiled as one program (``jax.jit``) when the
+    interventions are arrays only (pytrees of arrays, or None); run eagerly when they hold plain Python
+    callables, which ``jit`` cannot take as inputs."""
+    compiled = jax.jit(fn, static_argnames=tuple(static_argnames))
 
-    Residuals are taken at the same positions as the logits (``logits_at`` as in ``ji.run``).
-    """
-    tokens, mask, positions, at = prepare_inputs(model, tokens, attention_mask, positions, logits_at)
+    @functools.wraps(fn)
+    def call(*args, interventions=None, **kw):
+        leaves = jax.tree_util.tree_leaves(interventions)
+        arrays = all(isinstance(x, (jax.Array, np.ndarray)) for x in leaves)
+        return (compiled if arrays else fn)(*args, interventions=interventions, **kw)
+
+    return call
+
+
+def _residuals(model: Model, tokens, mask, positions, at, *, interventions, sites: tuple[str, ...]):
     out = run(model, tokens, capture=list(sites), interventions=interventions, attention_mask=mask,
               positions=positions, logits_at=at)
-    missing = [s for s in sites if s not in out.cache]
-    if missing:
-        raise ValueError(f"sites {missing} are not residual-stream sites of this model")
     resid = jnp.stack([gather(out.cache[s], at) for s in sites])  # [n, B, (P|T), D]
     return resid, out.logits
+
+
+def _lens(model: Model, tokens, mask, positions, at, *, interventions, sites: tuple[str, ...]):
+    return apply_head(model, _residuals(model, tokens, mask, positions, at, interventions=interventions,
+                                        sites=sites)[0])
+
+
+_residuals_program = jit_when_arrays(_residuals, ("sites",))
+_lens_program = jit_when_arrays(_lens, ("sites",))
+
+
+def prepare(model: Model, tokens, sites: Sequence[str], attention_mask=None, positions=None, logits_at=None):
+    """``ji.run``'s input checks, and ``sites`` checked against the model's (closest names on a miss)."""
+    bad = [s for s in sites if s not in model.sites]
+    if bad:
+        resolve_sites(bad, model.sites)  # raises, naming the closest sites
+    return prepare_inputs(model, tokens, attention_mask, positions, logits_at)
+
+
+def capture_residuals(model: Model, tokens, sites: Sequence[str], *, attention_mask=None, positions=None,
+                      logits_at=None, interventions=None) -> tuple[jax.Array, jax.Array]:
+    """``(residuals [n, B, (P|T), D], final logits [B, (P|T), V])`` of one forward pass (one compiled
+    program). Residuals are taken at the same positions as the logits (``logits_at`` as in ``ji.run``)."""
+    inputs = prepare(model, tokens, sites, attention_mask, positions, logits_at)
+    return _residuals_program(model, *inputs, interventions=interventions, sites=tuple(sites))
 
 
 def apply_head(model: Model, x: jax.Array) -> jax.Array:
@@ -78,9 +113,8 @@ def logit_lens(model: Model, tokens, layers: Optional[Sequence[int]] = None, *, 
     Inputs are those of ``ji.run`` (token ids or text, mask, positions, ``logits_at``, interventions).
     """
     sites = residual_sites(model, layers, embed=embed)
-    resid, _ = capture_residuals(model, tokens, sites, attention_mask=attention_mask, positions=positions,
-                                 logits_at=logits_at, interventions=interventions)
-    return apply_head(model, resid)
+    inputs = prepare(model, tokens, sites, attention_mask, positions, logits_at)
+    return _lens_program(model, *inputs, interventions=interventions, sites=sites)
 
 
 def kl_to_final(lens_logits: jax.Array, final_logits: jax.Array) -> jax.Array:
