@@ -18,13 +18,13 @@ CONFIGS = {
 }
 
 
-def _randomise(model, seed):
+def _randomise(model, seed, scale=0.3):
     """Every parameter perturbed (norm gains and biases too), so no term hides behind a constant."""
     import jax
 
     leaves, tree = jax.tree_util.tree_flatten(model.params)
     rng = np.random.default_rng(seed)
-    leaves = [np.asarray(p) + 0.3 * rng.standard_normal(p.shape).astype(np.float32) for p in leaves]
+    leaves = [np.asarray(p) + scale * rng.standard_normal(p.shape).astype(np.float32) for p in leaves]
     return model.replace(params=jax.tree_util.tree_unflatten(tree, leaves))
 
 
