@@ -8,5 +8,7 @@ translator per layer first (Belrose et al., 2023).
 """
 
 from jaxinterp.lens.logit import apply_head, capture_residuals, kl_to_final, logit_lens, residual_sites
+from jaxinterp.lens.tuned import TunedLens, TunedLensConfig, train_tuned_lens
 
-__all__ = ["logit_lens", "kl_to_final", "residual_sites", "capture_residuals", "apply_head"]
+__all__ = ["logit_lens", "kl_to_final", "residual_sites", "capture_residuals", "apply_head", "TunedLens",
+           "TunedLensConfig", "train_tuned_lens"]
