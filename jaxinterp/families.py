@@ -31,9 +31,15 @@ __all__ = [
 # Built-in families: name -> module that registers it on import.
 BUILTIN = {
     "gpt2": "jaxinterp.models.gpt2",
+    "gemma": "jaxinterp.models.gemma",
     "gpt_neox": "jaxinterp.models.gpt_neox",
+    "gptj": "jaxinterp.models.gptj",
     "llama": "jaxinterp.models.llama",
     "mamba": "jaxinterp.models.mamba",
+    "mamba2": "jaxinterp.models.mamba2",
+    "mixtral": "jaxinterp.models.mixtral",
+    "olmo2": "jaxinterp.models.olmo2",
+    "phi3": "jaxinterp.models.phi3",
 }
 _FAMILIES: dict[str, "Family"] = {}
 
@@ -72,7 +78,8 @@ class Family:
       hf_model_types: ``config.json`` ``model_type`` values this family reads.
       module: ``config -> flax Module`` computing ``(logits, cache)`` (see ``jaxinterp.model.run``).
       site_names: ``config -> tuple[str, ...]`` every site, in forward order.
-      from_hf: ``(config, {hf_name: array}, dtype) -> params`` (refuses missing/extra/mis-shaped tensors).
+      from_hf: ``(config, {hf_name: array}, dtype, placer=None) -> params`` (refuses missing/extra/mis-shaped
+        tensors; ``placer``: ``models.common.HostPlacer`` (numpy, the default) or ``DevicePlacer``).
       to_hf: ``(config, params) -> {hf_name: np.ndarray}`` (inverse of ``from_hf``).
       param_axes: rows ``(regex on the "/"-joined parameter path, logical axes of one layer's
         parameter)``, first match wins; stacked per-layer parameters get ``layers`` in front

@@ -26,6 +26,7 @@ import numpy as np
 from jaxinterp.families import family_for_config, family_for_model_type
 from jaxinterp.hf import ConversionError, read_hf_dir, write_hf_dir
 from jaxinterp.model import Model
+from jaxinterp.placement import DevicePlacer
 from jaxinterp.tokenizer import Tokenizer, check_vocab
 
 __all__ = ["load", "save_pretrained", "read_model", "embedded_models", "embedded_dir", "resolve_source",
@@ -101,20 +102,21 @@ def load(source: str | os.PathLike, dtype: str = "float32", *, mesh=None, rules=
     if rules is not None and mesh is None:
         raise ValueError("rules given without a mesh; pass mesh=jaxinterp.sharding.make_mesh(...) as well")
     path = resolve_source(source)
-    fam, config, host_params, tokenizer = read_model(path, dtype)
-    if mesh is None:
-        params = jax.tree_util.tree_map(jnp.asarray, host_params)
+    if mesh is None:  # each tensor goes to the device as it is read
+        fam, config, params, tokenizer = read_model(path, dtype, placer=DevicePlacer())
     else:
         from jaxinterp.sharding.place import place_host_params
 
+        fam, config, host_params, tokenizer = read_model(path, dtype)
         params = place_host_params(host_params, fam.name, mesh, "fsdp_tp" if rules is None else rules, dtype)
     model = Model(params, config, fam.name, tokenizer)
     model.source = str(path)  # informative only (not part of the pytree)
     return model
 
 
-def read_model(path: Path, dtype: str = "float32"):
-    """``(family, config, host params in dtype, tokenizer or None)`` of a local HF directory."""
+def read_model(path: Path, dtype: str = "float32", placer=None):
+    """``(family, config, params in dtype, tokenizer or None)`` of a local HF directory (host numpy arrays
+    unless ``placer`` places them)."""
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     hf_config, tensors = read_hf_dir(path)
@@ -123,7 +125,7 @@ def read_model(path: Path, dtype: str = "float32"):
         raise ConversionError(f"{path}/config.json has no model_type")
     fam = family_for_model_type(model_type)
     config = fam.config_cls.from_hf(hf_config)
-    host_params = fam.from_hf(config, tensors, _DTYPES[dtype])
+    host_params = fam.from_hf(config, tensors, _DTYPES[dtype], placer=placer)
     tokenizer = Tokenizer.from_dir(path)
     if tokenizer is not None:
         check_vocab(tokenizer, config.vocab_size, str(path))

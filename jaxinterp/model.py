@@ -27,7 +27,8 @@ TOKEN_CHECKS = ("error", "clip")
 
 @struct.dataclass
 class RunOutput:
-    """What ``run`` returns: ``logits`` (``[B, T, vocab]``, or at ``logits_at``) and ``cache`` {site: array}."""
+    """What ``run`` returns: ``logits`` (``[B, T, vocab]``, or at ``logits_at``) and ``cache`` (a ``Cache``:
+    a read-only mapping {site: array})."""
 
     logits: jax.Array
     cache: dict
@@ -305,7 +306,7 @@ def run(model: Model, tokens, capture=None, interventions=None, *, attention_mas
     stop_at = _check_stop_at(model, stop_at, ctx)
     logits, _ = forward(model, tokens, ctx, positions=positions, k_valid=mask, logits_at=logits_at, remat=remat,
                         stop_at=stop_at)
-    return RunOutput(logits=logits, cache=dict(ctx.cache))
+    return RunOutput(logits=logits, cache=ctx.result())
 
 
 def abstract_params(config: Any) -> Any:

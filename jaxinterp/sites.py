@@ -26,6 +26,7 @@ ssm_state, conv``. Activation layouts are documented per site in the ports.
 
 from __future__ import annotations
 
+import collections.abc
 import difflib
 import fnmatch
 import re
@@ -35,8 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["SiteContext", "LayerSites", "resolve_sites", "close_matches", "UnknownSiteError", "apply_intervention",
-           "split_layer_site"]
+__all__ = ["SiteContext", "LayerSites", "Cache", "resolve_sites", "close_matches", "UnknownSiteError",
+           "apply_intervention", "split_layer_site"]
 
 _LAYER_SITE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
@@ -109,6 +110,59 @@ def _as_list(value: Any) -> list[Any]:
     return [value]
 
 
+@jax.tree_util.register_pytree_node_class
+class Cache(collections.abc.Mapping):
+    """The captured sites: a read-only mapping ``{site name: array}`` (a pytree).
+
+    A site captured at every layer is kept as the scan produced it, stacked ``[L, ...]``, and
+    ``cache["blocks.3.resid_post"]`` slices it on access: capturing everything costs one write per
+    value, never a second copy per layer. ``cache.stacked(suffix)`` gives the stacked array itself.
+    """
+
+    def __init__(self, flat: Mapping[str, jax.Array], stacked: Mapping[str, jax.Array], order: Sequence[str]):
+        self._flat, self._stacked, self._order = dict(flat), dict(stacked), tuple(order)
+
+    def __getitem__(self, name: str) -> jax.Array:
+        if name in self._flat:
+            return self._flat[name]
+        layer, suffix = split_layer_site(name)
+        if suffix in self._stacked and layer is not None and name in self._names:
+            stacked = self._stacked[suffix]
+            if isinstance(stacked, jax.ShapeDtypeStruct):  # under jax.eval_shape
+                return jax.ShapeDtypeStruct(stacked.shape[1:], stacked.dtype, sharding=None)
+            return stacked[layer]
+        raise KeyError(name)
+
+    @property
+    def _names(self) -> frozenset:
+        return frozenset(self._order)
+
+    def __iter__(self):
+        return iter(self._order)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __contains__(self, name) -> bool:
+        return name in self._names
+
+    def stacked(self, suffix: str) -> jax.Array:
+        """``blocks.*.<suffix>`` as one ``[L, ...]`` array (when it was captured at every layer)."""
+        if suffix in self._stacked:
+            return self._stacked[suffix]
+        return jnp.stack([self[n] for n in self._order if split_layer_site(n)[1] == suffix])
+
+    def __repr__(self) -> str:
+        return f"Cache({len(self)} sites: {', '.join(self._order[:4])}{' ...' if len(self) > 4 else ''})"
+
+    def tree_flatten(self):
+        return (self._flat, self._stacked), self._order
+
+    @classmethod
+    def tree_unflatten(cls, order, children):
+        return cls(children[0], children[1], order)
+
+
 class SiteContext:
     """Applies interventions and records captures for one forward call.
 
@@ -175,6 +229,7 @@ class SiteContext:
             if layer is not None:
                 self._layer_capture.setdefault(suffix, set()).add(layer)
         self.cache: dict[str, jax.Array] = {}
+        self.stacked: dict[str, jax.Array] = {}
         self.visited: list[str] = []
         self._layer_order: list[str] = []
 
@@ -220,8 +275,16 @@ class SiteContext:
         for i in range(n_run):
             self.visited.extend(f"blocks.{i}.{s}" for s in self._layer_order)
         for suffix, layers in self._layer_capture.items():
+            if len(layers) == n_run == self.n_layers:
+                self.stacked[suffix] = stacked[suffix]  # every layer: kept stacked, sliced on access
+                continue
             for i in sorted(layers):
                 self.cache[f"blocks.{i}.{suffix}"] = stacked[suffix][i]
+
+    def result(self) -> Cache:
+        """The captures as a ``Cache`` (names in the model's site order)."""
+        have = set(self.cache) | {f"blocks.{i}.{s}" for s in self.stacked for i in range(self.n_layers)}
+        return Cache(self.cache, self.stacked, [s for s in self.sites if s in have])
 
 
 class LayerSites:
@@ -264,8 +327,9 @@ class LayerSites:
             else:
                 member = np.zeros(self.ctx.n_layers, bool)
                 member[sorted(layers)] = True
+                where = _layers_name(layers, suffix)  # error messages name the layers the item acts on
                 x = jax.lax.cond(jnp.asarray(member)[self.layer],
-                                 lambda v, item=item: apply_intervention(item, v, name), lambda v: v, x)
+                                 lambda v, item=item, where=where: apply_intervention(item, v, where), lambda v: v, x)
         if constrain is not None and items:
             x = constrain(name, x)
         if suffix in self.ctx._layer_capture:
@@ -278,6 +342,12 @@ class LayerSites:
         if adapter is None:
             return y
         return y + adapter(x, self.layer).astype(y.dtype)
+
+
+def _layers_name(layers: frozenset, suffix: str) -> str:
+    """``blocks.3.attn.z`` for one layer, ``blocks.{1,4}.attn.z`` for several."""
+    ids = sorted(layers)
+    return f"blocks.{ids[0]}.{suffix}" if len(ids) == 1 else f"blocks.{{{','.join(map(str, ids))}}}.{suffix}"
 
 
 def apply_intervention(item: Any, x: jax.Array, site: str) -> jax.Array:

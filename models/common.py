@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinterp.hf import ConversionError, check_tensors
+from jaxinterp.placement import HostPlacer, release
 
 # ----------------------------------------------------------------------------- activations
 
@@ -75,11 +76,13 @@ class RMSNorm(nn.Module):
     """RMSNorm computed in float32 (param ``scale``).
 
     ``offset`` = 1 gives Gemma's ``x_hat * (1 + scale)`` (computed in float32 before the cast, as
-    Gemma does); ``offset`` = 0 is Llama's ``(x_hat in the input dtype) * scale``.
+    Gemma does); ``offset`` = 0 is Llama's ``(x_hat in the input dtype) * scale``, or with
+    ``scale_in_f32`` OLMo-2's ``(scale * x_hat in float32)`` cast afterwards.
     """
 
     eps: float = 1e-6
     offset: float = 0.0
+    scale_in_f32: bool = False
 
     @nn.compact
     def __call__(self, x):
@@ -87,7 +90,7 @@ class RMSNorm(nn.Module):
         scale = self.param("scale", init, (x.shape[-1],))
         xf = x.astype(jnp.float32)
         y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), -1, keepdims=True) + self.eps)
-        if self.offset:
+        if self.offset or self.scale_in_f32:  # Gemma (1 + w), OLMo-2 (w * x_hat in float32, then the cast)
             return (y * (self.offset + scale.astype(jnp.float32))).astype(x.dtype)
         return (y.astype(x.dtype) * scale.astype(x.dtype)).astype(x.dtype)
 
@@ -108,10 +111,43 @@ class Rope:
     inv_freq: tuple[float, ...]
     interleaved: bool = False
     attention_factor: float = 1.0
+    # Length-dependent variants (transformers' ``dynamic_rope_update``). The length is that of the
+    # call (``max(positions) + 1``), or what the caller passes (the incremental engine: its cache).
+    # ``switch_len``: above it, dynamic NTK rescales theta and LongRoPE uses ``long_inv_freq``.
+    switch_len: Optional[int] = None
+    ntk_theta: Optional[float] = None
+    ntk_factor: Optional[float] = None
+    long_inv_freq: Optional[tuple[float, ...]] = None
+
+    def __post_init__(self):
+        if (self.ntk_factor is not None or self.long_inv_freq is not None) and self.switch_len is None:
+            raise ValueError("dynamic NTK / LongRoPE need switch_len (the context the model was trained for)")
+        if self.ntk_factor is not None and self.ntk_theta is None:
+            raise ValueError("dynamic NTK needs ntk_theta (the unscaled rotary base)")
+        if self.long_inv_freq is not None and len(self.long_inv_freq) != len(self.inv_freq):
+            raise ValueError(f"long_inv_freq has {len(self.long_inv_freq)} entries, inv_freq {len(self.inv_freq)}")
 
     @property
     def rotary_dim(self) -> int:
         return 2 * len(self.inv_freq)
+
+    @property
+    def length_dependent(self) -> bool:
+        return self.ntk_factor is not None or self.long_inv_freq is not None
+
+    def inv_freq_at(self, length) -> jax.Array:
+        """The ``rotary_dim / 2`` inverse frequencies for a call over ``length`` positions (float32)."""
+        short = jnp.asarray(np.asarray(self.inv_freq, np.float32))
+        if self.long_inv_freq is not None:  # LongRoPE: the long factors past the original context
+            return jnp.where(length > self.switch_len, jnp.asarray(np.asarray(self.long_inv_freq, np.float32)), short)
+        if self.ntk_factor is None:
+            return short
+        # Dynamic NTK: theta * ((factor * L / L0) - (factor - 1)) ** (d / (d - 2)), in float32 as transformers.
+        d = self.rotary_dim
+        n = jnp.maximum(jnp.asarray(length, jnp.float32), float(self.switch_len))
+        base = self.ntk_theta * ((self.ntk_factor * n / self.switch_len) - (self.ntk_factor - 1)) ** (d / (d - 2))
+        scaled = 1.0 / (base ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+        return jnp.where(length > self.switch_len, scaled.astype(jnp.float32), short)
 
     @classmethod
     def default(cls, rotary_dim: int, theta: float, **kw) -> "Rope":
@@ -124,9 +160,16 @@ def default_inv_freq(rotary_dim: int, theta: float) -> np.ndarray:
         np.float32)
 
 
-def rotary_tables(positions: jax.Array, rope: Rope) -> tuple[jax.Array, jax.Array]:
-    """cos/sin tables ``[B, T, rotary_dim]`` for integer ``positions [B, T]``."""
-    inv_freq = jnp.asarray(np.asarray(rope.inv_freq, np.float32))
+def rotary_tables(positions: jax.Array, rope: Rope, length=None) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables ``[B, T, rotary_dim]`` for integer ``positions [B, T]``.
+
+    ``length``: the sequence length a length-dependent rope (dynamic NTK, LongRoPE) scales for;
+    default ``max(positions) + 1`` (transformers' rule for one forward call).
+    """
+    if rope.length_dependent:
+        inv_freq = rope.inv_freq_at(jnp.max(positions) + 1 if length is None else length)
+    else:
+        inv_freq = jnp.asarray(np.asarray(rope.inv_freq, np.float32))
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, rd/2]
     if rope.interleaved:
         emb = jnp.repeat(freqs, 2, axis=-1)  # [B, T, rd]: f0 f0 f1 f1 ...
@@ -308,10 +351,12 @@ def expected_hf_shapes(entries: Iterable[Entry], param_shapes: Any, n_layers: in
 
 def params_from_hf(model_type: str, entries: Iterable[Entry], param_shapes: Any, tensors: Mapping[str, np.ndarray],
                    n_layers: int, dtype=np.float32, ignorable: Iterable[str] = (),
-                   rename: Callable[[str], str] | None = None) -> dict:
+                   rename: Callable[[str], str] | None = None, placer: HostPlacer | None = None) -> dict:
     """Build the (layer-stacked) params tree from checkpoint tensors, refusing missing, extra or
     mis-shaped ones. Each parameter is allocated once in ``dtype`` and filled layer by layer, so a
-    bfloat16 checkpoint is never expanded to float32 on the host.
+    bfloat16 checkpoint is never expanded to float32; each tensor's mapped pages are released once it
+    has been read. ``placer`` decides where parameters live (``HostPlacer``: numpy; ``DevicePlacer``:
+    on the device as they are read).
 
     ``param_shapes``: the params tree of ``jax.ShapeDtypeStruct`` (``jax.eval_shape`` of the
     module's init), so expected checkpoint shapes follow from the config alone. ``rename`` maps
@@ -325,16 +370,20 @@ def params_from_hf(model_type: str, entries: Iterable[Entry], param_shapes: Any,
         raise AssertionError(f"{model_type}: params without HF mapping: {sorted(all_paths - covered)}")
     check_tensors(model_type, expected_hf_shapes(entries, param_shapes, n_layers), renamed, ignorable)
     dtype = np.dtype(dtype)
+    placer = placer or HostPlacer()
     params: dict = {}
     for e in entries:
         if not e.layered:
-            for path, part in zip(e.paths, e.split(renamed[e.hf])):
-                _set(params, path, np.asarray(part, dtype=dtype))
+            source = renamed[e.hf]
+            for path, part in zip(e.paths, e.split(source)):
+                _set(params, path, placer.single(path, np.asarray(part, dtype=dtype)))
+            release(source)
             continue
-        bufs = [np.empty(_get(param_shapes, p).shape, dtype) for p in e.paths]
+        bufs = [placer.stacked(p, _get(param_shapes, p).shape, dtype) for p in e.paths]
         for i in range(n_layers):
-            for buf, part in zip(bufs, e.split(renamed[e.hf.format(i=i)])):
-                buf[i] = part
+            source = renamed[e.hf.format(i=i)]
+            bufs = [placer.set_layer(buf, i, np.asarray(part, dtype=dtype)) for buf, part in zip(bufs, e.split(source))]
+            release(source)
         for path, buf in zip(e.paths, bufs):
             _set(params, path, buf)
     return params

@@ -258,3 +258,21 @@ def test_capture_costs_no_compute(model, tokens):
                                model.run(tokens, capture="blocks.0.resid_post").cache["blocks.0.resid_post"], atol=1e-6)
     with pytest.raises(ValueError, match="lie beyond it"):
         model.run(tokens, capture="blocks.1.resid_post", stop_at=1)
+
+
+def test_cache_keeps_every_layer_stacked_and_slices_on_access(model, tokens):
+    """A site captured at every layer is one [L, ...] array (no second copy per layer); partial captures are
+    per-layer arrays; both read like a dict of the per-layer values."""
+    every = model.run(tokens, capture=["blocks.*.resid_post", "blocks.1.attn.z", "embed"]).cache
+    assert list(every) == ["embed", "blocks.0.resid_post", "blocks.1.attn.z", "blocks.1.resid_post",
+                           "blocks.2.resid_post"]
+    stacked = every.stacked("resid_post")
+    assert stacked.shape == (CFG.n_layers, 2, T, CFG.d_model)
+    one = model.run(tokens, capture="blocks.1.resid_post").cache
+    np.testing.assert_array_equal(every["blocks.1.resid_post"], one["blocks.1.resid_post"])
+    np.testing.assert_array_equal(stacked[1], one["blocks.1.resid_post"])
+    assert "blocks.1.attn.z" in every and "blocks.0.attn.z" not in every
+    with pytest.raises(KeyError):
+        every["blocks.0.attn.z"]
+    jitted = jax.jit(lambda m, t: m.run(t, capture="blocks.*.resid_post").cache)(model, tokens)
+    assert sorted(jitted) == sorted(k for k in every if k.endswith("resid_post"))

@@ -11,7 +11,7 @@
 ``metric`` maps the last-position logits ``[B, V]`` to a scalar (e.g. a mean logit
 difference); with an ``attention_mask`` (padded prompts of different lengths) the last position
 is each row's last real token. Granularity ``per``: ``"position"`` (sites laid out
-``[B, T, ...]``), ``"head"`` (``[B, T, H, Dh]`` sites: ``attn.q/k/v/z``) or ``"site"``.
+``[B, T, ...]``), ``"head"`` (``[B, T, H, Dh]`` sites: ``attn.q/k/v/z``, ``mixer.heads``) or ``"site"``.
 """
 
 from __future__ import annotations
@@ -27,12 +27,15 @@ import numpy as np
 from jaxinterp.grads import site_grads
 from jaxinterp.interventions import Patch
 from jaxinterp.model import Model, run
+from jaxinterp.sharding.axes import site_axes
 from jaxinterp.sites import resolve_sites
 
 __all__ = ["PatchingResult", "activation_patching", "attribution_patching", "PER"]
 
 PER = ("position", "head", "site")
 _QK_LAYOUT = (".scores", ".pattern")  # [B, H, Tq, Tk]: only whole-site patching
+# Sites patched per head: laid out [B, T, H, Dh] (attention q/k/v/z, an SSD mixer's per-head output).
+_HEAD_LAYOUTS = (("batch", "seq", "heads", "head_dim"), ("batch", "seq", "kv_heads", "head_dim"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +60,8 @@ def _check(model: Model, sites, per: str) -> list[str]:
     for n in names:
         if per != "site" and n.endswith(_QK_LAYOUT):
             raise ValueError(f"site {n!r} is laid out [B, H, Tq, Tk]; patch it with per='site'")
-        if per == "head" and not n.endswith((".q", ".k", ".v", ".z")):
-            raise ValueError(f"per='head' needs a [B, T, H, Dh] site (attn.q/k/v/z), got {n!r}")
+        if per == "head" and site_axes(n) not in _HEAD_LAYOUTS:
+            raise ValueError(f"per='head' needs a [B, T, H, Dh] site (attn.q/k/v/z, mixer.heads), got {n!r}")
     return names
 
 

@@ -143,13 +143,18 @@ _STATE = ("batch", "seq", "ssm_state")
 SITE_AXES: list[tuple[str, Axes]] = [
     (r"^(embed|final_norm)$", _RESID),
     (r"\.(resid_pre|resid_mid|resid_post|ln1|ln2|norm|attn_out|mlp_out|mixer_out)$", _RESID),
+    (r"\.(attn|mlp)\.out$", _RESID),  # raw projection outputs before a post-norm (sandwich / post placement)
+    (r"\.moe\.router_logits$", ("batch", "seq", "experts")),
+    (r"\.moe\.expert_out$", ("batch", "seq", "experts", "embed")),
     (r"\.attn\.(q|z)$", _HEADS),
     (r"\.attn\.(k|v)$", _KV),
     (r"\.attn\.(scores|pattern)$", _ATTN),
     (r"\.mlp\.(pre|post|gate|up)$", _MLP),
+    # A per-head time step [B, T, H] (delta of SSD mixers) is split like d_inner: heads partition it.
     (r"\.mixer\.(in_x|in_z|conv_out|ssm_in|delta|ssm_out|gate|gated)$", _INNER),
     (r"\.mixer\.(B|C)$", _STATE),
     (r"\.mixer\.ssm_state$", ("batch", "seq", "d_inner", "ssm_state")),
+    (r"\.mixer\.heads$", _HEADS),  # per-head scan output [B, T, H, P]
     (r"\.(sae\.)?(latents|features|acts)$", ("batch", "seq", "latents")),
 ]
 

@@ -1,4 +1,4 @@
-"""Llama-family port (``model_type``: ``llama``, ``mistral``, ``qwen2``) on the shared transformer block."""
+"""Llama-family port (``model_type``: ``llama`` (1-3.x), ``mistral``, ``qwen2``, ``qwen3``) on the shared transformer block."""
 
 from jaxinterp.models.transformer.family import transformer_family
 
@@ -8,7 +8,7 @@ from .config import LlamaConfig
 FAMILY = transformer_family(
     name="llama",
     config_cls=LlamaConfig,
-    hf_model_types=("llama", "mistral", "qwen2"),
+    hf_model_types=("llama", "mistral", "qwen2", "qwen3"),
     entries=convert.entries,
     hf_modules=convert.hf_modules,
     ignorable=convert.IGNORABLE,

@@ -1,4 +1,5 @@
-"""Mamba-1 port (``model_type: mamba``, HF ``MambaForCausalLM``); site layouts in ``model.py``."""
+"""Mamba-1 port (``model_type: mamba``, HF ``MambaForCausalLM``) and Falcon-Mamba (``falcon_mamba``,
+``FalconMambaForCausalLM``: the same family with ``MambaConfig.mixer_norm_eps``); site layouts in ``model.py``."""
 
 from .config import MambaConfig
 from .family import FAMILY

@@ -1,4 +1,8 @@
-"""Mamba (Mamba-1) configuration (frozen, keyword-only) and its mapping to/from HF config.json."""
+"""Mamba-1 / Falcon-Mamba configuration (frozen, keyword-only) and its mapping to/from HF config.json.
+
+Falcon-Mamba (``model_type: falcon_mamba``) is Mamba-1 with weightless RMS normalisation of the
+time-step input, B and C inside the mixer: one flag (``mixer_norm_eps``), not a separate port.
+"""
 
 from __future__ import annotations
 
@@ -21,11 +25,16 @@ _IGNORED = {
     "rescale_prenorm_residual", "use_mambapy", "use_associative_scan",
 }
 SCANS = ("auto", "associative", "sequential")
+MODEL_TYPES = ("mamba", "falcon_mamba")
+# Falcon-Mamba adds the mixer norms' epsilon; ``use_falcon_mambapy`` picks a torch scan implementation.
+_FALCON_HANDLED = {"mixer_rms_eps"}
+_FALCON_IGNORED = {"use_falcon_mambapy"}
+_ARCHITECTURES = {"mamba": "MambaForCausalLM", "falcon_mamba": "FalconMambaForCausalLM"}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MambaConfig:
-    """Mamba-1 language model.
+    """Mamba-1 language model (and Falcon-Mamba, with ``mixer_norm_eps`` set).
 
     Attributes:
       vocab_size, d_model, n_layers: embedding table, residual width, number of blocks.
@@ -43,6 +52,10 @@ class MambaConfig:
         per sequence unless ``ssm_state`` is captured or intervened on).
       scan_chunk: with an associative scan, scan chunks of this many steps one after another
         (memory O(chunk) instead of O(T)); None scans the whole sequence at once.
+      mixer_norm_eps: Falcon-Mamba (HF ``mixer_rms_eps``): the mixer RMS-normalises, without a
+        weight and in float32, the time-step input (x_proj's first ``dt_rank`` outputs, before
+        dt_proj), B and C, each over its last axis, with this epsilon. None: Mamba-1 (no norms).
+        It also decides the HF model type written by ``to_hf`` (``model_type``).
     Mamba has no maximum context, so there is no ``max_seq_len``.
     """
 
@@ -61,6 +74,7 @@ class MambaConfig:
     tie_embeddings: bool = True
     scan: str = "auto"
     scan_chunk: int | None = None
+    mixer_norm_eps: float | None = None
 
     def __post_init__(self):
         if self.dt_rank == "auto":
@@ -77,11 +91,18 @@ class MambaConfig:
             raise ValueError(f"MambaConfig.scan must be one of {SCANS}, got {self.scan!r}")
         if self.scan_chunk is not None and (not isinstance(self.scan_chunk, int) or self.scan_chunk <= 0):
             raise ValueError(f"MambaConfig.scan_chunk must be None or a positive int, got {self.scan_chunk!r}")
+        if self.mixer_norm_eps is not None and not self.mixer_norm_eps > 0:
+            raise ValueError(f"MambaConfig.mixer_norm_eps must be None or positive, got {self.mixer_norm_eps!r}")
         check_activation(self.activation)
 
     @property
     def d_inner(self) -> int:
         return self.expand * self.d_model
+
+    @property
+    def model_type(self) -> str:
+        """The HF ``model_type``: ``falcon_mamba`` when the mixer norms are on, else ``mamba``."""
+        return "mamba" if self.mixer_norm_eps is None else "falcon_mamba"
 
     # presets ---------------------------------------------------------------------------
     @classmethod
@@ -89,6 +110,11 @@ class MambaConfig:
         """A few-layer model for tests and the embedded toy checkpoints."""
         defaults = dict(vocab_size=512, d_model=64, n_layers=2, d_state=8, expand=2, d_conv=4)
         return cls(**{**defaults, **kw})
+
+    @classmethod
+    def falcon_tiny(cls, **kw) -> "MambaConfig":
+        """``tiny`` with Falcon-Mamba's mixer norms (HF's default epsilon)."""
+        return cls.tiny(**{"mixer_norm_eps": 1e-6, **kw})
 
     @classmethod
     def mamba_130m(cls, **kw) -> "MambaConfig":
@@ -99,16 +125,21 @@ class MambaConfig:
     # HF --------------------------------------------------------------------------------
     @classmethod
     def from_hf(cls, d: Mapping[str, Any]) -> "MambaConfig":
-        check_config_fields("mamba", d, _HANDLED, _IGNORED)
+        model_type = d.get("model_type", "mamba")
+        if model_type not in MODEL_TYPES:
+            raise ConversionError(f"mamba family reads model types {MODEL_TYPES}, got {model_type!r}")
+        falcon = model_type == "falcon_mamba"
+        check_config_fields(model_type, d, _HANDLED | (_FALCON_HANDLED if falcon else set()),
+                            _IGNORED | (_FALCON_IGNORED if falcon else set()))
         hidden = d.get("hidden_size", 768)
         expand = d.get("expand", 2)
         if not float(expand).is_integer():
-            raise ConversionError(f"mamba: expand must be an integer, got {expand!r}")
+            raise ConversionError(f"{model_type}: expand must be an integer, got {expand!r}")
         expand = int(expand)
         inter = d.get("intermediate_size")
         if inter is not None and inter != expand * hidden:
             raise ConversionError(
-                f"mamba: intermediate_size {inter} != expand * hidden_size = {expand} * {hidden}; "
+                f"{model_type}: intermediate_size {inter} != expand * hidden_size = {expand} * {hidden}; "
                 f"only intermediate_size == expand * hidden_size is supported"
             )
         try:
@@ -126,16 +157,17 @@ class MambaConfig:
                 norm_eps=d.get("layer_norm_epsilon", 1e-5),
                 residual_in_fp32=d.get("residual_in_fp32", True),
                 tie_embeddings=d.get("tie_word_embeddings", True),
+                mixer_norm_eps=d.get("mixer_rms_eps", 1e-6) if falcon else None,
             )
         except ValueError as err:
             if isinstance(err, ConversionError):
                 raise
-            raise ConversionError(f"mamba: invalid config.json: {err}") from err
+            raise ConversionError(f"{model_type}: invalid config.json: {err}") from err
 
     def to_hf(self) -> dict[str, Any]:
-        return {
-            "model_type": "mamba",
-            "architectures": ["MambaForCausalLM"],
+        out = {
+            "model_type": self.model_type,
+            "architectures": [_ARCHITECTURES[self.model_type]],
             "vocab_size": self.vocab_size,
             "hidden_size": self.d_model,
             "num_hidden_layers": self.n_layers,
@@ -152,3 +184,6 @@ class MambaConfig:
             "tie_word_embeddings": self.tie_embeddings,
             "use_mambapy": False,
         }
+        if self.mixer_norm_eps is not None:
+            out["mixer_rms_eps"] = self.mixer_norm_eps
+        return out

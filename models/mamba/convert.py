@@ -1,14 +1,19 @@
-"""Hugging Face MambaForCausalLM checkpoint <-> layer-stacked Flax params."""
+"""Hugging Face MambaForCausalLM / FalconMambaForCausalLM checkpoint <-> layer-stacked Flax params
+(and the naming helpers Mamba-2's conversion shares)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from jaxinterp.models.common import Entry, copy, linear
+from jaxinterp.hf import ConversionError
+from jaxinterp.models.common import Entry, copy, drop_tied_copy, linear
 from .config import MambaConfig
 
-# HF conv1d weight [Di, 1, K] <-> Flax depthwise kernel [K, Di].
-_CONV = (lambda a: (np.ascontiguousarray(a[:, 0, :].T),), lambda parts: np.ascontiguousarray(parts[0].T[:, None, :]))
+
+def depthwise_conv(hf: str, path) -> Entry:
+    """HF depthwise conv1d weight ``[C, 1, K]`` <-> Flax kernel ``[K, C]``."""
+    return Entry(hf, (tuple(path),), lambda a: (np.ascontiguousarray(a[:, 0, :].T),),
+                 lambda parts: np.ascontiguousarray(parts[0].T[:, None, :]))
 
 
 def entries(cfg: MambaConfig) -> list[Entry]:
@@ -16,7 +21,7 @@ def entries(cfg: MambaConfig) -> list[Entry]:
     out = [copy("backbone.embeddings.weight", ("embed",)),
            copy("backbone.layers.{i}.norm.weight", ("layers", "norm", "scale")),
            linear(f"{m}.in_proj.weight", (*pm, "in_proj", "kernel")),
-           Entry(f"{m}.conv1d.weight", ((*pm, "conv1d", "kernel"),), *_CONV),
+           depthwise_conv(f"{m}.conv1d.weight", (*pm, "conv1d", "kernel")),
            linear(f"{m}.x_proj.weight", (*pm, "x_proj", "kernel")),
            linear(f"{m}.dt_proj.weight", (*pm, "dt_proj", "kernel")),
            copy(f"{m}.dt_proj.bias", (*pm, "dt_proj", "bias")),
@@ -38,3 +43,16 @@ def canonical(key: str) -> str:
     if not key.startswith(("backbone.", "lm_head.")):
         key = f"backbone.{key}"
     return key.replace("backbone.embedding.", "backbone.embeddings.")
+
+
+def canonical_tensors(model_type: str, tensors, tied: bool) -> dict:
+    """Checkpoint tensors under their canonical names (``canonical``), refusing two names for one
+    tensor; with tied embeddings an explicitly written identical ``lm_head.weight`` is dropped."""
+    renamed = {}
+    for k, v in tensors.items():
+        if canonical(k) in renamed:
+            raise ConversionError(f"{model_type} checkpoint holds two names for {canonical(k)!r}; expected one")
+        renamed[canonical(k)] = v
+    if tied:
+        drop_tied_copy(model_type, renamed, "lm_head.weight", "backbone.embeddings.weight")
+    return renamed

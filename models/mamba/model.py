@@ -1,4 +1,4 @@
-"""Mamba-1 as a Flax module that emits every named site.
+"""Mamba-1 (and Falcon-Mamba: ``MambaConfig.mixer_norm_eps``) as a Flax module that emits every named site.
 
 Site layouts (per block ``i``; B batch, T seq, D d_model, Di d_inner = expand * D,
 N d_state, V vocab):
@@ -13,6 +13,9 @@ N d_state, V vocab):
   blocks.{i}.mixer.ssm_in             [B, T, Di]  u = SiLU(conv_out), the scan input
   blocks.{i}.mixer.delta              [B, T, Di]  softplus(dt_proj(x_proj(u)[:R]))
   blocks.{i}.mixer.B / .C             [B, T, N]   input-dependent SSM matrices
+                                                  (Falcon-Mamba: delta's x_proj input, B and C are
+                                                  RMS-normalised without weight first; the sites
+                                                  hold the normalised B and C the scan uses)
   blocks.{i}.mixer.ssm_state          [B, T, Di, N] h_t after step t (h_{-1} = 0); emitted only
                                                   when captured or intervened on, and then the
                                                   output is read from it: y_t = C_t . h_t
@@ -87,7 +90,7 @@ def _a_log_init(key, shape, dtype=jnp.float32):
     return jnp.log(jnp.broadcast_to(jnp.arange(1, n + 1, dtype=jnp.float32), (d_inner, n))).astype(dtype)
 
 
-def _dt_bias_init(key, shape, dtype=jnp.float32, dt_min=1e-3, dt_max=0.1, floor=1e-4):
+def dt_bias_init(key, shape, dtype=jnp.float32, dt_min=1e-3, dt_max=0.1, floor=1e-4):
     log_dt = jax.random.uniform(key, shape) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
     dt = jnp.maximum(jnp.exp(log_dt), floor)
     return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)  # inverse softplus
@@ -99,6 +102,12 @@ def _dt_kernel_init(key, shape, dtype=jnp.float32):
 
 
 # ----------------------------------------------------------------------------- modules
+
+
+def weightless_rms(x, eps: float):
+    """``x / sqrt(mean(x^2) + eps)`` over the last axis, computed in float32 (Falcon-Mamba's mixer norms)."""
+    xf = x.astype(jnp.float32)
+    return (xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), -1, keepdims=True) + eps)).astype(x.dtype)
 
 
 class CausalConv(nn.Module):
@@ -143,7 +152,9 @@ class Mixer(nn.Module):
         u = sites("mixer.ssm_in", ACTIVATIONS[cfg.activation](conv) * keep)  # [B, T, Di]
         dbc = dense(cfg.dt_rank + 2 * cfg.d_state, "x_proj", use_bias=False)(u)
         dt_low, b_mat, c_mat = jnp.split(dbc, [cfg.dt_rank, cfg.dt_rank + cfg.d_state], axis=-1)
-        dt = nn.Dense(cfg.d_inner, kernel_init=_dt_kernel_init, bias_init=_dt_bias_init, name="dt_proj")(dt_low)
+        if cfg.mixer_norm_eps is not None:  # Falcon-Mamba
+            dt_low, b_mat, c_mat = (weightless_rms(a, cfg.mixer_norm_eps) for a in (dt_low, b_mat, c_mat))
+        dt = nn.Dense(cfg.d_inner, kernel_init=_dt_kernel_init, bias_init=dt_bias_init, name="dt_proj")(dt_low)
         delta = sites("mixer.delta", jax.nn.softplus(dt.astype(jnp.float32)).astype(dtype))  # [B, T, Di]
         b_mat = sites("mixer.B", b_mat)  # [B, T, N]
         c_mat = sites("mixer.C", c_mat)  # [B, T, N]
@@ -171,11 +182,16 @@ class Mixer(nn.Module):
 
 
 class Block(nn.Module):
-    """One Mamba layer with ``nn.scan``'s signature (see ``models.transformer.model.Block``)."""
+    """One Mamba layer with ``nn.scan``'s signature (see ``models.transformer.model.Block``).
 
-    cfg: MambaConfig
+    ``mixer``: the mixer module class, ``(cfg, name=) -> (x, sites, mask, cache) -> (out, cache)``
+    (Mamba-1's here; Mamba-2 brings its own and shares the rest of the layer and the model).
+    """
+
+    cfg: Any
     sites_ctx: Any
     dtype: Any = jnp.float32  # the activation dtype (the embedding's)
+    mixer: Any = Mixer
 
     @nn.compact
     def __call__(self, x, xs, env):
@@ -183,18 +199,19 @@ class Block(nn.Module):
         s = self.sites_ctx.at_layer(xs["layer"])
         resid = s("resid_pre", x)
         h = s("norm", RMSNorm(cfg.norm_eps, name="norm")(resid.astype(self.dtype)))
-        out, new_cache = Mixer(cfg, name="mixer")(h, s, env["mask"], xs.get("cache"))
+        out, new_cache = self.mixer(cfg, name="mixer")(h, s, env["mask"], xs.get("cache"))
         out = s("mixer_out", out)
         return s("resid_post", resid + out.astype(resid.dtype)), (s.captured, new_cache)
 
 
 class Mamba(nn.Module):
     """The Mamba LM. ``n_run``: run only the first ``n_run`` layers (their parameters sliced by the
-    caller) and return no logits (``run(..., stop_at=)``)."""
+    caller) and return no logits (``run(..., stop_at=)``). ``mixer``: see ``Block``."""
 
-    cfg: MambaConfig
+    cfg: Any
     remat: Optional[str] = None
     n_run: Optional[int] = None
+    mixer: Any = Mixer
 
     @nn.compact
     def __call__(self, tokens, sites, *, positions, k_valid, logits_at=None, cache=None, write_index=0):
@@ -210,7 +227,8 @@ class Mamba(nn.Module):
         xs = {"layer": jnp.arange(n_run)}
         if cache is not None:
             xs["cache"] = cache
-        layers = scan_layers(Block, n_run, self.remat, cfg=cfg, sites_ctx=sites, dtype=emb.dtype, name="layers")
+        layers = scan_layers(Block, n_run, self.remat, cfg=cfg, sites_ctx=sites, dtype=emb.dtype, mixer=self.mixer,
+                             name="layers")
         x, (captured, new_cache) = layers(x, xs, env)
         sites.finish_layers(captured, n_run)
         if n_run < cfg.n_layers:
@@ -222,7 +240,7 @@ class Mamba(nn.Module):
         return nn.Dense(cfg.vocab_size, use_bias=False, kernel_init=INIT, name="lm_head")(x), new_cache
 
 
-def head(cfg: MambaConfig, params, x):
+def head(cfg, params, x):
     """``final_norm`` + unembedding of ``x [..., D]``."""
     emb = params["embed"]
     h = RMSNorm(cfg.norm_eps).apply({"params": params["final_norm"]}, x).astype(emb.dtype)

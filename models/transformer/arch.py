@@ -30,7 +30,8 @@ class Arch:
     """The shared decoder's flags. Shapes first, then one group per sub-module.
 
     Norms: ``norm`` kind and ``norm_eps``; ``norm_bias`` (LayerNorm bias); ``norm_offset`` 1 for
-    Gemma's ``(1 + w)`` RMSNorm. ``placement``: ``"pre"`` (norm before attention / MLP),
+    Gemma's ``(1 + w)`` RMSNorm; ``norm_scale_f32``: RMSNorm multiplies its weight in float32 before
+    the cast (OLMo-2; Llama casts first, which differs in bfloat16 only). ``placement``: ``"pre"`` (norm before attention / MLP),
     ``"sandwich"`` (also after each, before the residual add: Gemma-2/3), ``"post"`` (only after:
     OLMo-2). ``parallel``: ``"none"`` (MLP reads ``resid_mid``), ``"separate"`` (attention and MLP
     both read ``resid_pre``, each with its own norm: GPT-NeoX), ``"shared"`` (one norm feeds both:
@@ -40,13 +41,16 @@ class Arch:
     Qwen3, Gemma-3) or over all heads (``"full"``: OLMo-2); ``attn_scale`` multiplies q.k
     (default ``head_dim ** -0.5``); ``scale_by_inverse_layer`` divides it by ``layer + 1``
     (GPT-2's option); ``attn_softcap``: ``tanh`` soft-capping of scores; ``windows``: per-layer
-    sliding window (``None`` = full causal).
+    sliding window (``None`` = full causal); ``clip_qkv``: q, k and v clamped to ``[-c, c]`` after
+    the projections (and a full q/k norm), as OLMo / OLMoE may.
 
     Positions: ``positions`` ``"rotary"`` or ``"learned"`` (a ``pos_embed`` table); ``rope`` the
     rotary spec, ``rope_local`` a second one for layers flagged in ``local_rope`` (Gemma-3).
 
     MLP: ``gated`` (``act(x W_gate) * x W_up``) or plain (``act(x W_up)``), ``activation``,
-    ``mlp_bias``. Embeddings: ``embed_scale`` multiplies the token embeddings (Gemma: sqrt(D)),
+    ``mlp_bias``. Mixture of experts (``n_experts`` > 0, Mixtral / OLMoE): a linear router, softmax
+    in float32, the ``top_k`` experts per token, their weights renormalised to sum to 1 when
+    ``norm_topk``; each expert a gated MLP of width ``d_mlp``. Embeddings: ``embed_scale`` multiplies the token embeddings (Gemma: sqrt(D)),
     ``tie_embeddings``, ``lm_head_bias``, ``final_softcap`` on the logits.
     """
 
@@ -63,6 +67,7 @@ class Arch:
     norm_eps: float = 1e-6
     norm_bias: bool = False
     norm_offset: float = 0.0
+    norm_scale_f32: bool = False
     placement: str = "pre"
     parallel: str = "none"
     # attention
@@ -73,6 +78,7 @@ class Arch:
     scale_by_inverse_layer: bool = False
     attn_softcap: Optional[float] = None
     windows: Optional[tuple[Optional[int], ...]] = None
+    clip_qkv: Optional[float] = None
     # positions
     positions: str = "rotary"
     rope: Optional[Rope] = None
@@ -82,6 +88,10 @@ class Arch:
     gated: bool = True
     activation: str = "silu"
     mlp_bias: bool = False
+    # mixture of experts
+    n_experts: int = 0
+    top_k: int = 0
+    norm_topk: bool = True
     # embeddings
     embed_scale: Optional[float] = None
     tie_embeddings: bool = False
@@ -107,6 +117,11 @@ class Arch:
             raise ValueError("local_rope needs rope_local and one flag per layer")
         if self.parallel != "none" and self.placement != "pre":
             raise ValueError("parallel attention/MLP is only defined with pre-norm placement")
+        if self.n_experts and not (0 < self.top_k <= self.n_experts and self.gated and not self.mlp_bias):
+            raise ValueError(f"experts need 0 < top_k <= n_experts and gated, bias-free experts; got top_k="
+                             f"{self.top_k}, n_experts={self.n_experts}, gated={self.gated}, mlp_bias={self.mlp_bias}")
+        if self.n_experts and self.parallel != "none":
+            raise ValueError("mixture-of-experts layers are only defined without a parallel residual")
 
     # derived ---------------------------------------------------------------------------
     @property
@@ -130,10 +145,21 @@ class Arch:
     def has_ln1(self) -> bool:
         return self.placement != "post"
 
+    @property
+    def post_norms(self) -> bool:
+        """Sandwich / post-norm: attention and MLP outputs are normed before the residual add, so
+        ``attn.out`` / ``mlp.out`` (the raw projections) differ from ``attn_out`` / ``mlp_out``."""
+        return self.placement in ("sandwich", "post")
+
     def site_names(self) -> tuple[str, ...]:
         """DESIGN.md's transformer sites in forward order for these flags."""
-        attn = ["attn.q", "attn.k", "attn.v", "attn.scores", "attn.pattern", "attn.z"]
-        mlp = ["mlp.pre", "mlp.up", "mlp.post"] if self.gated else ["mlp.pre", "mlp.post"]
+        raw = self.post_norms
+        attn = ["attn.q", "attn.k", "attn.v", "attn.scores", "attn.pattern", "attn.z", *(["attn.out"] if raw else [])]
+        if self.n_experts:
+            mlp = ["moe.router_logits", "moe.expert_out"]
+        else:
+            mlp = ["mlp.pre", "mlp.up", "mlp.post"] if self.gated else ["mlp.pre", "mlp.post"]
+        mlp += ["mlp.out"] if raw else []
         per_layer = ["resid_pre", *(["ln1"] if self.has_ln1 else []), *attn, "attn_out",
                      *(["resid_mid"] if self.parallel == "none" else []), *(["ln2"] if self.has_ln2 else []),
                      *mlp, "mlp_out", "resid_post"]

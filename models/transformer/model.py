@@ -4,7 +4,8 @@ Parameter tree (per-layer parameters stacked on a leading ``layers`` axis)::
 
     embed [V, D]            pos_embed [P, D] (learned positions)
     layers/ ln1, attn/{q, k, v, o, q_norm, k_norm}, post_attn_norm, ln2, mlp/{gate, up, down}, post_mlp_norm
-    final_norm              lm_head/{kernel [D, V], bias} (untied)
+            moe/{router [D, E], experts/{gate, up [E, D, F], down [E, F, D]}}   (instead of mlp/ with experts)
+    final_norm              lm_head/{kernel [D, V], bias} (untied; a tied model keeps only the bias, GPT-J)
 
 Kernels are ``[in, out]`` (``q``: ``[D, H*Dh]``, ``o``: ``[H*Dh, D]``). Every Dense in a block goes
 through ``sites.adapt(projection, x, y)``, where LoRA adds its side path.
@@ -37,11 +38,11 @@ REMAT_POLICIES = {
 }
 
 
-def make_norm(a: Arch, name: str, eps: Optional[float] = None):
+def make_norm(a: Arch, name: Optional[str], eps: Optional[float] = None):
     eps = a.norm_eps if eps is None else eps
     if a.norm == "layernorm":
         return LayerNorm(eps, use_bias=a.norm_bias, name=name)
-    return RMSNorm(eps, offset=a.norm_offset, name=name)
+    return RMSNorm(eps, offset=a.norm_offset, scale_in_f32=a.norm_scale_f32, name=name)
 
 
 class Attention(nn.Module):
@@ -59,8 +60,10 @@ class Attention(nn.Module):
         k = self._dense(sites, "k", x, a.n_kv_heads * a.head_dim, a.qkv_bias)
         v = self._dense(sites, "v", x, a.n_kv_heads * a.head_dim, a.qkv_bias)
         if a.qk_norm == "full":  # OLMo-2: RMSNorm over all heads' features
-            q = RMSNorm(a.norm_eps, name="q_norm")(q)
-            k = RMSNorm(a.norm_eps, name="k_norm")(k)
+            q = RMSNorm(a.norm_eps, scale_in_f32=a.norm_scale_f32, name="q_norm")(q)
+            k = RMSNorm(a.norm_eps, scale_in_f32=a.norm_scale_f32, name="k_norm")(k)
+        if a.clip_qkv is not None:
+            q, k, v = (jnp.clip(t, -a.clip_qkv, a.clip_qkv) for t in (q, k, v))
         q = q.reshape(b, t, a.n_heads, a.head_dim)
         k = k.reshape(b, t, a.n_kv_heads, a.head_dim)
         v = v.reshape(b, t, a.n_kv_heads, a.head_dim)
@@ -114,6 +117,59 @@ class MLP(nn.Module):
         return self._dense(sites, "down", post, a.d_model)
 
 
+class Experts(nn.Module):
+    """``n_experts`` gated MLPs; their stacked kernels ``gate``/``up [E, D, F]``, ``down [E, F, D]``."""
+
+    arch: Arch
+
+    @nn.compact
+    def __call__(self, x, weights, keep_each: bool):
+        """``sum_e weights[..., e] * expert_e(x)`` ``[B, T, D]``, and with ``keep_each`` the terms
+        ``[B, T, E, D]`` (else None). Every expert runs on every token (exact and vmappable; the cost is
+        ``n_experts / top_k`` times a routed dispatch), one expert at a time so the hidden activations
+        of only one are alive. Each term is formed in float32 and cast to ``x.dtype`` before the sum,
+        as transformers does."""
+        a = self.arch
+        act = ACTIVATIONS[a.activation]
+        gate = self.param("gate", INIT, (a.n_experts, a.d_model, a.d_mlp))
+        up = self.param("up", INIT, (a.n_experts, a.d_model, a.d_mlp))
+        down = self.param("down", INIT, (a.n_experts, a.d_mlp, a.d_model))
+
+        def one(total, expert):
+            wg, wu, wd, w = expert
+            y = (act(x @ wg.astype(x.dtype)) * (x @ wu.astype(x.dtype))) @ wd.astype(x.dtype)  # [B, T, D]
+            term = (y.astype(jnp.float32) * w[..., None]).astype(x.dtype)
+            return total + term, (term if keep_each else None)
+
+        xs = (gate, up, down, jnp.moveaxis(weights, -1, 0))
+        total, each = jax.lax.scan(one, jnp.zeros_like(x), xs)
+        return total, (None if each is None else jnp.moveaxis(each, 0, -2))
+
+
+class MoE(nn.Module):
+    """Router + top-k routing + experts. Sites: ``moe.router_logits [B, T, E]`` (interventions there
+    change the routing) and, only when observed, ``moe.expert_out [B, T, E, D]``: each expert's
+    routing-weighted output (zero where the token is not routed to it), which sums to ``mlp_out``."""
+
+    arch: Arch
+
+    @nn.compact
+    def __call__(self, x, sites):
+        a = self.arch
+        logits = nn.Dense(a.n_experts, use_bias=False, kernel_init=INIT, name="router")(x)
+        logits = sites("moe.router_logits", sites.adapt("moe.router", x, logits))  # [B, T, E]
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        top, idx = jax.lax.top_k(probs, a.top_k)  # [B, T, k]
+        if a.norm_topk:
+            top = top / top.sum(-1, keepdims=True)
+        weights = jnp.einsum("btke,btk->bte", jax.nn.one_hot(idx, a.n_experts, dtype=jnp.float32), top)
+        keep = sites.wants("moe.expert_out")
+        total, each = Experts(a, name="experts")(x, weights, keep)
+        if keep:
+            total = sites("moe.expert_out", each).sum(-2)  # [B, T, D]
+        return total
+
+
 class Block(nn.Module):
     """One decoder layer; ``__call__`` has ``nn.scan``'s signature ``(carry, xs, env) -> (carry, ys)``.
 
@@ -133,8 +189,8 @@ class Block(nn.Module):
         x = s("resid_pre", x)
         h = s("ln1", make_norm(a, "ln1")(x)) if a.has_ln1 else x
         attn, new_cache = Attention(a, name="attn")(h, s, layer, env, xs.get("cache"))
-        if sandwich:
-            attn = make_norm(a, "post_attn_norm")(attn)
+        if sandwich:  # the raw projection, then the norm whose output joins the residual
+            attn = make_norm(a, "post_attn_norm")(s("attn.out", attn))
         attn = s("attn_out", attn)
         if a.parallel == "none":
             x = s("resid_mid", x + attn)
@@ -143,9 +199,9 @@ class Block(nn.Module):
             h2 = s("ln2", make_norm(a, "ln2")(x))
         else:  # shared: GPT-J feeds the MLP the attention's input norm
             h2 = h
-        mlp = MLP(a, name="mlp")(h2, s)
+        mlp = MoE(a, name="moe")(h2, s) if a.n_experts else MLP(a, name="mlp")(h2, s)
         if sandwich:
-            mlp = make_norm(a, "post_mlp_norm")(mlp)
+            mlp = make_norm(a, "post_mlp_norm")(s("mlp.out", mlp))
         mlp = s("mlp_out", mlp)
         x = s("resid_post", x + attn + mlp if a.parallel != "none" else x + mlp)
         return x, (s.captured, new_cache)
@@ -182,9 +238,7 @@ class Transformer(nn.Module):
         x = sites("embed", x)
         env = {"q_index": write_index + jnp.arange(tokens.shape[1]), "k_valid": k_valid, "write_index": write_index}
         if a.positions == "rotary":
-            env["cos"], env["sin"] = rotary_tables(positions, a.rope)
-            if a.local_rope is not None:
-                env["cos_local"], env["sin_local"] = rotary_tables(positions, a.rope_local)
+            env.update(rotary_env(a, positions))
         n_run = a.n_layers if self.n_run is None else self.n_run
         xs = {"layer": jnp.arange(n_run)}
         if cache is not None:
@@ -198,11 +252,32 @@ class Transformer(nn.Module):
         return unembed(self, a, x, embed, logits_at), new_cache
 
 
+def rotary_env(a: Arch, positions, length=None) -> dict:
+    """cos/sin tables of the block's rotary embedding(s) for ``positions [B, T]`` (``length``: the
+    sequence length a length-dependent rope scales for; default that of the positions)."""
+    env = dict(zip(("cos", "sin"), rotary_tables(positions, a.rope, length)))
+    if a.local_rope is not None:
+        env["cos_local"], env["sin_local"] = rotary_tables(positions, a.rope_local, length)
+    return env
+
+
+class HeadBias(nn.Module):
+    """The unembedding bias of a model whose unembedding is tied to the embedding (GPT-J can be)."""
+
+    size: int
+
+    @nn.compact
+    def __call__(self, logits):
+        return logits + self.param("bias", nn.initializers.zeros, (self.size,)).astype(logits.dtype)
+
+
 def unembed(module: nn.Module, a: Arch, x, embed, logits_at):
     """Logits at ``logits_at`` (all positions if None) from the final-norm output."""
     x = gather_positions(x, logits_at).astype(embed.dtype)
     if a.tie_embeddings:
         logits = jnp.einsum("...d,vd->...v", x, embed)
+        if a.lm_head_bias:
+            logits = HeadBias(a.vocab_size, name="lm_head")(logits)
     else:
         logits = nn.Dense(a.vocab_size, use_bias=a.lm_head_bias, kernel_init=INIT, name="lm_head")(x)
     if a.final_softcap is not None:

@@ -183,6 +183,7 @@ MAINS = {  # module -> an int-typed key of its config
     "jaxinterp.experiments.elm_erase.main": "lora.rank",
     "jaxinterp.experiments.train_lm.main": "train.steps",
     "jaxinterp.experiments.train_othello.main": "steps",
+    "jaxinterp.experiments.sae_dashboard.main": "steps",
 }
 
 
@@ -231,7 +232,8 @@ def test_jaxinterp_command(tmp_path):
                                               cli + ["trace", "--model", "someorg/somemodel"], cli + ["trcae"]])
     assert help_.returncode == 0
     names = [line.split()[0] for line in help_.stdout.splitlines() if line.startswith("  ")]
-    assert names == ["trace", "recall", "rome", "sae-boardgame", "elm-erase", "train-lm", "train-othello", "models"]
+    assert names == ["trace", "recall", "rome", "sae-boardgame", "sae-dashboard", "elm-erase", "train-lm",
+                     "train-othello", "models"]
     for proc in (bad_model, hub, unknown):
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "unknown model 'no-such-model'" in bad_model.stderr and "network" not in bad_model.stderr

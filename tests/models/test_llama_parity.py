@@ -143,11 +143,13 @@ def test_roundtrip_export(tmp_path, case):
 def test_legacy_rope_fields_and_refusals():
     base = {"model_type": "llama", **SMALL}
     assert LlamaConfig.from_hf({**base, "rope_theta": 5e5, "rope_scaling": None}).rope_theta == 5e5
-    for rope in ({"rope_type": "llama3", "factor": 8.0}, {"type": "yarn", "factor": 4.0},
-                 {"type": "dynamic", "factor": 2.0}, {"rope_type": "linear", "factor": 2.0}):
-        name = rope.get("rope_type", rope.get("type"))
-        with pytest.raises(ConversionError, match=rf"rope type '{name}'.*supported rope types: \['default'\]"):
-            LlamaConfig.from_hf({**base, "rope_scaling": rope})
+    # scaled types are read (numbers checked in test_rope_scaling.py); an unknown one is refused
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 8}
+    assert LlamaConfig.from_hf({**base, "rope_scaling": llama3}).rope_scaling.rope_type == "llama3"
+    assert LlamaConfig.from_hf({**base, "rope_scaling": {"type": "dynamic", "factor": 2.0}}).max_seq_len == 64
+    with pytest.raises(ConversionError, match=r"unsupported rope type 'ntk'.*supported rope types: \['default', "):
+        LlamaConfig.from_hf({**base, "rope_scaling": {"type": "ntk", "factor": 2.0}})
     with pytest.raises(ConversionError, match=r"partial_rotary_factor=0.5"):
         LlamaConfig.from_hf({**base, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
                                                          "partial_rotary_factor": 0.5}})
@@ -158,7 +160,7 @@ def test_legacy_rope_fields_and_refusals():
 def test_config_validation_messages():
     with pytest.raises(ValueError, match=r"n_heads \(4\) must be a multiple of n_kv_heads \(3\)"):
         LlamaConfig.llama_tiny(n_kv_heads=3)
-    with pytest.raises(ValueError, match=r"variant must be one of \('llama', 'mistral', 'qwen2'\)"):
+    with pytest.raises(ValueError, match=r"variant must be one of \('llama', 'mistral', 'qwen2', 'qwen3'\)"):
         LlamaConfig.llama_tiny(variant="gemma")
     with pytest.raises(ValueError, match=r"qwen2 has q/k/v biases only"):
         LlamaConfig.qwen2_tiny(qkv_bias=False)

@@ -118,3 +118,18 @@ def test_every_port_forward_and_captures_match_single_device(port, shape):
     for site in ref.cache:
         np.testing.assert_allclose(np.asarray(out.cache[site]), np.asarray(ref.cache[site]), atol=1e-5, rtol=0,
                                    err_msg=site)
+
+
+def test_layer_axis_can_be_sharded(model, tokens):
+    """Stacked parameters shard along the ``layers`` axis (each device holds some layers); the scanned
+    forward then gathers one layer per step and still equals the single-device run."""
+    rules = jsh.Rules.from_dict({"params": {"layers": "fsdp", "heads": "tensor", "mlp": "tensor"},
+                                 "activations": {"batch": "fsdp"}}, name="layers_fsdp")
+    mesh = jsh.make_mesh({"data": 1, "fsdp": 2, "tensor": 4})
+    sharded = jsh.shard_model(model, mesh, rules)
+    kernel = sharded.params["layers"]["mlp"]["up"]["kernel"]  # [layers 2, embed, mlp]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", None, "tensor")
+    assert {s.data.shape[0] for s in kernel.addressable_shards} == {1}  # one layer per fsdp shard
+    out = jsh.sharded_run(sharded, tokens, mesh, rules, capture="blocks.*.resid_post")
+    ref = model.run(tokens, capture="blocks.*.resid_post")
+    np.testing.assert_allclose(np.asarray(out.logits), np.asarray(ref.logits), atol=1e-5, rtol=0)

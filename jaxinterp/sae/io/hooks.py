@@ -21,7 +21,7 @@ __all__ = ["TL_HOOKS", "site_for_hook", "hook_for_site", "UnknownHookError"]
 
 # TransformerLens hook template -> (site template or None, note)
 TL_HOOKS: dict[str, tuple[str | None, str]] = {
-    "hook_embed": ("embed", "equal for models without learned position embeddings (rotary: Llama, NeoX); "
+    "hook_embed": ("embed", "equal for models without learned position embeddings (rotary position embeddings); "
                             "with learned positions (GPT-2) our embed = hook_embed + hook_pos_embed"),
     "hook_pos_embed": (None, "our embed holds token + position embeddings summed; no site holds the position "
                              "embeddings alone (blocks.0.resid_pre = hook_embed + hook_pos_embed)"),
