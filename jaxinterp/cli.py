@@ -19,6 +19,7 @@ COMMANDS = {  # name -> (module, one-line help); module None: `models`
     "sae-boardgame": ("jaxinterp.experiments.sae_boardgame.main", "SAEs of six families on othello-gpt vs a "
                       "random-init control, board-game metrics"),
     "sae-dashboard": ("jaxinterp.experiments.sae_dashboard.main", "an SAE on facts-gpt and its feature dashboard"),
+    "lens": ("jaxinterp.experiments.lens.main", "logit lens vs tuned lens (KL-to-final per layer) on facts-gpt"),
     "elm-erase": ("jaxinterp.experiments.elm_erase.main", "erase a domain's facts with ELM, gradient ascent and RMU"),
     "train-lm": ("jaxinterp.experiments.train_lm.main", "train a model on the facts world (resumable, HF export)"),
     "train-othello": ("jaxinterp.experiments.train_othello.main", "train othello-gpt on random legal games"),
