@@ -10,7 +10,6 @@ from jaxinterp.models.llama.config import LlamaConfig
 
 CONFIGS = {
     "gpt2": GPT2Config.tiny(n_layers=3, vocab_size=60),
-    "gpt2-untied": GPT2Config.tiny(n_layers=2, vocab_size=60, tie_embeddings=False),
     "neox-parallel": GPTNeoXConfig.tiny(vocab_size=60),
     "neox-sequential": GPTNeoXConfig.tiny(vocab_size=60, parallel_residual=False, n_layers=3),
     "llama-gqa": LlamaConfig.llama_tiny(vocab_size=60),
