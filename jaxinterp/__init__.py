@@ -21,6 +21,7 @@ from jaxinterp.interventions import (
     heads_mask,
     positions_mask,
 )
+from jaxinterp.remote.wire import load_intervention, save_intervention
 from jaxinterp.loading import ConversionError, embedded_models, load, save_pretrained
 from jaxinterp.families import families, get_family
 from jaxinterp.model import Model, RunOutput, init, run
@@ -32,7 +33,7 @@ __version__ = "0.1.0"
 # ``import jaxinterp`` stays fast and pulls in no optional machinery.
 _LAZY_SUBMODULES = (
     "patching", "editing", "sae", "lora", "unlearning", "sharding", "checkpoint", "heads", "grads", "hf",
-    "interventions", "sites", "models", "lens", "attribution", "folding", "viz", "interop",
+    "interventions", "sites", "models", "remote", "lens", "attribution", "folding", "viz", "interop",
 )
 
 
@@ -53,5 +54,5 @@ def __getattr__(name):
 __all__ = [
     "load", "save_pretrained", "fold_layer_norm", "embedded_models", "init", "run", "Model", "RunOutput", "families", "get_family",
     "Patch", "ZeroAblate", "MeanAblate", "Add", "Scale", "ProjectOut", "Noise", "Fn", "Compose", "ByLayer", "Intervention",
-    "positions_mask", "heads_mask", "resolve_sites", "UnknownSiteError", "ConversionError",
+    "positions_mask", "heads_mask", "save_intervention", "load_intervention", "resolve_sites", "UnknownSiteError", "ConversionError",
 ]

@@ -23,6 +23,7 @@ COMMANDS = {  # name -> (module, one-line help); module None: `models`
     "elm-erase": ("jaxinterp.experiments.elm_erase.main", "erase a domain's facts with ELM, gradient ascent and RMU"),
     "train-lm": ("jaxinterp.experiments.train_lm.main", "train a model on the facts world (resumable, HF export)"),
     "train-othello": ("jaxinterp.experiments.train_othello.main", "train othello-gpt on random legal games"),
+    "serve": ("jaxinterp.remote.server", "serve a model over HTTP: runs with captures and interventions sent as data"),
     "models": (None, "list the embedded models"),
 }
 DEFAULT = "trace"  # what a bare `jaxinterp` (or `jaxinterp --flag ...`) runs

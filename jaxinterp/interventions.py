@@ -272,7 +272,8 @@ class ByLayer(Intervention):
     item: Any
 
     def at_layer(self, layer) -> Any:
-        return jax.tree_util.tree_map(lambda a: a[layer], self.item)
+        # jnp.asarray: a NumPy leaf cannot be indexed by the scan's traced layer index
+        return jax.tree_util.tree_map(lambda a: jnp.asarray(a)[layer], self.item)
 
     def apply(self, x):  # pragma: no cover - the site context slices it first
         raise TypeError("ByLayer acts on per-layer sites (blocks.*.<site>): the layer picks its slice")

@@ -4,6 +4,7 @@ only in the registry (``jaxinterp/families.py``) and the families' own folders u
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -112,5 +113,6 @@ def test_family_names_appear_only_in_the_registry():
         if path == ROOT / "families.py":
             continue
         for line, text in _code_strings_and_names(path):
-            hits = [n for n in names if n in text.lower()]
+            text_l = re.sub(r"gemma[ _]?scope", "", text.lower())  # a SAE release's name, not the family
+            hits = [n for n in names if n in text_l]
             assert not hits, f"{path.relative_to(ROOT.parent)}:{line} names family {hits} in {text!r}"

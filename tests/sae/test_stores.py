@@ -93,3 +93,30 @@ def test_online_store_skips_padding_and_stops_early():
     assert float(jnp.abs(new[site]).max()) < 1e5
     jaxpr = jax.make_jaxpr(lambda t, m: store.acts(model, t, m))(jnp.asarray(tokens), jnp.asarray(mask))
     assert [e.params["length"] for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"] == [1]
+
+
+def _family_presets():
+    out = []
+    for name, fam in sorted(ji.families().items()):
+        preset = next(p for p in vars(fam.config_cls) if p == "tiny" or p.endswith("_tiny"))
+        out.append((name, preset))
+    return out
+
+
+@pytest.mark.parametrize("family,preset", _family_presets(), ids=[f for f, _ in _family_presets()])
+def test_harvest_on_every_family_equals_a_full_capture(family, preset):
+    """SAE harvesting (stop_at the deepest site, padding rows dropped) on one tiny model per family
+    equals the real rows of an ordinary full-depth run's capture."""
+    config = getattr(ji.get_family(family).config_cls, preset)()
+    model = ji.init(config, 0)
+    site = "blocks.0.resid_post"
+    tokens = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (2, 6), 1, config.vocab_size))
+    mask = np.ones((2, 6), bool)
+    mask[0, :2] = False
+    store = OnlineStore(site, buffer_factor=1)
+    both = jax.jit(lambda m, t, k: (store.acts(m, t, k), m.run(t, capture=site, attention_mask=k).cache[site]))
+    (acts, keep), full = both(model, jnp.asarray(tokens), jnp.asarray(mask))
+    full = full.reshape(-1, acts[site].shape[-1])
+    keep = np.asarray(keep)
+    assert keep.tolist() == mask.reshape(-1).tolist()
+    np.testing.assert_allclose(np.asarray(acts[site])[keep], np.asarray(full)[keep], atol=1e-5)

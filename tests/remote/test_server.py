@@ -1,0 +1,187 @@
+"""The server in-process (FastAPI's TestClient) on facts-gpt: remote runs equal local ones; keys are
+checked; bad input gets a 4xx naming the problem and the server keeps answering."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+import jaxinterp as ji  # noqa: E402
+from jaxinterp.remote import WireError, encode, export_fn  # noqa: E402
+from jaxinterp.remote.client import Client, RemoteError  # noqa: E402
+from jaxinterp.remote.server import ServeConfig, create_app  # noqa: E402
+
+KEYS = {"alice": "alice-key-0123", "bob": "bob-key-4567"}
+T = 7
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ji.load("facts-gpt")
+
+
+@pytest.fixture(scope="module")
+def http(model):
+    with TestClient(create_app(model, KEYS, ServeConfig(max_request_bytes=1 << 20))) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def remote(http):
+    return Client("http://testserver", KEYS["alice"], http=http)
+
+
+@pytest.fixture(scope="module")
+def tokens(model):
+    return jnp.asarray(np.random.default_rng(0).integers(0, model.config.vocab_size, size=(2, T)), jnp.int32)
+
+
+_PLAIN = {}
+
+
+def _plain(model, tokens):
+    """The local logits without interventions (computed once)."""
+    if "logits" not in _PLAIN:
+        _PLAIN["logits"] = model.run(tokens).logits
+    return _PLAIN["logits"]
+
+
+def test_health_needs_no_key_and_everything_else_does(http, model, remote):
+    assert http.get("/health").json() == {"ok": True}
+    assert http.get("/info").status_code == 401
+    assert http.get("/info", headers={"Authorization": "Bearer wrong-key-000"}).status_code == 401
+    assert http.post("/run", content=b"x", headers={"Authorization": KEYS["bob"]}).status_code == 401  # no scheme
+    assert remote.sites == model.sites and remote.config["d_model"] == model.config.d_model
+
+
+def test_remote_run_equals_local(model, remote, tokens):
+    d, h = model.config.d_model, model.config.n_heads
+    rng = np.random.default_rng(1)
+    donor = model.run(tokens[::-1], capture="blocks.1.resid_post").cache["blocks.1.resid_post"]
+    ivs = {
+        "blocks.1.resid_post": ji.Patch(donor, ji.positions_mask(T, [2, 4], batch=2)),
+        "blocks.2.attn.z": ji.ZeroAblate(ji.heads_mask(T, h, [0, 3], batch=2)),
+        "blocks.*.mlp_out": [ji.Scale(0.5), ji.Add(jnp.asarray(rng.normal(size=d), jnp.float32))],
+        "blocks.0.resid_post": ji.Compose((ji.ProjectOut(jnp.asarray(rng.normal(size=(2, d)), jnp.float32)),
+                                           export_fn(lambda x: x * 1.5 + jnp.tanh(x), ("b", "t", d)))),
+    }
+    capture = ["blocks.*.resid_post", "blocks.3.attn.pattern"]
+    # The local reference runs jitted too (the eager run takes seconds); the server's program is its own.
+    want = jax.jit(lambda m, t, i: m.run(t, capture=capture, interventions=i))(model, tokens, ivs)
+    got = remote.run(tokens, capture=capture, interventions=ivs)
+    assert set(got.cache) == set(want.cache) and len(got.cache) == model.config.n_layers + 1
+    np.testing.assert_allclose(got.logits, want.logits, atol=1e-6, rtol=0)
+    for site in want.cache:
+        np.testing.assert_allclose(got.cache[site], want.cache[site], atol=1e-6, rtol=0)
+    assert not np.allclose(want.logits, _plain(model, tokens))
+
+
+def _post(http, body, key=KEYS["bob"]):
+    return http.post("/run", content=body, headers={"Authorization": f"Bearer {key}"})
+
+
+def test_bad_requests_get_4xx_naming_the_problem(http, remote, tokens, model):
+    with pytest.raises(RemoteError, match="blocks.9.resid_post") as err:
+        remote.run(tokens, interventions={"blocks.9.resid_post": ji.ZeroAblate()})
+    assert err.value.status == 422
+    with pytest.raises(RemoteError, match="shape") as err:
+        remote.run(tokens, interventions={"blocks.0.resid_post": ji.Patch(jnp.zeros((3, 5), jnp.float32))})
+    assert err.value.status == 422
+    with pytest.raises(WireError, match="export_fn"):  # refused before it leaves the client
+        remote.run(tokens, interventions={"embed": ji.Fn(lambda x: x)})
+    cases = {
+        b"": 400, b"\x80\x04\x95pickle": 400, encode({"tokens": tokens})[:-3]: 400,
+        encode({"tokens": tokens, "oops": 1}): 422, encode([1, 2]): 422, encode({"tokens": 5}): 422,
+        encode({"tokens": np.zeros((2, 3), np.float32) + 1e9}): 422,
+        encode({"tokens": np.full((1, 3), 10**6, np.int32)}): 422,  # out-of-vocabulary ids
+        encode({"tokens": tokens, "capture": 5}): 422,
+        encode({"tokens": tokens, "interventions": "rm -rf /"}): 422,
+        b"\0" * (2 << 20): 413,
+    }
+    for body, status in cases.items():
+        r = _post(http, body)
+        assert r.status_code == status, (body[:40], r.status_code, r.text[:300])
+        assert r.json()["detail"]
+    assert http.get("/health").status_code == 200
+    np.testing.assert_allclose(remote.run(tokens).logits, _plain(model, tokens), atol=1e-6, rtol=0)
+    served = http.get("/status", headers={"Authorization": f"Bearer {KEYS['bob']}"}).json()["requests"]
+    assert served["bob"] == 0 and served["alice"] >= 1  # refused requests are not counted
+
+
+def test_host_callback_module_refused_by_server(http, tokens):
+    from tests.remote.test_wire import _host_callback_module
+
+    exported = _host_callback_module()
+    fn = ji.Fn(ji.remote.ExportedFn(exported, exported.serialize()))
+    r = _post(http, encode({"tokens": tokens, "interventions": {"embed": fn}}))
+    assert r.status_code == 400 and "xla_ffi_python_cpu_callback" in r.json()["detail"]
+
+
+def test_cli_serve_bad_input_is_one_line_error(tmp_path, capsys):
+    from jaxinterp.cli import main
+
+    bad = tmp_path / "keys.json"
+    bad.write_text(json.dumps({"alice": "short"}))
+    for keys, what in ((tmp_path / "missing.json", "does not exist"), (bad, "at least 8 characters")):
+        assert main(["serve", "--model", "facts-gpt", "--keys", str(keys)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and what in err, err
+    bad.write_text(json.dumps(KEYS))
+    assert main(["serve", "--model", "no-such-model", "--keys", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no-such-model" in err, err
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cli_serves_a_real_server_on_localhost(tmp_path, model):
+    """`jaxinterp serve` in a subprocess: a client over real HTTP gets the local result."""
+    import time
+
+    import httpx
+
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps(KEYS))
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "jaxinterp.cli", "serve", "--model", "facts-gpt", "--port", str(port),
+                             "--keys", str(keys)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.2)
+        with ji.remote.connect(url, key=KEYS["bob"]) as remote:
+            v = jnp.asarray(np.random.default_rng(2).normal(size=model.config.d_model), jnp.float32)
+            ivs = {"blocks.2.resid_post": ji.Add(v)}
+            got = remote.run(["bob works at"], capture="blocks.3.mlp_out", interventions=ivs, logits_at=-1)
+            want = model.run(["bob works at"], capture="blocks.3.mlp_out", interventions=ivs, logits_at=-1)
+            np.testing.assert_allclose(got.logits, want.logits, atol=1e-6, rtol=0)
+            np.testing.assert_allclose(got.cache["blocks.3.mlp_out"], want.cache["blocks.3.mlp_out"], atol=1e-6, rtol=0)
+            with pytest.raises(RemoteError) as err:
+                ji.remote.connect(url, key="not-a-key-000").info()
+            assert err.value.status == 401
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    log = proc.stdout.read()
+    assert "serving facts-gpt" in log and "not-a-key-000" not in log and KEYS["bob"] not in log
