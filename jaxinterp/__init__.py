@@ -35,11 +35,15 @@ __version__ = "0.1.0"
 # ``import jaxinterp`` stays fast and pulls in no optional machinery.
 _LAZY_SUBMODULES = (
     "patching", "editing", "sae", "lora", "unlearning", "sharding", "checkpoint", "heads", "grads", "hf",
-    "interventions", "sites", "models", "steering", "remote",
+    "interventions", "sites", "models", "steering", "remote", "lens", "attribution", "folding", "viz", "interop",
 )
 
 
 def __getattr__(name):
+    if name == "fold_layer_norm":  # ji.fold_layer_norm(model): a function of jaxinterp.folding
+        from jaxinterp.folding import fold_layer_norm
+
+        return fold_layer_norm
     if name in _LAZY_SUBMODULES:
         import importlib
 
@@ -50,9 +54,9 @@ def __getattr__(name):
 
 
 __all__ = [
-    "load", "save_pretrained", "embedded_models", "init", "run", "generate", "Generation", "Model", "RunOutput",
-    "families", "get_family", "Patch", "ZeroAblate", "MeanAblate", "Add", "Scale", "ProjectOut", "Noise", "Fn", "Compose",
-    "ByLayer", "Steer", "Intervention",
+    "load", "save_pretrained", "fold_layer_norm", "embedded_models", "init", "run", "generate", "Generation", "Model",
+    "RunOutput", "families", "get_family", "Patch", "ZeroAblate", "MeanAblate", "Add", "Scale", "ProjectOut", "Noise",
+    "Fn", "Compose", "ByLayer", "Steer", "Intervention",
     "positions_mask", "heads_mask", "save_intervention", "load_intervention", "resolve_sites", "UnknownSiteError",
     "ConversionError",
 ]

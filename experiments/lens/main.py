@@ -1,0 +1,77 @@
+"""Logit lens vs tuned lens on a facts-world model (facts-gpt by default): KL-to-final per layer.
+
+    jaxinterp lens                                   # results/lens/default/
+    jaxinterp lens --preset smoke --out /tmp/lens    # seconds
+
+Trains a ``ji.lens.TunedLens`` (one affine translator per layer, KL distillation to the model's
+final distribution) on facts-world rows, saves it to ``<out>/tuned_lens.safetensors``, and
+writes ``results.json`` (KL-to-final per layer for both lenses on held-out rows) and
+``kl_to_final.png``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import jaxinterp as ji
+from jaxinterp.experiments.common import experiment_main, pyplot, save_figure
+from jaxinterp.experiments.sae_dashboard.main import facts_rows, locked
+
+from .config import LensConfig
+
+PRESETS = {"default": LensConfig.default, "smoke": LensConfig.smoke}
+
+
+def mean_kl(model, lens_logits, final, keep: np.ndarray) -> list[float]:
+    """Mean ``KL(final || lens)`` per lens row over the positions where ``keep`` is True."""
+    kl = np.asarray(ji.lens.kl_to_final(lens_logits, final))  # [n, B, T]
+    return [float(k[keep].mean()) for k in kl]
+
+
+def plot(layers: list[int], kl_logit: list[float], kl_tuned: list[float], title: str, png: Path) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    ax.plot(layers, kl_logit, "o-", label="logit lens")
+    ax.plot(layers, kl_tuned, "s-", label="tuned lens")
+    ax.set_xlabel("layer (resid_post)")
+    ax.set_ylabel("KL(final || lens), nats")
+    ax.set_yscale("symlog", linthresh=1e-3)
+    ax.set_xticks(layers)
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    save_figure(fig, png)
+
+
+def run(cfg: LensConfig, out: Path) -> dict:
+    with locked(out):
+        model = ji.load(cfg.model)
+        train, _ = facts_rows(cfg, model, cfg.train_rows, seed=cfg.seed + 1)
+        held, bos = facts_rows(cfg, model, cfg.rows, seed=cfg.seed + 2)
+        t0 = time.time()
+        batches = [train[i:i + cfg.batch_rows] for i in range(0, len(train), cfg.batch_rows)]
+        lens, losses = ji.lens.train_tuned_lens(model, batches, ji.lens.TunedLensConfig(steps=cfg.steps, lr=cfg.lr))
+        train_seconds = time.time() - t0
+        lens.save(out / "tuned_lens.safetensors")
+        final = model.run(held).logits
+        keep = held != bos
+        kl_logit = mean_kl(model, ji.lens.logit_lens(model, held), final, keep)
+        kl_tuned = mean_kl(model, lens(model, held), final, keep)
+        layers = list(lens.layers)
+        plot(layers, kl_logit, kl_tuned, f"{cfg.model}: {cfg.rows} held-out rows x {cfg.seq_len} tokens",
+             out / "kl_to_final.png")
+    print("KL(final || lens) per layer, nats (held-out rows, BOS excluded):")
+    for layer, a, b in zip(layers, kl_logit, kl_tuned):
+        print(f"  layer {layer}: logit lens {a:.4f}  tuned lens {b:.4f}")
+    return {"layers": layers, "kl_logit_lens": kl_logit, "kl_tuned_lens": kl_tuned,
+            "train_loss_first": losses[0], "train_loss_last": losses[-1], "train_seconds": train_seconds,
+            "train_tokens": int(train.size), "eval_tokens": int(keep.sum()), "lens": str(out / "tuned_lens.safetensors")}
+
+
+main = experiment_main("lens", PRESETS, run, doc=__doc__)
+
+if __name__ == "__main__":
+    sys.exit(main())
