@@ -19,7 +19,7 @@ COMMANDS = {  # name -> (module, one-line help); module None: `models`
     "sae-boardgame": ("jaxinterp.experiments.sae_boardgame.main", "SAEs of six families on othello-gpt vs a "
                       "random-init control, board-game metrics"),
     "sae-dashboard": ("jaxinterp.experiments.sae_dashboard.main", "an SAE on facts-gpt and its feature dashboard"),
-    "train-saes": ("jaxinterp.experiments.train_saes.main", "SAEs for every layer of facts-gpt / facts-mamba, "
+    "train-saes": ("jaxinterp.experiments.train_saes.main", "SAEs for every layer of the embedded facts-world models, "
                    "trained from one harvest"),
     "circuits": ("jaxinterp.experiments.circuits.main", "sparse feature circuits vs neuron circuits for two "
                  "facts-world behaviours"),
