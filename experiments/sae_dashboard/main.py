@@ -13,10 +13,8 @@ runs in seconds.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -34,24 +32,6 @@ from jaxinterp.sae.metrics import downstream_metrics, reconstruction_metrics
 from .config import SAEDashboardConfig
 
 PRESETS = {"default": SAEDashboardConfig.default, "smoke": SAEDashboardConfig.smoke}
-
-
-@contextlib.contextmanager
-def locked(out: Path):
-    """Hold ``out/.lock`` while the run writes ``out`` (a second run on the same directory is refused)."""
-    out.mkdir(parents=True, exist_ok=True)
-    lock = out / ".lock"
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        raise ValueError(f"{out} is being written by another run ({lock} exists; delete it if that run "
-                         f"died)") from None
-    os.write(fd, str(os.getpid()).encode())
-    os.close(fd)
-    try:
-        yield out
-    finally:
-        lock.unlink(missing_ok=True)
 
 
 def facts_rows(cfg: SAEDashboardConfig, model, n: int, seed: int) -> tuple[np.ndarray, int]:
@@ -93,28 +73,28 @@ def train_sae(cfg: SAEDashboardConfig, model, out: Path):
 
 
 def run(cfg: SAEDashboardConfig, out: Path) -> dict:
-    with locked(out):
-        model = ji.load(cfg.model)
-        if cfg.sae is None:
-            sae, info = train_sae(cfg, model, out)
-        else:
-            sae, info = ji.sae.load(cfg.sae), {"sae": cfg.sae}
-        site = sae.site or cfg.site
-        tokens, bos = facts_rows(cfg, model, cfg.rows, seed=cfg.seed + 2)
-        mask = tokens != bos
-        sae_inputs = np.asarray(Splice(sae).sae_input(jnp.asarray(site_acts(model, tokens, site, mask))))
-        quality = {**reconstruction_metrics(sae, sae_inputs),
-                   **downstream_metrics(model, tokens, site, sae)}
-        vocab = token_strings(Path(model.source) / "tokenizer.json", model.config.vocab_size)
-        t0 = time.time()
-        meta = (f"{cfg.model}; {sae.family} SAE, d_in {sae.d_in}, {sae.d_sae} latents; L0 {quality['l0']:.1f}, "
-                f"FVE {quality['fve']:.3f}, CE loss recovered {quality['loss_recovered']:.3f}")
-        page, stats = build_dashboard(model, sae, tokens, vocab, out / "index.html", site=site, mask=mask,
-                                      cfg=DashboardConfig(n_features=cfg.n_features, top_contexts=cfg.top_contexts),
-                                      title=f"SAE features: {cfg.model} {site}", meta=meta)
-        results = {"config": dataclasses.asdict(cfg), "site": site, **info, **quality,
-                   "dashboard_seconds": time.time() - t0, "dead_frac_dashboard": float((stats.freq == 0).mean()),
-                   "page": str(page)}
+    # the experiment harness holds --out's lock for the whole run (a second run there is refused)
+    model = ji.load(cfg.model)
+    if cfg.sae is None:
+        sae, info = train_sae(cfg, model, out)
+    else:
+        sae, info = ji.sae.load(cfg.sae), {"sae": cfg.sae}
+    site = sae.site or cfg.site
+    tokens, bos = facts_rows(cfg, model, cfg.rows, seed=cfg.seed + 2)
+    mask = tokens != bos
+    sae_inputs = np.asarray(Splice(sae).sae_input(jnp.asarray(site_acts(model, tokens, site, mask))))
+    quality = {**reconstruction_metrics(sae, sae_inputs),
+               **downstream_metrics(model, tokens, site, sae)}
+    vocab = token_strings(Path(model.source) / "tokenizer.json", model.config.vocab_size)
+    t0 = time.time()
+    meta = (f"{cfg.model}; {sae.family} SAE, d_in {sae.d_in}, {sae.d_sae} latents; L0 {quality['l0']:.1f}, "
+            f"FVE {quality['fve']:.3f}, CE loss recovered {quality['loss_recovered']:.3f}")
+    page, stats = build_dashboard(model, sae, tokens, vocab, out / "index.html", site=site, mask=mask,
+                                  cfg=DashboardConfig(n_features=cfg.n_features, top_contexts=cfg.top_contexts),
+                                  title=f"SAE features: {cfg.model} {site}", meta=meta)
+    results = {"config": dataclasses.asdict(cfg), "site": site, **info, **quality,
+               "dashboard_seconds": time.time() - t0, "dead_frac_dashboard": float((stats.freq == 0).mean()),
+               "page": str(page)}
     print("L0: active latents per token; FVE: fraction of the site's variance the reconstruction explains; CE loss "
           "recovered: 1 = splicing the SAE in keeps the LM loss, 0 = as bad as zero-ablating the site")
     print(f"{sae.family} SAE at {site}: L0 {quality['l0']:.1f}, FVE {quality['fve']:.3f}, CE loss recovered "

@@ -1,6 +1,8 @@
 """The SAE dashboard experiment end to end (smoke preset on facts-gpt): trains, saves, reloads, refuses."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -21,6 +23,13 @@ def test_smoke_run_trains_saves_and_rebuilds_the_same_page_from_the_saved_sae(tm
     again = json.loads((tmp_path / "b" / "results.json").read_text())
     assert again["fve"] == pytest.approx(res["fve"], abs=1e-5)
     assert (tmp_path / "b" / "index.html").read_text() == page  # the saved SAE (SAELens layout) gives the same page
-    (tmp_path / "c").mkdir()
-    (tmp_path / "c" / ".lock").write_text("1")
-    assert main(["--preset", "smoke", "--out", str(tmp_path / "c")]) == 2  # refused: another run writes there
+    # refused while another process holds the output directory's lock
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from jaxinterp.checkpoint import OutputLock; "
+                               f"OutputLock({str(tmp_path / 'c')!r}).acquire(); print('held', flush=True); "
+                               "time.sleep(120)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["--preset", "smoke", "--out", str(tmp_path / "c")]) == 2
+    finally:
+        holder.kill()
+        holder.wait()
