@@ -44,7 +44,7 @@ __all__ = ["WireError", "Limits", "encode", "decode", "save_intervention", "load
 
 FORMAT, VERSION = "jaxinterp.wire", "1"
 _KINDS = {cls.__name__: cls for cls in (_iv.Patch, _iv.ZeroAblate, _iv.MeanAblate, _iv.Add, _iv.Scale,
-                                          _iv.ProjectOut, _iv.Noise, _iv.Compose, _iv.ByLayer)}
+                                          _iv.ProjectOut, _iv.Noise, _iv.Steer, _iv.Compose, _iv.ByLayer)}
 _SAFE_CUSTOM_CALLS = frozenset({"shape_assertion", "Sharding", "SPMDFullToShardShape", "SPMDShardToFullShape"})
 
 
@@ -236,7 +236,7 @@ def encode(obj: Any) -> bytes:
                                      "structure": json.dumps(structure, separators=(",", ":"))}}
     offset, chunks = 0, []
     for name, arr in writer.tensors.items():
-        arr = np.ascontiguousarray(arr)
+        arr = np.ascontiguousarray(arr).reshape(np.shape(arr))  # ascontiguousarray makes a 0-d array 1-d
         header[name] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape),
                         "data_offsets": [offset, offset + arr.nbytes]}
         offset += arr.nbytes
@@ -395,6 +395,13 @@ def _check_field_types(cls, values: dict, what: str) -> None:
         if not isinstance(values.get("item"), _iv.Intervention):
             raise WireError(f"{what}: item must be an intervention")
         return
+    if cls is _iv.Steer:  # its static fields: where (a name), prompt_len (an int or null)
+        values = dict(values)
+        if not isinstance(values.pop("where", "all"), str):
+            raise WireError(f"{what}: where must be one of {_iv.STEER_WHERE}")
+        prompt_len = values.pop("prompt_len", None)
+        if prompt_len is not None and (isinstance(prompt_len, bool) or not isinstance(prompt_len, int)):
+            raise WireError(f"{what}: prompt_len must be an int or null")
     if cls in _KINDS.values():
         bad = sorted(k for k, v in values.items() if isinstance(v, bool) or not isinstance(v, _ARRAYISH))
         if bad:

@@ -51,6 +51,7 @@ def _cases():
         "scale_array": {SITE: ji.Scale(_f32(D, seed=3), pos)},
         "project": {SITE: ji.ProjectOut(_f32(2, D, seed=4))},
         "noise": {"embed": ji.Noise(_f32(B, T, D, seed=5), jnp.float32(0.3))},
+        "steer": {SITE: ji.Steer(_f32(D, seed=10), jnp.float32(2.0), where="prompt")},
         "compose_and_list": {SITE: ji.Compose((ji.Scale(2.0), ji.Add(_f32(D, seed=6)))),
                              "blocks.1.resid_post": [ji.ZeroAblate(pos), ji.Add(_f32(D, seed=7))]},
         "by_layer": {"blocks.*.resid_post": ji.ByLayer(ji.Add(_f32(CFG.n_layers, D, seed=8)))},
@@ -78,7 +79,7 @@ def test_round_trip_keeps_every_leaf_and_static_field(name, tmp_path):
         for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ivs)):
             assert type(a) is type(b) if not isinstance(b, jax.Array) else isinstance(a, jax.Array)
             np.testing.assert_array_equal(a, b)
-            assert np.asarray(a).dtype == np.asarray(b).dtype
+            assert np.asarray(a).dtype == np.asarray(b).dtype and np.shape(a) == np.shape(b)  # 0-d stays 0-d
 
 
 def test_round_trip_gives_identical_run(model, tokens, tmp_path):
