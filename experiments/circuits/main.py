@@ -26,7 +26,7 @@ import numpy as np
 from jaxinterp.circuits import Neurons, discover, exact_effects, faithfulness_curve, mean_nodes, node_effects
 from jaxinterp.experiments.common import experiment_main, pyplot, save_figure
 from jaxinterp.experiments.data.facts_world import load_world_model
-from jaxinterp.experiments.sae_dashboard.main import locked
+from jaxinterp.checkpoint import OutputLock as locked  # re-entrant: the harness holds it too
 from jaxinterp.experiments.train_saes.main import ensure_saes
 from jaxinterp.grads import site_shapes
 

@@ -19,7 +19,8 @@ import numpy as np
 
 import jaxinterp as ji
 from jaxinterp.experiments.common import experiment_main, pyplot, save_figure
-from jaxinterp.experiments.sae_dashboard.main import facts_rows, locked
+from jaxinterp.checkpoint import OutputLock as locked  # re-entrant: the harness holds it too
+from jaxinterp.experiments.sae_dashboard.main import facts_rows
 
 from .config import LensConfig
 

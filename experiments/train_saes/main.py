@@ -27,7 +27,7 @@ import jaxinterp as ji
 from jaxinterp.checkpoint import check_run_config
 from jaxinterp.experiments.common import experiment_main, write_json
 from jaxinterp.experiments.data.facts_world import load_world_model
-from jaxinterp.experiments.sae_dashboard.main import locked
+from jaxinterp.checkpoint import OutputLock as locked  # re-entrant: the harness holds it too
 from jaxinterp.experiments.train_lm.data import FactsBatches
 from jaxinterp.sae import Reads, grid_runs, harvest_grid, unstack
 from jaxinterp.sae.metrics import downstream_metrics, reconstruction_metrics
