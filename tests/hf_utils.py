@@ -70,3 +70,25 @@ def visited_sites(model, capture=None, shape=(2, 5)):
     jax.eval_shape(lambda p: forward(model.replace(params=p), tokens, ctx, positions=positions,
                                      k_valid=jnp.ones(shape, bool)), model.params)
     return ctx.visited
+
+
+def assert_param_grads_match_hf(model, family, hf, tokens: np.ndarray, target: int = 3) -> None:
+    """d(-log p(target) at the last position)/d(every parameter): ours (exported to HF names through
+    ``family.to_hf``) against torch autograd on the transformers model, each within 1e-4 of its scale."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    def loss(params):
+        logits = model.replace(params=params).run(jnp.asarray(tokens)).logits
+        return -jax.nn.log_softmax(logits[:, -1])[:, target].sum()
+
+    grads = family.to_hf(model.config, jax.jit(jax.grad(loss))(model.params))
+    hf.zero_grad()
+    out = hf(torch.as_tensor(tokens)).logits
+    (-torch.log_softmax(out[:, -1], -1)[:, target].sum()).backward()
+    ref = {name: p.grad.numpy() for name, p in hf.named_parameters() if p.grad is not None}
+    assert len(ref) == len(list(hf.parameters())) and set(ref) <= set(grads), sorted(set(ref) - set(grads))
+    for name, g in ref.items():
+        scale = max(1e-6, float(np.abs(g).max()))
+        assert max_err(np.reshape(grads[name], g.shape), g) < 1e-4 * scale + 1e-8, name

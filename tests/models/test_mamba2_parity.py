@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.hf_utils import max_err, save_random_hf, torch, transformers, visited_sites
+from tests.hf_utils import assert_param_grads_match_hf, max_err, save_random_hf, torch, transformers, visited_sites
 
 import jaxinterp as ji
 from jaxinterp.hf import ConversionError, read_hf_dir, write_hf_dir
@@ -345,19 +345,7 @@ def test_parameter_grads_match_hf(tmp_path, scan):
     model = with_scan(model, scan)
     tokens = tokens_for(61, 2, 15)
 
-    def loss(params):
-        logits = model.replace(params=params).run(jnp.asarray(tokens)).logits
-        return -jax.nn.log_softmax(logits[:, -1])[:, 3].sum()
-
-    grads = FAMILY.to_hf(model.config, jax.jit(jax.grad(loss))(model.params))
-    hf.zero_grad()
-    out = hf(torch.as_tensor(tokens)).logits
-    (-torch.log_softmax(out[:, -1], -1)[:, 3].sum()).backward()
-    ref = {name: prm.grad.numpy() for name, prm in hf.named_parameters() if prm.grad is not None}
-    assert len(ref) == len(list(hf.parameters())) and set(ref) <= set(grads), sorted(set(ref) - set(grads))
-    for name, g in ref.items():
-        scale = max(1e-6, float(np.abs(g).max()))
-        assert max_err(np.reshape(grads[name], g.shape), g) < 1e-4 * scale + 1e-8, name
+    assert_param_grads_match_hf(model, FAMILY, hf, tokens)
 
 
 # ----------------------------------------------------------------------------- sites
