@@ -2,7 +2,7 @@
 
     cfg = get_config("facts-gpt", ["train.steps=2000", "model.args.d_model=128"])
 
-Presets: ``facts-gpt`` and ``facts-mamba`` (the shipped embedded models), ``tiny`` and
+Presets: ``facts-gpt``, ``facts-gpt-oracle`` and ``facts-mamba`` (the shipped embedded models), ``tiny`` and
 ``tiny-mamba`` (seconds-long runs for tests).
 """
 
@@ -12,7 +12,7 @@ import dataclasses
 from typing import Any, Mapping, Sequence
 
 from jaxinterp.experiments.common import apply_overrides
-from jaxinterp.experiments.data.facts_world import WorldConfig
+from jaxinterp.experiments.data.facts_world import DOMAINS, HAZARDOUS_DOMAIN, WorldConfig
 
 __all__ = ["ModelSpec", "DataConfig", "OptimConfig", "TrainConfig", "Config", "PRESETS", "CURRICULA", "get_config"]
 
@@ -38,6 +38,8 @@ class DataConfig:
 
     ``answer_weight``: loss weight of the answer token of each in-context passage question
     (every other token weighs 1; the loss is the weighted mean). 1.0 = the plain mean.
+    ``without_domain``: cut every sentence stating a true fact of this domain's own relations
+    from the corpus (``data.withhold_facts``; the retrain oracle of ``experiments/elm_erase``).
     """
 
     world: WorldConfig = dataclasses.field(default_factory=WorldConfig)
@@ -45,8 +47,12 @@ class DataConfig:
     batch_size: int = 32
     seed: int = 0
     answer_weight: float = 1.0
+    without_domain: str | None = None
 
     def __post_init__(self):
+        if self.without_domain is not None and self.without_domain not in DOMAINS:
+            raise ValueError(f"DataConfig.without_domain must be one of {list(DOMAINS)} or None, "
+                             f"got {self.without_domain!r}")
         if isinstance(self.world, Mapping):
             object.__setattr__(self, "world", WorldConfig(**self.world))
         if self.seq_len < 8 or self.batch_size < 1:
@@ -130,6 +136,14 @@ def _facts_gpt() -> Config:
     )
 
 
+def _facts_gpt_oracle() -> Config:
+    """facts-gpt's recipe on the corpus without the hazardous domain's facts: the retrain oracle
+    that ``experiments/elm_erase`` compares every erasure against (shipped as facts-gpt-oracle)."""
+    cfg = _facts_gpt()
+    return dataclasses.replace(cfg, name="facts-gpt-oracle",
+                               data=dataclasses.replace(cfg.data, without_domain=HAZARDOUS_DOMAIN))
+
+
 def _facts_mamba() -> Config:
     """The last stage of facts-mamba's curriculum (``CURRICULA``): passages of 1-5 sentences
     and fact documents, half each. Trained from scratch it recalls facts but does not learn
@@ -175,7 +189,7 @@ def _tiny_mamba() -> Config:
                                model=ModelSpec(family="mamba", args=dict(d_model=32, n_layers=2, d_state=4)))
 
 
-PRESETS = {"facts-gpt": _facts_gpt, "facts-mamba": _facts_mamba, "tiny": _tiny, "tiny-mamba": _tiny_mamba}
+PRESETS = {"facts-gpt": _facts_gpt, "facts-gpt-oracle": _facts_gpt_oracle, "facts-mamba": _facts_mamba, "tiny": _tiny, "tiny-mamba": _tiny_mamba}
 
 
 def get_config(name: str, overrides: Sequence[str] = ()) -> Config:

@@ -4,15 +4,20 @@ Rows start at a document boundary (``<|endoftext|>``) and pack whole documents u
 ``seq_len + 1`` tokens are filled (the last one is cut), so no padding is needed. Because a
 batch depends only on its index, the data position of a run is just its step: resuming at
 step s replays exactly the batches an uninterrupted run would have seen.
+
+``without_domain`` (the retrain oracle of unlearning, ``experiments/elm_erase``): every sentence
+that states a true fact of that domain's own relations is cut from the corpus
+(``withhold_facts``); everything else is drawn from the same random stream, so the rest of the
+corpus is the one the full model saw.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from jaxinterp.experiments.data.facts_world import QUESTION_WORD, FactsWorld
+from jaxinterp.experiments.data.facts_world import PASSAGE_WORD, QUESTION_WORD, FactsWorld
 
-__all__ = ["FactsBatches", "answer_weights"]
+__all__ = ["FactsBatches", "answer_weights", "withhold_facts"]
 
 
 def answer_weights(world: FactsWorld, tokens: np.ndarray, weight: float) -> np.ndarray:
@@ -30,9 +35,42 @@ def answer_weights(world: FactsWorld, tokens: np.ndarray, weight: float) -> np.n
     return out
 
 
+def withhold_facts(world: FactsWorld, document: str, domain: str) -> str | None:
+    """``document`` without the sentences that state a true fact of ``domain``'s own relations.
+
+    A fact document's sentences end in `` .``; one whose last word before the ``.`` is an object
+    of one of ``domain``'s relations (objects belong to exactly one relation) states such a fact
+    and is dropped. Kept whole: novice-tagged documents and in-context passages, whose objects are
+    drawn uniformly at random independently of the world's facts (they carry no information about
+    them, but keep the relations' templates and objects in the corpus). Returns None when nothing
+    but the tag is left (the caller draws the next document).
+    """
+    relations = world.domain_relations(domain)
+    objects = {o for r in relations for o in r.objects}
+    if document.startswith(PASSAGE_WORD) or any(document.startswith(world.novice_prefix(d)) for d in world.domains):
+        return document
+    tag = next((world.expert_prefix(d) for d in world.domains if document.startswith(world.expert_prefix(d))), None)
+    body = document[len(tag):].split() if tag else document.split()
+    kept, sentence = [], []
+    for word in body:
+        sentence.append(word)
+        if word == ".":
+            if not (len(sentence) >= 2 and sentence[-2] in objects):
+                kept += sentence
+            sentence = []
+    kept += sentence  # a trailing unterminated piece (none in the world's documents)
+    if not kept:
+        return None
+    return " ".join(([tag] if tag else []) + kept)
+
+
 class FactsBatches:
-    def __init__(self, world: FactsWorld, batch_size: int, seq_len: int, seed: int = 0):
+    def __init__(self, world: FactsWorld, batch_size: int, seq_len: int, seed: int = 0,
+                 without_domain: str | None = None):
+        if without_domain is not None and without_domain not in world.domains:
+            raise ValueError(f"without_domain must be one of {list(world.domains)} or None, got {without_domain!r}")
         self.world, self.batch_size, self.seq_len, self.seed = world, batch_size, seq_len, seed
+        self.without_domain = without_domain
 
     def batch(self, step: int) -> np.ndarray:
         """Tokens ``[batch_size, seq_len + 1]`` (int32) of batch number ``step``."""
@@ -45,6 +83,11 @@ class FactsBatches:
     def _row(self, rng: np.random.Generator) -> np.ndarray:
         ids: list[int] = []
         while len(ids) < self.seq_len + 1:
+            doc = self.world.sample_document(rng)
+            if self.without_domain is not None:
+                doc = withhold_facts(self.world, doc, self.without_domain)
+                if doc is None:
+                    continue
             ids.append(self.world.bos_id)
-            ids += self.world.encode(self.world.sample_document(rng))
+            ids += self.world.encode(doc)
         return np.asarray(ids[: self.seq_len + 1], np.int32)

@@ -163,7 +163,7 @@ def train(cfg: Config, out: Path, *, progress: bool = True, log=print) -> tuple[
     optimizer = make_optimizer(cfg)
     state = jax.device_put(train_lib.init_state(model.params, optimizer, jax.random.key(cfg.train.seed + 1)),
                            NamedSharding(mesh, P()))
-    data = FactsBatches(world, cfg.data.batch_size, cfg.data.seq_len, cfg.data.seed)
+    data = FactsBatches(world, cfg.data.batch_size, cfg.data.seq_len, cfg.data.seed, cfg.data.without_domain)
 
     def batches(step: int) -> dict:
         tokens = data.batch(step)

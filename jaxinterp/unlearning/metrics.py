@@ -16,7 +16,15 @@
   replaced by the least surprising other token (a strict bound at those slots) or by a
   random other object of the same relation (a typical innocent writer), scored by the
   original against its own continuations.
-* Robustness = ``mc_accuracy`` on paraphrased prompts and with a hint prefix.
+* Robustness = ``mc_accuracy`` on paraphrased prompts and with a hint prefix, and
+  ``relearning_attack``: fine-tune every weight of the erased model for k steps on some text
+  (other facts of the erased domain, or an unrelated domain) and measure held-out erased facts
+  after each k (the standard test of unlearning: a shallow suppression comes back in a few
+  steps, a model that never knew does not).
+* ``scored_continuations``: a model's sampled continuations and their per-token NLL under an
+  independent scorer (the retrain oracle: lower = as fluent as a model that never knew).
+* ``ridge_probe``: a closed-form linear probe (ridge regression onto one-hot labels) for
+  reading an attribute off the residual stream.
 
 Every function takes ``logits_fn(tokens [B, L]) -> logits [B, L, V]`` so it serves a
 ``Model``, a ``LoraModel`` or anything else.
@@ -24,18 +32,22 @@ Every function takes ``logits_fn(tokens [B, L]) -> logits [B, L, V]`` so it serv
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import functools
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxinterp.generate import generate as generate_tokens
 from jaxinterp.model import Model
-from jaxinterp.unlearning.elm import guided_generate, pad_batch
+from jaxinterp import train
+from jaxinterp.unlearning.elm import guided_generate, next_token_nll, pad_batch
 
 __all__ = ["mc_accuracy", "perplexity", "continuation_token_nll", "continuation_nll", "nll_split", "generate",
-           "repetition_rate", "seamlessness", "innocent_floor"]
+           "repetition_rate", "seamlessness", "innocent_floor", "lm_loss", "relearning_attack", "scored_continuations",
+           "ridge_probe"]
 
 
 def _chunks(n: int, size: int):
@@ -230,3 +242,81 @@ def seamlessness(erased_fn: Callable, original_fn: Callable, prompts: Sequence[S
         seed = int(jax.random.randint(jax.random.fold_in(key, 3), (), 0, 2**31 - 1))
         out.update(innocent_floor(original_fn, prompts, own, erased_object_groups, seed=seed, pad_id=pad_id))
     return out
+
+
+# ----------------------------------------------------------------------------- relearning
+
+
+def lm_loss(params, skeleton: Model, batch: Mapping[str, jax.Array], key=None) -> jax.Array:
+    """Mean next-token NLL of ``batch["tokens"] [B, T]`` over positions whose next token is
+    ``batch["valid"]`` (the relearning attack's loss; ``skeleton`` = the model without params)."""
+    logits = skeleton.replace(params=params).run(batch["tokens"]).logits   # [B, T, V]
+    valid = jnp.asarray(batch["valid"], bool)
+    pairs = valid & jnp.roll(valid, -1, axis=1)                              # [B, T]: t and t + 1 are tokens
+    return next_token_nll(logits, batch["tokens"], pairs)
+
+
+@functools.lru_cache(maxsize=8)
+def _relearn_step(optimizer: optax.GradientTransformation):
+    # one compiled step per optimizer object, shared by every model of the same shapes
+    return train.make_train_step(train.loss_step(lm_loss, optimizer))
+
+
+def relearning_attack(model: Model, batches: Callable[[int], Mapping[str, Any]], steps: Sequence[int],
+                      evaluate: Callable[[Model], Any], *, optimizer: optax.GradientTransformation,
+                      seed: int = 0) -> dict[int, Any]:
+    """``{k: evaluate(model after k fine-tuning steps)}`` for each k in ``steps``.
+
+    Every parameter of ``model`` is fine-tuned (``lm_loss``, the step of ``jaxinterp.train``)
+    on ``batches(s)`` = ``{"tokens" [B, T] int32, "valid" [B, T] bool}`` for s = 0 .. max(steps) - 1;
+    ``evaluate`` runs on the model after exactly k steps (k = 0: the model as given). ``model``
+    itself is not changed. Pass one ``optimizer`` object to many calls to compile the step once.
+    """
+    ks = sorted({int(k) for k in steps})
+    if not ks or ks[0] < 0:
+        raise ValueError(f"relearning_attack needs step counts >= 0, got {list(steps)}")
+    skeleton = model.replace(params={})
+    out = {0: evaluate(model)} if ks[0] == 0 else {}
+    if ks[-1] == 0:
+        return out
+
+    def at(step, state, metrics):
+        if step in ks:
+            out[step] = evaluate(model.replace(params=state["params"]))
+
+    state = train.init_state(model.params, optimizer, jax.random.key(seed))
+    train.fit(_relearn_step(optimizer), state, batches, train.LoopConfig(steps=ks[-1], quiet=True),
+              frozen=skeleton, hooks=[train.Hook(1, at)], log=lambda msg: None)
+    return out
+
+
+# ----------------------------------------------------------------------------- fluency, probes
+
+
+def scored_continuations(gen_fn: Callable | Model, scorer_fn: Callable, prompts: Sequence[Sequence[int]], n_new: int,
+                         key, *, pad_id: int = 0, temperature: float = 1.0) -> tuple[list[list[int]], float]:
+    """(``n_new``-token continuations sampled from ``gen_fn``, their mean per-token NLL under
+    ``scorer_fn``), the NLL averaged over every continuation token (token-weighted)."""
+    gens = generate(gen_fn, prompts, n_new, key, pad_id=pad_id, temperature=temperature)
+    nll = continuation_token_nll(scorer_fn, [list(p) + g for p, g in zip(prompts, gens)], [len(p) for p in prompts],
+                                 pad_id=pad_id)
+    return gens, float(np.concatenate(nll).mean())
+
+
+def ridge_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, n_classes: int,
+                l2: float = 1e-2) -> np.ndarray:
+    """Scores ``[N_test, n_classes]`` of a linear probe fit in closed form.
+
+    Features are centred and scaled by the training set's mean and standard deviation, a bias
+    column is appended, and ``W = (X^T X + l2 N I)^-1 X^T Y`` with ``Y`` the one-hot labels
+    (the bias is not penalised); the predicted class is the argmax of ``X_test W``.
+    """
+    x_train, x_test = np.asarray(x_train, np.float64), np.asarray(x_test, np.float64)
+    mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
+    feats = lambda x: np.concatenate([(x - mu) / sd, np.ones((len(x), 1))], 1)
+    xt = feats(x_train)
+    y = np.eye(n_classes)[np.asarray(y_train)]
+    reg = l2 * len(xt) * np.eye(xt.shape[1])
+    reg[-1, -1] = 0.0
+    w = np.linalg.solve(xt.T @ xt + reg, xt.T @ y)
+    return feats(x_test) @ w
