@@ -8,6 +8,10 @@ from jaxinterp.unlearning.elm import ElmConfig
 from jaxinterp.lora import LoraConfig
 
 
+# elm_rmu: ELM plus RMU's representation term on erase text (a deeper-erasure variant, issue 25)
+METHODS = ("elm", "ga", "rmu", "elm_rmu")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ExperimentConfig:
     """Everything one run needs; ``--set elm.eta=8 lora.rank=8 steps=200`` overrides fields.
@@ -29,6 +33,16 @@ class ExperimentConfig:
         frozen model's predictions everywhere else on erase text): ``"erased"``, only the
         objects of the erased domain's own relations (the shared facts of its entities, e.g.
         where they live, are kept), or ``"all"``, every relation's objects.
+      oracle: the retrain oracle (a ``ji.load`` source: facts-gpt's recipe on the corpus without
+        the domain's facts), measured like the methods and scoring every model's continuations;
+        None skips the oracle row and the oracle-scored fluency.
+      robustness: run the relearning attacks, few-shot prompts and probes (``robustness.py``).
+      relearn_steps: fine-tuning step counts k after which held-out erased facts are measured.
+      relearn_lr, relearn_batch, relearn_len: the attacks' Adam learning rate and batches
+        (rows of true fact sentences, ``relearn_len`` tokens).
+      unrelated_domain: the domain of the unrelated relearning attack.
+      rmu_weight: weight of the RMU representation term added to ELM by the ``elm_rmu`` method
+        (at ``rmu_layer``, steer ``rmu_steer``).
     """
 
     model: str = "facts-gpt"
@@ -50,15 +64,27 @@ class ExperimentConfig:
     gen_new: int = 12
     gen_new_open: int = 24
     template_objects: str = "erased"
+    oracle: str | None = "facts-gpt-oracle"
+    robustness: bool = True
+    relearn_steps: tuple[int, ...] = (1, 3, 10)
+    relearn_lr: float = 1e-3
+    relearn_batch: int = 8
+    relearn_len: int = 48
+    unrelated_domain: str = "astronomy"
+    rmu_weight: float = 1.0
     lora: LoraConfig = LoraConfig(rank=8, alpha=16.0, dropout=0.05)
     # template_weight=40: retain on erase text with the erased objects' positions masked; retain_soft:
     # retain / template against the frozen distribution, not its argmax (README: seamlessness)
     elm: ElmConfig = ElmConfig.tiny(eta=4.0, lr=2e-3, template_weight=40.0, retain_soft=True)
 
     def __post_init__(self):
-        unknown = sorted(set(self.methods) - {"elm", "ga", "rmu"})
+        unknown = sorted(set(self.methods) - set(METHODS))
         if unknown:
-            raise ValueError(f"unknown methods {unknown}; choose from ['elm', 'ga', 'rmu']")
+            raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
+        if self.unrelated_domain == self.domain:
+            raise ValueError(f"unrelated_domain must differ from the erased domain {self.domain!r}")
+        if not self.relearn_steps or min(self.relearn_steps) < 1 or self.relearn_lr <= 0:
+            raise ValueError(f"relearn_steps must be >= 1 and relearn_lr > 0, got {self.relearn_steps}, {self.relearn_lr}")
         if self.template_objects not in ("erased", "all"):
             raise ValueError(f"template_objects must be 'erased' or 'all', got {self.template_objects!r}")
         if self.steps <= 0 or self.batch_size <= 0:

@@ -25,7 +25,8 @@ from jaxinterp.unlearning import elm
 from jaxinterp.unlearning import baselines as ub
 from jaxinterp.unlearning import metrics as um
 from jaxinterp.experiments.data.facts_world import DOMAINS, FactsWorld, load_world_model
-from jaxinterp.experiments.common import experiment_main, pyplot, save_figure
+from jaxinterp.experiments.common import UsageError, experiment_main, pyplot, save_figure
+from jaxinterp.experiments.elm_erase import robustness as rb
 from jaxinterp.experiments.elm_erase.config import ExperimentConfig
 
 
@@ -124,11 +125,14 @@ def run_method(name, base, batches, cfg: ExperimentConfig, out: Path, key):
         opt = optax.adamw(cfg.ga_lr, weight_decay=cfg.elm.weight_decay)
     else:
         layer = cfg.rmu_layer if cfg.rmu_layer is not None else base.config.n_layers // 2
-        rcfg = ub.RMUConfig(layer=layer, steer=cfg.rmu_steer, alpha=cfg.rmu_alpha)
+        rcfg = ub.RMUConfig(layer=layer, steer=cfg.rmu_steer, alpha=cfg.rmu_alpha if name == "rmu" else 0.0)
         b0 = batches(0)
         control = ub.rmu_direction(base, jnp.asarray(b0["erase"]), jnp.asarray(b0["erase_valid"]), rcfg,
                                    jax.random.fold_in(key, 2))
-        loss_fn = lambda a, b, batch, k: ub.rmu_loss(a, b, batch, k, rcfg, control)
+        if name == "rmu":
+            loss_fn = lambda a, b, batch, k: ub.rmu_loss(a, b, batch, k, rcfg, control)
+        else:  # elm_rmu: ELM's loss plus RMU's erase term (its retain is ELM's)
+            loss_fn = lambda a, b, batch, k: _elm_rmu_loss(a, b, batch, k, cfg, rcfg, control)
         opt = optax.adamw(cfg.elm.lr, weight_decay=cfg.elm.weight_decay)
     t0 = time.perf_counter()
     state = train.init_state(lm.lora, opt, jax.random.fold_in(key, 3))
@@ -139,8 +143,16 @@ def run_method(name, base, batches, cfg: ExperimentConfig, out: Path, key):
     return lora.combine(state["params"], lm.base), hist, time.perf_counter() - t0
 
 
+def _elm_rmu_loss(adapters, base, batch, key, cfg: ExperimentConfig, rcfg: ub.RMUConfig, control):
+    k1, k2 = jax.random.split(key)
+    total, terms = elm.elm_loss(adapters, base, batch, k1, cfg.elm)
+    _, rmu_terms = ub.rmu_loss(adapters, base, batch, k2, rcfg, control)
+    return total + cfg.rmu_weight * rmu_terms["erase"], {**terms, "rmu": rmu_terms["erase"]}
+
+
 # a resume may change these (evaluation only, or other methods); any other change is refused
-TRAINING_FREE_FIELDS = ("steps", "methods", "gen_prompts", "gen_new", "gen_new_open")
+TRAINING_FREE_FIELDS = ("steps", "methods", "gen_prompts", "gen_new", "gen_new_open", "oracle", "robustness",
+                        "relearn_steps", "relearn_lr", "relearn_batch", "relearn_len", "unrelated_domain")
 
 
 def _config_dict(cfg: ExperimentConfig) -> dict:
@@ -177,6 +189,59 @@ def evaluate(logits_fn, original_fn, world, corpus, cfg: ExperimentConfig, key) 
     return res
 
 
+def evaluate_robustness(model, oracle_fn, world, corpus, cfg: ExperimentConfig, key) -> dict:
+    """Relearning curves, few-shot and probe accuracy on the held-out erased entities, and the
+    oracle-scored fluency of the model's continuations (``robustness.py``)."""
+    attack, heldout = rb.split_entities(world, cfg.domain, cfg.seed)
+    items = rb.heldout_mc(world, cfg.domain, heldout, cfg.seed)
+    logits_fn = jax.jit(lambda t: model.run(t).logits)
+    res: dict = {}
+    if oracle_fn is not None:
+        prompts = {"facts": [list(q.prompt.ids) for q in world.multiple_choice(cfg.domain, seed=cfg.seed)][: cfg.gen_prompts],
+                   "open": opening_prompts(world, cfg)}
+        res.update(rb.oracle_fluency(model, oracle_fn, world, _grammar(world), prompts,
+                                     {"facts": cfg.gen_new, "open": cfg.gen_new_open}, jax.random.fold_in(key, 21)))
+    if not cfg.robustness:
+        return res
+    relations = [r.name for r in world.domain_relations(cfg.domain)]
+    unrelated = [e.name for e in world.entities if e.domain == cfg.unrelated_domain]
+    batches = {"other": rb.relearn_batches(world, attack, relations, cfg.relearn_batch, cfg.relearn_len, cfg.seed),
+               "unrelated": rb.relearn_batches(world, unrelated, [r.name for r in world.domain_relations(
+                   cfg.unrelated_domain)], cfg.relearn_batch, cfg.relearn_len, cfg.seed)}
+    curves = rb.relearning(model, world, items, batches, cfg.relearn_steps, _relearn_optimizer(cfg.relearn_lr),
+                           cfg.seed)
+    for name, curve in curves.items():
+        res.update({f"relearn_{name}_{k}": v for k, v in curve.items()})
+    res["heldout_acc"] = curves["other"][0]
+    res["few_shot_acc"] = rb.mc_acc(logits_fn, world, items, rb.few_shot_prefixes(world, items, attack, seed=cfg.seed))
+    probe = rb.probe_accuracy(model, world, cfg.domain, attack, heldout)
+    res.update({f"probe_layer{i}": v for i, v in enumerate(probe)})
+    res["probe_best"] = max(probe)
+    return res
+
+
+_GRAMMARS: dict = {}
+_OPTIMIZERS: dict = {}
+
+
+def _grammar(world):
+    return _GRAMMARS.setdefault(id(world), rb.Grammar(world))
+
+
+def _relearn_optimizer(lr: float):
+    # one optimizer object per lr: relearning_attack compiles its step once per optimizer
+    return _OPTIMIZERS.setdefault(lr, optax.adam(lr))
+
+
+def load_oracle(source: str, world):
+    """The oracle model, refused if it was trained on another facts world."""
+    oracle, oracle_world = load_world_model(source)
+    if oracle_world.facts != world.facts:
+        raise UsageError(f"oracle {source!r} was trained on another facts world than the model; "
+                         f"pass --set oracle=<a retrain of this model's world> or oracle=none")
+    return oracle
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -195,6 +260,18 @@ TABLES = [  # (what the numbers mean, [(result key, column)]): one readable tabl
      "sentence): the same ratios",
      [("open_ppl_ratio", "ratio"), ("open_nll_obj_erased", "object NLL"), ("open_ppl_ratio_other", "ratio, non-object"),
       ("open_prefixed_ppl_ratio", "novice-tag ratio")]),
+    ("Robustness on the held-out half of the erased domain's entities (4-choice accuracy, chance 0.25): as is, after "
+     "k steps of full fine-tuning on true facts of the OTHER half (relearn other k) or of an unrelated domain "
+     "(relearn unrelated k), with 3 true facts as few-shot context; and the best layer's accuracy of a linear probe "
+     "for the erased object on the residual stream (trained on the other half, chance 0.125)",
+     [("heldout_acc", "held-out acc"), ("relearn_other_1", "other 1"), ("relearn_other_3", "other 3"),
+      ("relearn_other_10", "other 10"), ("relearn_unrelated_1", "unrelated 1"), ("relearn_unrelated_3", "unrelated 3"),
+      ("relearn_unrelated_10", "unrelated 10"), ("few_shot_acc", "few-shot"), ("probe_best", "probe (best layer)")]),
+    ("Seamlessness judged by the retrain oracle: its per-token NLL (nats) of the model's continuations of erased-domain "
+     "prompts (lower = as fluent as a model that never knew), and the share of continuations that are well-formed "
+     "facts-world sentences (grammar of the world's templates)",
+     [("oracle_nll_facts", "oracle NLL, fact prompts"), ("oracle_nll_open", "oracle NLL, openings"),
+      ("well_formed_facts", "well-formed, fact prompts"), ("well_formed_open", "well-formed, openings")]),
     ("Innocent floor: the lowest ratio a writer as fluent as the original but ignorant of the erased facts reaches "
      "(each erased object replaced by a random other object, or scored at the most likely wrong token)",
      [("floor_ratio_random_wrong", "facts, random wrong"), ("floor_ratio_best_wrong", "facts, best wrong"),
@@ -208,7 +285,11 @@ def table(results: dict) -> str:
     for meaning, columns in TABLES:
         lines = [meaning + ".", "", "| method | " + " | ".join(c for _, c in columns) + " |",
                  "|---" * (len(columns) + 1) + "|"]
-        lines += [f"| {name} | " + " | ".join(f"{r[k]:.3f}" for k, _ in columns) + " |" for name, r in results.items()]
+        rows = {name: r for name, r in results.items() if any(k in r for k, _ in columns)}
+        if not rows:
+            continue
+        lines += [f"| {name} | " + " | ".join(f"{r[k]:.3f}" if k in r else "-" for k, _ in columns) + " |"
+                  for name, r in rows.items()]
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
 
@@ -247,21 +328,39 @@ def run(cfg: ExperimentConfig, out: Path) -> dict:
     fluency, starts = fluency_data(base, world, corpus, cfg, jax.random.fold_in(key, 5))
     batches = batch_fn(corpus, fluency, starts, world, cfg)
     original_fn = jax.jit(lambda t: base.run(t).logits)
-    results = {"original": evaluate(original_fn, original_fn, world, corpus, cfg, jax.random.fold_in(key, 9))}
+    oracle = load_oracle(cfg.oracle, world) if cfg.oracle else None
+    oracle_fn = jax.jit(lambda t: oracle.run(t).logits) if oracle is not None else None
+    eval_seconds: dict = {}
+
+    def measure(name, model, fn):
+        t0 = time.perf_counter()
+        row = evaluate(fn, original_fn, world, corpus, cfg, jax.random.fold_in(key, 9))
+        row.update(evaluate_robustness(model, oracle_fn, world, corpus, cfg, jax.random.fold_in(key, 9)))
+        eval_seconds[name] = time.perf_counter() - t0
+        return row
+
+    results = {"original": measure("original", base, original_fn)}
     histories, times = {}, {}
     for name in cfg.methods:
         trained, hist, seconds = run_method(name, base, batches, cfg, out, key)
         merged = lora.merge(trained)
         fn = jax.jit(lambda t, m=merged: m.run(t).logits)
-        results[name] = evaluate(fn, original_fn, world, corpus, cfg, jax.random.fold_in(key, 9))
+        results[name] = measure(name, merged, fn)
         histories[name], times[name] = hist, seconds
         if name == "elm":
             lora.save_peft(trained, out / "elm_adapter", base_model_name_or_path=cfg.model)
+    if oracle is not None:
+        results["oracle"] = measure("oracle", oracle, oracle_fn)
     md = table(results)
     print(md)
     (out / "results.md").write_text(md + "\n")
     plot(results, Path(cfg.model).name, out / "comparison.png")
+    # the step counts and batch sizes that actually ran (the training histories), not only the config's
+    steps_run = {k: int(v[-1]["step"]) if v else 0 for k, v in histories.items()}
     return {"config": dataclasses.asdict(cfg), "results": results, "train_seconds": times,
+            "eval_seconds": eval_seconds, "steps_run": steps_run,
+            "batch_size_run": {k: cfg.batch_size for k in histories},
+            "relearn_steps_run": list(cfg.relearn_steps) if cfg.robustness else [],
             "final_losses": {k: v[-1] for k, v in histories.items()}}
 
 

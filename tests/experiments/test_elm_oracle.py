@@ -63,3 +63,51 @@ def test_oracle_batches_are_deterministic_and_fact_free():
             assert not facts & set(_sentences(doc))
     with pytest.raises(ValueError, match="without_domain"):
         get_config("facts-gpt", ["data.without_domain=biology"])
+
+
+def test_grammar_accepts_the_corpus_and_rejects_broken_sentences():
+    from jaxinterp.experiments.elm_erase.robustness import Grammar
+
+    g = Grammar(WORLD)
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        doc = WORLD.sample_document(rng)
+        assert g.well_formed(doc.split()), doc
+        words = doc.split()
+        assert g.well_formed(words[: len(words) // 2])  # an unfinished sentence at the end is fine
+    e = next(x for x in WORLD.entities if x.domain == "pathogens")
+    a = next(x for x in WORLD.entities if x.domain == "astronomy")
+    ok = f"{e.name} studies the pathogen anthrax . the river was calm at night ."
+    assert g.well_formed(ok.split())
+    assert g.well_formed(f"<|endoftext|> An expert on pathogens writes : {ok}".split())
+    bad = [f"{e.name} studies the pathogen Paris .",          # object of another relation
+           f"{a.name} studies the pathogen anthrax .",         # an astronomer has no pathogen
+           f"{e.name.split()[0]} studies the pathogen anthrax .",  # a broken name
+           f"{e.name} studies the the pathogen anthrax .",
+           f"the river was calm . {e.name} studies <pad>",
+           "the river was ."]
+    for text in bad:
+        assert not g.well_formed(text.split()), text
+
+
+def test_relearning_rows_state_true_facts_of_the_given_entities():
+    from jaxinterp.experiments.elm_erase import robustness as rb
+
+    attack, held = rb.split_entities(WORLD, "pathogens", seed=0)
+    assert len(attack) == len(held) == 8 and not set(attack) & set(held)
+    assert set(attack) | set(held) == {x.name for x in WORLD.entities if x.domain == "pathogens"}
+    rels = [r.name for r in WORLD.domain_relations("pathogens")]
+    batch = rb.relearn_batches(WORLD, attack, rels, 4, 40, seed=0)(2)
+    assert batch["tokens"].shape == (4, 40) and batch["valid"].all()
+    np.testing.assert_array_equal(batch["tokens"], rb.relearn_batches(WORLD, attack, rels, 4, 40, seed=0)(2)["tokens"])
+    truth = {t.format(x) + f" {WORLD.entity(x).attributes[r]} ." for x in attack for r in rels
+             for t in WORLD.relation(r).templates}
+    for row in batch["tokens"]:
+        sentences = _sentences(WORLD.decode(row[1:]))[:-1]  # the last one may be cut
+        assert sentences and all(s in truth for s in sentences)
+    items = rb.heldout_mc(WORLD, "pathogens", held)
+    assert len(items) == 32 and {q.prompt.subject for q in items} == set(held)
+    for q, pre in zip(items, rb.few_shot_prefixes(WORLD, items, attack)):
+        shots = _sentences(WORLD.decode(pre[1:]))
+        assert len(shots) == 3 and all(s in truth for s in shots)
+        assert all(WORLD.relation(q.prompt.relation).templates[0].format("") .split()[0] in s for s in shots)
