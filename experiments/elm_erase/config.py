@@ -9,7 +9,8 @@ from jaxinterp.lora import LoraConfig
 
 
 # elm_rmu: ELM plus RMU's representation term on erase text (a deeper-erasure variant, issue 25)
-METHODS = ("elm", "ga", "rmu", "elm_rmu")
+# elm_adv: ELM whose erase term is also applied after a simulated relearning step
+METHODS = ("elm", "ga", "rmu", "elm_rmu", "elm_adv")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -36,6 +37,8 @@ class ExperimentConfig:
       oracle: the retrain oracle (a ``ji.load`` source: facts-gpt's recipe on the corpus without
         the domain's facts), measured like the methods and scoring every model's continuations;
         None skips the oracle row and the oracle-scored fluency.
+      seamless: measure the original-scored seamlessness ratios and innocent floors.
+      measure_original: measure the original model (its row).
       robustness: run the relearning attacks, few-shot prompts and probes (``robustness.py``).
       relearn_steps: fine-tuning step counts k after which held-out erased facts are measured.
       relearn_lr, relearn_batch, relearn_len: the attacks' Adam learning rate and batches
@@ -43,6 +46,8 @@ class ExperimentConfig:
       unrelated_domain: the domain of the unrelated relearning attack.
       rmu_weight: weight of the RMU representation term added to ELM by the ``elm_rmu`` method
         (at ``rmu_layer``, steer ``rmu_steer``).
+      adv_lr, adv_weight: step size of the simulated relearning step of ``elm_adv`` and the
+        weight of its erase term after that step.
     """
 
     model: str = "facts-gpt"
@@ -66,12 +71,16 @@ class ExperimentConfig:
     template_objects: str = "erased"
     oracle: str | None = "facts-gpt-oracle"
     robustness: bool = True
+    seamless: bool = True
+    measure_original: bool = True
     relearn_steps: tuple[int, ...] = (1, 3, 10)
     relearn_lr: float = 1e-3
     relearn_batch: int = 8
     relearn_len: int = 48
     unrelated_domain: str = "astronomy"
     rmu_weight: float = 1.0
+    adv_lr: float = 3e-3
+    adv_weight: float = 1.0
     lora: LoraConfig = LoraConfig(rank=8, alpha=16.0, dropout=0.05)
     # template_weight=40: retain on erase text with the erased objects' positions masked; retain_soft:
     # retain / template against the frozen distribution, not its argmax (README: seamlessness)

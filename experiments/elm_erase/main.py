@@ -30,6 +30,15 @@ from jaxinterp.experiments.elm_erase import robustness as rb
 from jaxinterp.experiments.elm_erase.config import ExperimentConfig
 
 
+# one compiled forward per (config, shape), shared by every model of the run (a jit per model
+# closure would recompile for each model and each relearning step count)
+FORWARD = jax.jit(lambda model, tokens: model.run(tokens).logits)
+
+
+def logits_fn(model):
+    return lambda tokens: FORWARD(model, tokens)
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -119,6 +128,9 @@ def run_method(name, base, batches, cfg: ExperimentConfig, out: Path, key):
     if name == "elm":
         loss_fn = lambda a, b, batch, k: elm.elm_loss(a, b, batch, k, cfg.elm)
         opt = optax.adamw(cfg.elm.lr, weight_decay=cfg.elm.weight_decay)
+    elif name == "elm_adv":
+        loss_fn = lambda a, b, batch, k: _elm_adv_loss(a, b, batch, k, cfg)
+        opt = optax.adamw(cfg.elm.lr, weight_decay=cfg.elm.weight_decay)
     elif name == "ga":
         gcfg = ub.GAConfig(retain_weight=cfg.elm.retain_weight)
         loss_fn = lambda a, b, batch, k: ub.ga_loss(a, b, batch, k, gcfg)
@@ -150,8 +162,34 @@ def _elm_rmu_loss(adapters, base, batch, key, cfg: ExperimentConfig, rcfg: ub.RM
     return total + cfg.rmu_weight * rmu_terms["erase"], {**terms, "rmu": rmu_terms["erase"]}
 
 
+def _elm_adv_loss(adapters, base, batch, key, cfg: ExperimentConfig):
+    """ELM plus its erase term after a simulated relearning step (first order).
+
+    The step: every weight of the adapted model moves by ``-adv_lr * g / (|g| + mean|g|)``
+    (an Adam-like normalised step; ``g`` = gradient of the NLL of the erase text, which states
+    the true facts), treated as a constant; the erase term is the soft cross-entropy to ELM's
+    target at the moved weights, so the adapters learn an erasure that one relearning step does
+    not undo. ``adv_weight`` weighs it.
+    """
+    total, terms = elm.elm_loss(adapters, base, batch, key, cfg.elm)
+    student = lora.effective_model(lora.combine(adapters, base))
+    tokens, valid = batch["erase"], batch["erase_valid"]
+
+    def nll(params):
+        return elm.next_token_nll(student.replace(params=params).run(tokens).logits, tokens, valid)
+
+    grads = jax.grad(nll)(jax.lax.stop_gradient(student.params))
+    step = jax.tree_util.tree_map(lambda g: -cfg.adv_lr * g / (jnp.abs(g) + jnp.mean(jnp.abs(g)) + 1e-12), grads)
+    moved = student.replace(params=jax.tree_util.tree_map(lambda p, d: p + jax.lax.stop_gradient(d),
+                                                          student.params, step))
+    target = elm.elm_targets(base, batch, cfg.elm)
+    adv = elm.soft_cross_entropy(moved.run(tokens).logits, target, valid)
+    return total + cfg.adv_weight * adv, {**terms, "adv": adv}
+
+
 # a resume may change these (evaluation only, or other methods); any other change is refused
 TRAINING_FREE_FIELDS = ("steps", "methods", "gen_prompts", "gen_new", "gen_new_open", "oracle", "robustness",
+                        "seamless", "measure_original",
                         "relearn_steps", "relearn_lr", "relearn_batch", "relearn_len", "unrelated_domain")
 
 
@@ -177,6 +215,8 @@ def evaluate(logits_fn, original_fn, world, corpus, cfg: ExperimentConfig, key) 
         "paraphrase_acc": mc(cfg.domain, "paraphrase"),
         "hint_acc": mc(cfg.domain, prefix=corpus["expert"]),
     }
+    if not cfg.seamless:
+        return res
     # seamlessness on the fact prompts (end where an object must come) and on document openings
     # (also scored by the original under the novice tag: a fluent writer of this world who does not know the facts)
     res.update(um.seamlessness(logits_fn, original_fn, prompts, cfg.gen_new, key, pad_id=pad,
@@ -194,7 +234,6 @@ def evaluate_robustness(model, oracle_fn, world, corpus, cfg: ExperimentConfig, 
     oracle-scored fluency of the model's continuations (``robustness.py``)."""
     attack, heldout = rb.split_entities(world, cfg.domain, cfg.seed)
     items = rb.heldout_mc(world, cfg.domain, heldout, cfg.seed)
-    logits_fn = jax.jit(lambda t: model.run(t).logits)
     res: dict = {}
     if oracle_fn is not None:
         prompts = {"facts": [list(q.prompt.ids) for q in world.multiple_choice(cfg.domain, seed=cfg.seed)][: cfg.gen_prompts],
@@ -209,11 +248,12 @@ def evaluate_robustness(model, oracle_fn, world, corpus, cfg: ExperimentConfig, 
                "unrelated": rb.relearn_batches(world, unrelated, [r.name for r in world.domain_relations(
                    cfg.unrelated_domain)], cfg.relearn_batch, cfg.relearn_len, cfg.seed)}
     curves = rb.relearning(model, world, items, batches, cfg.relearn_steps, _relearn_optimizer(cfg.relearn_lr),
-                           cfg.seed)
+                           logits_fn, cfg.seed)
     for name, curve in curves.items():
         res.update({f"relearn_{name}_{k}": v for k, v in curve.items()})
     res["heldout_acc"] = curves["other"][0]
-    res["few_shot_acc"] = rb.mc_acc(logits_fn, world, items, rb.few_shot_prefixes(world, items, attack, seed=cfg.seed))
+    res["few_shot_acc"] = rb.mc_acc(logits_fn(model), world, items,
+                                    rb.few_shot_prefixes(world, items, attack, seed=cfg.seed))
     probe = rb.probe_accuracy(model, world, cfg.domain, attack, heldout)
     res.update({f"probe_layer{i}": v for i, v in enumerate(probe)})
     res["probe_best"] = max(probe)
@@ -302,7 +342,7 @@ def plot(results: dict, model_name: str, path: Path) -> None:
     width = 0.8 / len(results)
     for i, (name, r) in enumerate(results.items()):
         axes[0].bar(np.arange(len(keys)) + i * width, [r[k] for k in keys], width, label=name)
-        axes[1].bar(i, r["ppl_ratio"], 0.6)
+        axes[1].bar(i, r.get("ppl_ratio", np.nan), 0.6)
     axes[0].axhline(0.25, color="k", ls="--", lw=1, label="chance")
     axes[0].set_xticks(np.arange(len(keys)) + 0.4 - width / 2,
                        ["erased", "erased,\nparaphrased", "erased,\nexpert hint", "kept\ndomains"])
@@ -327,30 +367,30 @@ def run(cfg: ExperimentConfig, out: Path) -> dict:
     corpus = build_corpus(world, cfg)
     fluency, starts = fluency_data(base, world, corpus, cfg, jax.random.fold_in(key, 5))
     batches = batch_fn(corpus, fluency, starts, world, cfg)
-    original_fn = jax.jit(lambda t: base.run(t).logits)
+    original_fn = logits_fn(base)
     oracle = load_oracle(cfg.oracle, world) if cfg.oracle else None
-    oracle_fn = jax.jit(lambda t: oracle.run(t).logits) if oracle is not None else None
+    oracle_fn = logits_fn(oracle) if oracle is not None else None
     eval_seconds: dict = {}
 
-    def measure(name, model, fn):
+    def measure(name, model):
         t0 = time.perf_counter()
-        row = evaluate(fn, original_fn, world, corpus, cfg, jax.random.fold_in(key, 9))
+        row = evaluate(logits_fn(model), original_fn, world, corpus, cfg, jax.random.fold_in(key, 9))
         row.update(evaluate_robustness(model, oracle_fn, world, corpus, cfg, jax.random.fold_in(key, 9)))
         eval_seconds[name] = time.perf_counter() - t0
+        print(f"{name}: measured in {eval_seconds[name]:.0f} s", flush=True)
         return row
 
-    results = {"original": measure("original", base, original_fn)}
+    results = {"original": measure("original", base)} if cfg.measure_original else {}
     histories, times = {}, {}
     for name in cfg.methods:
         trained, hist, seconds = run_method(name, base, batches, cfg, out, key)
         merged = lora.merge(trained)
-        fn = jax.jit(lambda t, m=merged: m.run(t).logits)
-        results[name] = measure(name, merged, fn)
+        results[name] = measure(name, merged)
         histories[name], times[name] = hist, seconds
         if name == "elm":
             lora.save_peft(trained, out / "elm_adapter", base_model_name_or_path=cfg.model)
     if oracle is not None:
-        results["oracle"] = measure("oracle", oracle, oracle_fn)
+        results["oracle"] = measure("oracle", oracle)
     md = table(results)
     print(md)
     (out / "results.md").write_text(md + "\n")

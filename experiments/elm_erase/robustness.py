@@ -93,10 +93,11 @@ def few_shot_prefixes(world: FactsWorld, items, attack: Sequence[str], shots: in
 
 
 def relearning(model, world: FactsWorld, items, batches: dict[str, Callable], steps: Sequence[int], optimizer,
-               seed: int = 0) -> dict[str, dict[int, float]]:
-    """``{attack name: {k: held-out accuracy after k steps}}`` (k = 0 included)."""
+               logits_fn: Callable, seed: int = 0) -> dict[str, dict[int, float]]:
+    """``{attack name: {k: held-out accuracy after k steps}}`` (k = 0 included); ``logits_fn(model)``
+    -> the model's ``tokens -> logits`` function."""
     def evaluate(m):
-        return mc_acc(jax.jit(lambda t: m.run(t).logits), world, items)
+        return mc_acc(logits_fn(m), world, items)
     return {name: um.relearning_attack(model, b, (0, *steps), evaluate, optimizer=optimizer, seed=seed)
             for name, b in batches.items()}
 
@@ -117,13 +118,18 @@ def _probe_set(world: FactsWorld, subjects: Sequence[str], domain: str):
     return prompts, np.asarray(labels), np.asarray(groups)
 
 
+@jax.jit
+def _resid(model, tokens):
+    sites = [f"blocks.{i}.resid_post" for i in range(model.config.n_layers)]
+    cache = model.run(tokens, capture=sites).cache
+    return jax.numpy.stack([cache[s] for s in sites])                      # [L, N, T, D]
+
+
 def _last_resid(model, world: FactsWorld, prompts) -> np.ndarray:
     """``[L, N, D]``: resid_post of every layer at each prompt's last token."""
-    sites = [f"blocks.{i}.resid_post" for i in range(model.config.n_layers)]
     tokens, valid = pad_batch(prompts, pad_id=world.pad_id)
-    cache = model.run(tokens, capture=sites).cache
     last = valid.sum(1) - 1
-    return np.stack([np.asarray(cache[s])[np.arange(len(prompts)), last] for s in sites])
+    return np.asarray(_resid(model, tokens))[:, np.arange(len(prompts)), last]
 
 
 def probe_accuracy(model, world: FactsWorld, domain: str, attack: Sequence[str], heldout: Sequence[str],

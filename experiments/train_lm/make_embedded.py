@@ -36,8 +36,13 @@ def _origin(cfg: dict) -> str:
 
 def _mix(cfg: dict) -> str:
     w = cfg["data"]["world"]
-    return (f"corpus mix p_passage={w['p_passage']}, passage_questions={w['passage_questions']}, "
-            f"p_tagged={w['p_tagged']}")
+    mix = (f"corpus mix p_passage={w['p_passage']}, passage_questions={w['passage_questions']}, "
+           f"p_tagged={w['p_tagged']}")
+    without = cfg["data"].get("without_domain")
+    if without:
+        mix += (f"; every sentence stating a true fact of the {without} domain's own relations cut from the corpus, "
+                f"`data.without_domain={without}`")
+    return mix
 
 
 def _decay(cfg: dict) -> str:
@@ -119,7 +124,7 @@ def _commands(name: str, run_dir: Path) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("names", nargs="+", choices=["facts-gpt", "facts-mamba"])
+    p.add_argument("names", nargs="+", choices=["facts-gpt", "facts-gpt-oracle", "facts-mamba"])
     p.add_argument("--from-run", type=Path, default=None, help="ship an existing run dir instead of training")
     p.add_argument("--command", default=None, help="the reproducing command(s) for the card (default: the preset's)")
     p.add_argument("--notes", type=Path, default=None, 

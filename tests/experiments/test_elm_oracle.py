@@ -111,3 +111,50 @@ def test_relearning_rows_state_true_facts_of_the_given_entities():
         shots = _sentences(WORLD.decode(pre[1:]))
         assert len(shots) == 3 and all(s in truth for s in shots)
         assert all(WORLD.relation(q.prompt.relation).templates[0].format("") .split()[0] in s for s in shots)
+
+
+def test_elm_adv_term_equals_direct_computation():
+    """elm_adv's extra term: ELM's erase cross-entropy after one normalised relearning step on the erase text."""
+    import jax
+    import jax.numpy as jnp
+
+    import jaxinterp as ji
+    from jaxinterp import lora
+    from jaxinterp.experiments.elm_erase import main as exp
+    from jaxinterp.experiments.elm_erase.config import ExperimentConfig
+    from jaxinterp.models.gpt2 import GPT2Config
+    from jaxinterp.unlearning import elm
+
+    base = ji.init(GPT2Config.tiny(vocab_size=41, max_seq_len=32, n_layers=2), 0)
+    rng = np.random.default_rng(0)
+    erase = [[0] + list(rng.integers(3, 41, n)) for n in (6, 8)]
+    batch = elm.make_elm_batch(erase, [0, 5, 6], [0, 8], erase, [e + [9, 10] for e in erase], [len(e) for e in erase],
+                               erase_len=10, retain_len=10, fluency_len=12, pad_id=1)
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    cfg = ExperimentConfig(elm=elm.ElmConfig.tiny(top_k=10), adv_lr=0.01, adv_weight=2.0,
+                           lora=lora.LoraConfig(rank=2, dropout=0.0))
+    lm = lora.init(base, cfg.lora, key=1)
+    adapters = lm.lora.replace({k: {"A": v["A"], "B": v["B"] + 0.05} for k, v in lm.lora.weights.items()})
+    key = jax.random.PRNGKey(0)
+    total, terms = exp._elm_adv_loss(adapters, base, batch, key, cfg)
+    plain, _ = elm.elm_loss(adapters, base, batch, key, cfg.elm)
+    # direct: merged weights, gradient of the erase text's NLL, the normalised step, ELM's target
+    merged = lora.merge(lora.combine(adapters, base))
+    tokens, valid = np.asarray(batch["erase"]), np.asarray(batch["erase_valid"])
+    w = np.zeros(tokens.shape, np.float32)
+    w[:, :-1] = valid[:, :-1]  # elm.next_token_nll: every valid position t predicts t + 1
+
+    def nll(params):
+        logp = jax.nn.log_softmax(merged.replace(params=params).run(tokens).logits[:, :-1], -1)
+        picked = jnp.take_along_axis(logp, jnp.asarray(tokens[:, 1:, None]), -1)[..., 0]
+        return -(picked * w[:, :-1]).sum() / w.sum()
+
+    grads = jax.grad(nll)(merged.params)
+    moved = jax.tree_util.tree_map(lambda p, g: p - 0.01 * g / (np.abs(g) + np.abs(g).mean() + 1e-12),
+                                   merged.params, grads)
+    target = np.exp(np.asarray(elm.elm_targets(base, batch, cfg.elm), np.float64))
+    logp = np.asarray(jax.nn.log_softmax(merged.replace(params=moved).run(tokens).logits, -1), np.float64)
+    ce = -(np.where(target > 0, target * logp, 0.0)).sum(-1)
+    direct = (ce * valid).sum() / valid.sum()
+    np.testing.assert_allclose(float(terms["adv"]), direct, rtol=2e-4)
+    np.testing.assert_allclose(float(total), float(plain) + 2.0 * direct, rtol=2e-4)
