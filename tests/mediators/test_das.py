@@ -11,7 +11,7 @@ import jaxinterp as ji
 from jaxinterp import mediators as M
 from jaxinterp.models.gpt2.config import GPT2Config
 
-V, T, N = 50, 6, 12
+V, T, N = 50, 6, 8
 SITE = "blocks.0.resid_post"
 
 
@@ -27,18 +27,19 @@ def setup():
     # counterfactual labels: the source run's own answers (what full patching at the last layer gives)
     labels = np.asarray(ji.run(model, source, logits_at=T - 1).logits.argmax(-1))
     data = M.interchange_data(model, SITE, (base, mask, b_at), (source, np.ones((N, T), bool), s_at), labels)
-    src_acts = np.asarray(ji.run(model, source, capture=SITE).cache[SITE])  # [N, T, D]
+    src_acts = np.asarray(M.capture(model, [SITE], source, np.ones((N, T), bool))[SITE])  # [N, T, D]
     return model, data, base, mask, b_at, s_at, src_acts, labels
 
 
 def _direct(model, base, mask, site, row_fn):
     """Logits at the last token, one pair at a time, with the site replaced by ``row_fn(i, x_i)`` (a Patch)."""
+    acts = jax.jit(lambda t, m: ji.run(model, t, capture=site, attention_mask=m, stop_at=1).cache[site])
+    patched = jax.jit(lambda t, m, v: ji.run(model, t, interventions={site: ji.Patch(v)}, attention_mask=m,
+                                             logits_at=T - 1).logits)
     out = []
     for i in range(len(base)):
-        x = np.asarray(ji.run(model, base[i:i + 1], capture=site, attention_mask=mask[i:i + 1]).cache[site])[0]
-        new = row_fn(i, x)  # [T, D]
-        out.append(np.asarray(ji.run(model, base[i:i + 1], interventions={site: ji.Patch(jnp.asarray(new[None]))},
-                                     attention_mask=mask[i:i + 1], logits_at=T - 1).logits[0]))
+        x = np.asarray(acts(base[i:i + 1], mask[i:i + 1]))[0]  # [T, D]
+        out.append(np.asarray(patched(base[i:i + 1], mask[i:i + 1], jnp.asarray(row_fn(i, x)[None])))[0])
     return np.stack(out)  # [N, V]
 
 
