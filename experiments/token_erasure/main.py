@@ -167,6 +167,19 @@ def precision_recall(found: list[tuple[int, ...]], truth: set) -> dict:
             "recall": hits / max(len(truth), 1)}
 
 
+def entry_kinds(found: list[tuple[int, ...]], truth: set) -> dict:
+    """How many read-out entries are a ground-truth unit, a piece of one (or pieces of a unit plus
+    neighbours), or neither (multi-word phrases of the corpus, e.g. a relation template's words)."""
+    def inside(f, u):
+        return any(u[a:a + len(f)] == f for a in range(len(u) - len(f) + 1))
+
+    kinds = {"unit": 0, "unit_fragment": 0, "other": 0}
+    for f in found:
+        kind = "unit" if f in truth else "unit_fragment" if any(inside(f, u) for u in truth) else "other"
+        kinds[kind] += 1
+    return kinds
+
+
 def occurrence_scores(docs: Documents, segments: list[list[tuple[int, int, float]]]) -> dict:
     """Of the multi-token unit occurrences, the share read out as exactly one segment; of the multi-token
     segments, the share that are exactly a unit occurrence."""
@@ -195,7 +208,7 @@ def readout(cfg: ErasureConfig, docs: Documents, prob_docs: list[np.ndarray], pr
                                                                                              truth),
            "readout_top_truth_size": precision_recall(found[:len(truth)], truth),
            "frequency_baseline_top_truth_size": precision_recall([g for g, _ in at_truth], truth),
-           "occurrences": occurrence_scores(docs, segments)}
+           "occurrences": occurrence_scores(docs, segments), "entry_kinds": entry_kinds(found, truth)}
     return out, vocab, segments
 
 
@@ -214,23 +227,25 @@ def plot_erasure(layers, offsets, acc: dict, counts: dict, title: str, png: Path
         ax.set_xticks(layers)
     axes[0].set_ylabel("probe accuracy (token at t + i)")
     axes[0].set_ylim(-0.02, 1.02)
-    axes[-1].legend(fontsize=7)
+    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.suptitle(title, fontsize=9)
     save_figure(fig, png)
 
 
 def plot_readout(summary: dict, png: Path) -> None:
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 3.2))
-    rows = [("readout", "erasure readout"), ("frequency_baseline", "frequent n-grams")]
-    for k, (key, label) in enumerate(rows):
-        r = summary[key]
-        ax.bar([k * 3, k * 3 + 1], [r["precision"], r["recall"]], color=["C0", "C1"])
-        ax.text(k * 3 + 0.5, -0.12, f"{label}\n({r['entries']} entries)", ha="center", fontsize=8,
-                transform=ax.get_xaxis_transform())
-    ax.set_xticks([0, 1, 3, 4], ["precision", "recall"] * 2, fontsize=7)
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    keys = [("readout", "erasure\nreadout"), ("frequency_baseline", "frequent\nn-grams"),
+            ("readout_top_truth_size", "readout,\ntop |truth|"),
+            ("frequency_baseline_top_truth_size", "n-grams,\ntop |truth|")]
+    x = np.arange(len(keys))
+    for j, metric in enumerate(("precision", "recall")):
+        ax.bar(x + (j - 0.5) * 0.38, [summary[k][metric] for k, _ in keys], 0.38, label=metric)
+    ax.set_xticks(x, [f"{label}\n({summary[k]['entries']})" for k, label in keys], fontsize=7)
     ax.set_ylim(0, 1.05)
-    ax.set_title(f"vocabulary vs {summary['ground_truth_units']} ground-truth multi-token units", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.set_title(f"read-out vocabulary vs {summary['ground_truth_units']} ground-truth multi-token units "
+                 f"(entries in brackets)", fontsize=8)
     save_figure(fig, png)
 
 
@@ -297,6 +312,7 @@ def report(r: dict) -> None:
         x = r[key]
         print(f"{key}: {x['entries']} entries, precision {x['precision']:.3f}, recall {x['recall']:.3f} "
               f"(ground truth {r['ground_truth_units']} units)")
+    print(f"read-out entries: {r['entry_kinds']}")
     o = r["occurrences"]
     print(f"unit occurrences read out as one segment: {o['unit_recall']:.3f} of {o['unit_occurrences']}; "
           f"multi-token segments that are a unit: {o['segment_precision']:.3f} of {o['multi_token_segments']}")

@@ -183,7 +183,7 @@ def train_probes(acts: np.ndarray, labels: np.ndarray, vocab: int, cfg: ProbeCon
     m = len(acts)
     batches = lambda s: np.random.default_rng([cfg.seed, s]).integers(0, m, min(cfg.batch_size, m))
     config = {**dataclasses.asdict(cfg), "positions": m, "vocab": vocab, **(run_config or {})}
-    state, rows = fit(step, state, batches, LoopConfig(steps=cfg.steps, save_every=max(cfg.steps // 4, 1),
+    state, rows = fit(step, state, batches, LoopConfig(steps=cfg.steps, save_every=max(cfg.steps // 2, 1),
                                                         log_every=max(cfg.steps // 20, 1), desc="probes",
                                                         quiet=quiet),
                       directory=directory, frozen={"acts": jnp.asarray(acts), "labels": jnp.asarray(labels)},

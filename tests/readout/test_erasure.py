@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 import jaxinterp as ji
-from jaxinterp.models.gpt2.config import GPT2Config
 from jaxinterp.readout import erasure as er
 
 NAN = np.nan
@@ -89,7 +88,7 @@ def test_read_out_and_frequency_baseline():
 
 @pytest.fixture(scope="module")
 def tiny():
-    model = ji.init(GPT2Config.tiny(n_layers=2, vocab_size=23), key=0)
+    model = ji.load("facts-gpt")  # 4 layers: loading is cheaper than initialising a random one
     tokens = np.random.default_rng(1).integers(0, 23, (3, 7)).astype(np.int32)
     return model, tokens, np.array([7, 5, 6])
 
@@ -102,8 +101,8 @@ def test_bad_input_is_one_line(tiny):
     with pytest.raises(ValueError, match=r"max_len 7 does not fit the document of 6 tokens: valid 1..6"):
         er.span_scores(delta, 7)
     model = tiny[0]
-    with pytest.raises(ValueError, match=r"layer 3 is outside the model: hidden layers are 0..2"):
-        er.hidden_sites(model, [0, 3])
+    with pytest.raises(ValueError, match=r"layer 5 is outside the model: hidden layers are 0..4"):
+        er.hidden_sites(model, [0, 5])
     cfg = er.ProbeConfig(layers=(0, 2))
     with pytest.raises(ValueError, match=r"layer 1 was not probed; probed layers: \[0, 2\]"):
         er.erasure_deltas(np.zeros((4, 2, 5)), cfg, early=1, late=2)
@@ -116,7 +115,7 @@ def test_bad_input_is_one_line(tiny):
 def test_hidden_states_and_labels_against_direct_reads(tiny):
     model, tokens, lengths = tiny
     acts = er.hidden_states(model, tokens, [0, 2], batch=2)  # [N, T, 2, D]
-    cache = model.run(tokens, capture=["blocks.0.resid_pre", "blocks.1.resid_post"]).cache
+    cache = model.run(tokens, capture=["blocks.0.resid_pre", "blocks.1.resid_post"]).cache  # all 4 layers run
     np.testing.assert_allclose(acts[:, :, 0], cache["blocks.0.resid_pre"], atol=1e-6)
     np.testing.assert_allclose(acts[:, :, 1], cache["blocks.1.resid_post"], atol=1e-6)
     labels = er.offset_labels(tokens, lengths, er.OFFSETS)
@@ -172,12 +171,12 @@ def test_probes_train_with_fit_and_resume_bit_identically(tmp_path):
 # ----------------------------------------------------------------------------- the experiment
 
 
-def test_ground_truth_units_are_the_world_entity_names():
+def test_ground_truth_units_are_the_world_entity_names(tiny):
     from jaxinterp.experiments.data.facts_world import FactsWorld
     from jaxinterp.experiments.token_erasure.main import tokenize
     from jaxinterp.loading import embedded_dir
 
-    model = ji.load("facts-gpt")
+    model = tiny[0]
     world = FactsWorld.from_dir(embedded_dir("facts-gpt"))
     texts = world.documents(6, seed=3)
     names = [e.name for e in world.entities]
@@ -201,7 +200,7 @@ def test_token_erasure_run_end_to_end(tmp_path):
     from jaxinterp.experiments.token_erasure.main import main
 
     out = tmp_path / "run"
-    assert main(["--preset", "smoke", "--set", "train_docs=12", "eval_docs=8", "seq_len=32",
+    assert main(["--preset", "smoke", "--set", "train_docs=8", "eval_docs=6", "seq_len=24", "steps=10",
                  "layers=0,1,4", "--out", str(out)]) == 0
     r = json.loads((out / "results.json").read_text())
     assert r["layers"] == [0, 1, 4] and r["early"] == 1 and r["late"] == 4
@@ -211,3 +210,30 @@ def test_token_erasure_run_end_to_end(tmp_path):
     assert r["probe_loss_last"] < r["probe_loss_first"]
     assert (out / "erasure.png").stat().st_size > 0 and (out / "readout.png").stat().st_size > 0
     assert main(["--set", "layers=0,7", "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_ground_truth_units_with_a_subword_tokenizer():
+    """With a tokenizer that splits words (a small BPE trained here), every multi-token unit decodes to one
+    word of the document or one entity name, and names are found whole."""
+    from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
+
+    from jaxinterp.experiments.data.facts_world import FactsWorld
+    from jaxinterp.experiments.token_erasure.main import tokenize
+    from jaxinterp.loading import embedded_dir
+    from jaxinterp.tokenizer import Tokenizer
+
+    world = FactsWorld.from_dir(embedded_dir("facts-gpt"))
+    texts = world.documents(20, seed=3)
+    backend = Backend(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer, backend.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    backend.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=120, special_tokens=["<s>", "<unk>"]))
+    tok = Tokenizer(backend, bos="<s>", add_bos=True)
+    names = {e.name for e in world.entities}
+    docs = tokenize(tok, texts[:4], sorted(names), 400)
+    units = docs.units()
+    assert any(not is_name for *_, is_name in units)  # words split into several tokens
+    for d, a, b, is_name in units:
+        text = tok.decode(docs.tokens[d, a:b]).strip()
+        assert (text in names) if is_name else (text in texts[d].split() and text not in names)
+    n_names = sum(is_name for *_, is_name in units)
+    assert n_names == sum(texts[d].count(nm) for d in range(4) for nm in names)
