@@ -39,6 +39,7 @@ segments of all documents, counted and averaged by score, are the read-out vocab
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections import Counter
 from pathlib import Path
 from typing import Mapping, NamedTuple, Sequence
@@ -117,17 +118,20 @@ def hidden_sites(model: Model, layers: Sequence[int]) -> tuple[str, ...]:
     return tuple("blocks.0.resid_pre" if l == 0 else f"blocks.{l - 1}.resid_post" for l in layers)
 
 
+@functools.lru_cache(maxsize=16)
+def _states_program(sites: tuple[str, ...], stop: int):
+    @jax.jit
+    def states(model, tokens):
+        cache = run(model, tokens, capture=list(sites), stop_at=stop).cache
+        return jnp.stack([cache[s].astype(jnp.float32) for s in sites], axis=2)  # [B, T, L', D]
+
+    return states
+
+
 def hidden_states(model: Model, tokens: np.ndarray, layers: Sequence[int], *, batch: int = 32) -> np.ndarray:
     """``[N, T, L', D]`` float32 hidden states of ``tokens [N, T]`` at ``layers`` (rows run in chunks;
     the forward pass stops after the last block needed)."""
-    sites = hidden_sites(model, layers)
-    stop = max(max(layers), 1)
-
-    @jax.jit
-    def states(m, t):
-        cache = run(m, t, capture=list(sites), stop_at=stop).cache
-        return jnp.stack([cache[s].astype(jnp.float32) for s in sites], axis=2)  # [B, T, L', D]
-
+    states = _states_program(hidden_sites(model, layers), max(max(layers), 1))
     tokens = np.asarray(tokens, np.int32)
     return np.concatenate([np.asarray(states(model, tokens[i:i + batch])) for i in range(0, len(tokens), batch)])
 

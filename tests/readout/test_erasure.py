@@ -89,8 +89,8 @@ def test_read_out_and_frequency_baseline():
 @pytest.fixture(scope="module")
 def tiny():
     model = ji.load("facts-gpt")  # 4 layers: loading is cheaper than initialising a random one
-    tokens = np.random.default_rng(1).integers(0, 23, (3, 7)).astype(np.int32)
-    return model, tokens, np.array([7, 5, 6])
+    tokens = np.random.default_rng(1).integers(0, 23, (4, 7)).astype(np.int32)
+    return model, tokens, np.array([7, 5, 6, 2])
 
 
 def test_bad_input_is_one_line(tiny):
@@ -114,12 +114,12 @@ def test_bad_input_is_one_line(tiny):
 
 def test_hidden_states_and_labels_against_direct_reads(tiny):
     model, tokens, lengths = tiny
-    acts = er.hidden_states(model, tokens, [0, 2], batch=2)  # [N, T, 2, D]
+    acts = er.hidden_states(model, tokens, [0, 2], batch=2)  # [N, T, 2, D], two chunks of one shape
     cache = model.run(tokens, capture=["blocks.0.resid_pre", "blocks.1.resid_post"]).cache  # all 4 layers run
     np.testing.assert_allclose(acts[:, :, 0], cache["blocks.0.resid_pre"], atol=1e-6)
     np.testing.assert_allclose(acts[:, :, 1], cache["blocks.1.resid_post"], atol=1e-6)
     labels = er.offset_labels(tokens, lengths, er.OFFSETS)
-    for n in range(3):
+    for n in range(4):
         for t in range(7):
             for j, i in enumerate(er.OFFSETS):
                 inside = t < lengths[n] and 0 <= t + i < lengths[n]
