@@ -191,7 +191,9 @@ def occurrence_scores(docs: Documents, segments: list[list[tuple[int, int, float
 
 
 def readout(cfg: ErasureConfig, docs: Documents, prob_docs: list[np.ndarray], probe_cfg, early: int, late: int,
-            bos: int | None) -> tuple[dict, list]:
+            bos: int | None) -> tuple[dict, list, list]:
+    """Segment every held-out document, read out its vocabulary and score it and the frequency baseline:
+    ``(summary, vocabulary entries, segments per document)``."""
     deltas = [er.erasure_deltas(p, probe_cfg, early=early, late=late) for p in prob_docs]
     rows = docs.rows()
     segments = [er.segment(d, cfg.max_span) for d in deltas]
