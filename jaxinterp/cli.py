@@ -26,6 +26,8 @@ COMMANDS = {  # name -> (module, one-line help); module None: `models`
     "steer": ("jaxinterp.experiments.steering.main", "steering vectors on facts-gpt: attribute change vs recall "
               "drop over scales"),
     "lens": ("jaxinterp.experiments.lens.main", "logit lens vs tuned lens (KL-to-final per layer) on facts-gpt"),
+    "token-erasure": ("jaxinterp.experiments.token_erasure.main", "token-erasure probes and the implicit-vocabulary "
+                      "readout on facts-gpt vs frequent n-grams"),
     "das": ("jaxinterp.experiments.das.main", "learned subspace mediators (DAS) vs neurons, SAE latents, full "
             "patching: IIA per layer"),
     "elm-erase": ("jaxinterp.experiments.elm_erase.main", "erase a domain's facts with ELM, gradient ascent and RMU"),
