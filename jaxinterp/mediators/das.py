@@ -188,6 +188,7 @@ def predict(model, site: str, mediator, data: InterchangeData, *, batch_size: in
     key, layer = _where(check_site(model, site))
     layer = None if layer is None else jnp.int32(layer)
     preds, logps = [], []
+    batch_size = min(batch_size, data.n)
     for lo in range(0, data.n, batch_size):
         idx = np.arange(lo, lo + batch_size) % data.n  # the last chunk wraps: one compiled shape
         p, lp = _outcome(model, key, layer, mediator, data.take(idx), many)

@@ -25,40 +25,48 @@ def setup():
     mask[:3, :2] = False  # left padding on a few rows
     b_at, s_at = rng.integers(2, T, N), rng.integers(2, T, N)
     # counterfactual labels: the source run's own answers (what full patching at the last layer gives)
-    labels = np.asarray(ji.run(model, source, logits_at=T - 1).logits.argmax(-1))
+    labels = np.asarray(jax.jit(lambda t: ji.run(model, t, logits_at=T - 1).logits.argmax(-1))(source))
     data = M.interchange_data(model, SITE, (base, mask, b_at), (source, np.ones((N, T), bool), s_at), labels)
     src_acts = np.asarray(M.capture(model, [SITE], source, np.ones((N, T), bool))[SITE])  # [N, T, D]
     return model, data, base, mask, b_at, s_at, src_acts, labels
 
 
-def _direct(model, base, mask, site, row_fn):
-    """Logits at the last token, one pair at a time, with the site replaced by ``row_fn(i, x_i)`` (a Patch)."""
-    acts = jax.jit(lambda t, m: ji.run(model, t, capture=site, attention_mask=m, stop_at=1).cache[site])
-    patched = jax.jit(lambda t, m, v: ji.run(model, t, interventions={site: ji.Patch(v)}, attention_mask=m,
+@pytest.fixture(scope="module")
+def direct(setup):
+    """``direct(row_fn)``: logits at the last token, one pair at a time, with the site replaced by
+    ``row_fn(i, x_i)`` through a plain ``Patch`` (two jitted programs shared by the tests)."""
+    model, _, base, mask, *_ = setup
+    acts = jax.jit(lambda t, m: ji.run(model, t, capture=SITE, attention_mask=m, stop_at=1).cache[SITE])
+    patched = jax.jit(lambda t, m, v: ji.run(model, t, interventions={SITE: ji.Patch(v)}, attention_mask=m,
                                              logits_at=T - 1).logits)
-    out = []
-    for i in range(len(base)):
-        x = np.asarray(acts(base[i:i + 1], mask[i:i + 1]))[0]  # [T, D]
-        out.append(np.asarray(patched(base[i:i + 1], mask[i:i + 1], jnp.asarray(row_fn(i, x)[None])))[0])
-    return np.stack(out)  # [N, V]
+
+    def loop(row_fn):
+        out = []
+        for i in range(len(base)):
+            x = np.asarray(acts(base[i:i + 1], mask[i:i + 1]))[0]  # [T, D]
+            out.append(np.asarray(patched(base[i:i + 1], mask[i:i + 1], jnp.asarray(row_fn(i, x)[None])))[0])
+        return np.stack(out)  # [N, V]
+
+    return loop
 
 
-def test_full_space_is_full_patching(setup):
-    model, data, base, mask, b_at, s_at, src, _ = setup
+def test_full_space_is_full_patching(setup, direct):
+    model, data, base, mask, b_at, s_at, src, labels = setup
     d = src.shape[-1]
     full = M.Subspace(M.orthonormal_rows(jax.random.normal(jax.random.key(0), (d, d))))  # a rotated full basis
-    pos = np.arange(T)[None] == b_at[:, None]  # [N, T]
-    values = src[np.arange(N), s_at][:, None, :]  # [N, 1, D]
-    patched = ji.run(model, base, interventions={SITE: ji.Patch(jnp.asarray(values), jnp.asarray(pos))},
-                     attention_mask=mask, logits_at=T - 1).logits
-    via = ji.run(model, base, interventions={SITE: full.intervene(data.source, data.mask)},
-                 attention_mask=mask, logits_at=T - 1).logits
-    assert float(jnp.max(jnp.abs(via - patched))) < 1e-4
-    pred, _ = M.predict(model, SITE, full, data)
-    assert (pred == np.asarray(patched.argmax(-1))).all()
+
+    def patch(i, x):  # the source's vector replaces the base's at the base position
+        x = x.copy()
+        x[b_at[i]] = src[i, s_at[i]]
+        return x
+
+    ref = jax.nn.log_softmax(jnp.asarray(direct(patch)))
+    pred, logp = M.predict(model, SITE, full, data)
+    assert np.abs(logp - np.asarray(ref)[np.arange(N), labels]).max() < 1e-4
+    assert (pred == np.asarray(ref).argmax(-1)).all()
 
 
-def test_iia_and_interchange_match_a_plain_loop(setup):
+def test_iia_and_interchange_match_a_plain_loop(setup, direct):
     model, data, base, mask, b_at, s_at, src, labels = setup
     d = src.shape[-1]
     sub = M.Subspace.random(jax.random.key(1), d, 3)
@@ -70,8 +78,8 @@ def test_iia_and_interchange_match_a_plain_loop(setup):
         x[b_at[i]] += (s - x[b_at[i]]) @ r.T @ r
         return x.astype(np.float32)
 
-    ref = _direct(model, base, mask, SITE, interchange)
-    pred, logp = M.predict(model, SITE, sub, data, batch_size=5)  # 3 chunks, the last one wraps
+    ref = direct(interchange)
+    pred, logp = M.predict(model, SITE, sub, data, batch_size=5)  # 2 chunks, the last one wraps
     ref_logp = jax.nn.log_softmax(jnp.asarray(ref))[np.arange(N), labels]
     assert np.abs(logp - np.asarray(ref_logp)).max() < 1e-4
     assert (pred == ref.argmax(-1)).all()
@@ -83,7 +91,7 @@ def test_iia_and_interchange_match_a_plain_loop(setup):
     assert many[1] == M.iia(model, SITE, M.Subspace.neurons(5, d), data)
 
 
-def test_sae_feature_interchange_matches_direct(setup):
+def test_sae_feature_interchange_matches_direct(setup, direct):
     model, data, base, mask, b_at, s_at, src, _ = setup
     d = src.shape[-1]
     sae = ji.sae.init_sae("relu", jax.random.key(2), d, 16)
@@ -97,7 +105,7 @@ def test_sae_feature_interchange_matches_direct(setup):
         x[b_at[i]] += (enc(src[i, s_at[i]]) - enc(x[b_at[i]])) * direction
         return x
 
-    ref = _direct(model, base, mask, SITE, swap)
+    ref = direct(swap)
     _, logp = M.predict(model, SITE, M.SAEFeature(sae, jnp.int32(j)), data)
     assert np.abs(logp - np.asarray(jax.nn.log_softmax(jnp.asarray(ref)))[np.arange(N), data.label]).max() < 1e-4
 
