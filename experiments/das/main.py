@@ -200,9 +200,9 @@ def run(cfg: DASExperimentConfig, out: Path) -> dict:
     pairs = {"train": sample_pairs(prompts, train_idx[ok[train_idx]], cfg.n_train_pairs, rng),
              "test": sample_pairs(prompts, test_idx[ok[test_idx]], cfg.n_test_pairs, rng)}
     acts = {s: np.asarray(a) for s, a in M.capture(model, sites, tokens, mask).items()}
-    width = acts[sites[0]].shape[-1]
-    if cfg.k > width:
-        raise UsageError(f"k={cfg.k} exceeds the width {width} of {cfg.site}; choose 1 <= k <= {width}")
+    d_site = acts[sites[0]].shape[-1]
+    if cfg.k > d_site:
+        raise UsageError(f"k={cfg.k} exceeds the width {d_site} of {cfg.site}; choose 1 <= k <= {d_site}")
     sae_acts = sae_inputs(world, model, sites)
     print(f"{cfg.model}: recall of {cfg.relation} {ok.mean():.3f} ({len(prompts)} prompts); "
           f"{len(pairs['train'])} train / {len(pairs['test'])} test pairs", flush=True)
