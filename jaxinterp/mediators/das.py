@@ -1,6 +1,7 @@
 """Distributed alignment search (DAS) and interchange-intervention accuracy (IIA).
 
     data = interchange_data(model, "blocks.2.resid_post", base, source, labels)   # source vectors captured once
+    train, test = data.take(np.arange(384)), data.take(np.arange(384, data.n))
     subspace, history = train_das(model, "blocks.2.resid_post", train, DASConfig(k=8))
     iia(model, "blocks.2.resid_post", subspace, test)             # share of pairs answering the label
 
