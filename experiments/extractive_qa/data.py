@@ -19,7 +19,7 @@ import numpy as np
 from jaxinterp.experiments.common import UsageError
 from jaxinterp.experiments.data.facts_world import PASSAGE_WORD, QUESTION_WORD
 
-__all__ = ["QAItem", "Batch", "counterfactual_items", "silent_items", "load_squad", "batch", "split_sentences"]
+__all__ = ["QAItem", "Batch", "counterfactual_items", "silent_items", "read_squad", "load_squad", "batch", "split_sentences"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,22 +208,30 @@ def _encode_item(encode: Callable[[str], list], bos_id: int, context: str, quest
                   corrupt_context=None if bad is None else tuple(bad), record=rec)
 
 
-def load_squad(path: str, encode: Callable[[str], list], bos_id: int, limit: Optional[int] = None) -> list[QAItem]:
-    """QA items of a SQuAD-format JSON file (first answer of each question). A wrong schema or an
-    answer span missing from its passage is a one-line ``UsageError`` naming the record. The context
-    corruption replaces the answer's token in its sentence with the next record's (other) answer token."""
+def read_squad(path: str) -> list[tuple]:
+    """The checked records ``(where, id, context, question, answer_text, answer_start)`` of a SQuAD-format
+    JSON file (first answer of each question). A wrong schema or an answer span missing from its passage
+    is a one-line ``UsageError`` naming the record."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise UsageError(f"cannot read --data {path}: {e}") from None
-    items = [_encode_item(encode, bos_id, ctx, q, a, s, rec) for rec, _, ctx, q, a, s in _records(data, str(path))]
-    _need(bool(items), str(path), "no questions in the file")
-    items = items[:limit] if limit else items
+    records = list(_records(data, str(path)))
+    _need(bool(records), str(path), "no questions in the file")
+    return records
+
+
+def load_squad(path: str, encode: Callable[[str], list], bos_id: int, limit: Optional[int] = None,
+               records: Optional[list] = None) -> list[QAItem]:
+    """QA items of a SQuAD-format JSON file (``read_squad``'s records, or ``records`` already read). The
+    context corruption replaces the answer's token in its sentence with the next record's (other) answer token."""
+    records = read_squad(path) if records is None else records
+    items = [_encode_item(encode, bos_id, ctx, q, a, s, rec) for rec, _, ctx, q, a, s in records[:limit]]
     out = []
     for n, item in enumerate(items):
         other = [o.answer_id for o in items[n + 1:] + items[:n] if o.answer_id != item.answer_id]
         bad = item.corrupt_context
         if bad is not None:
-            bad = tuple(other[0] if (t == -1 and other) else t for t in bad) if other else None
+            bad = tuple(other[0] if t == -1 else t for t in bad) if other else None
         out.append(dataclasses.replace(item, corrupt_context=bad))
     return out

@@ -26,7 +26,8 @@ from jaxinterp.circuits import qa
 from jaxinterp.experiments.common import UsageError, experiment_main, pyplot, save_figure
 from jaxinterp.experiments.data.facts_world import load_world_model
 from jaxinterp.experiments.extractive_qa.config import ExtractiveQAConfig
-from jaxinterp.experiments.extractive_qa.data import Batch, batch, counterfactual_items, load_squad, silent_items
+from jaxinterp.experiments.extractive_qa.data import (Batch, batch, counterfactual_items, load_squad, read_squad,
+                                                    silent_items)
 
 METHODS = ("attnattrib", "all_heads", "random_heads", "input_x_gradient", "leave_one_out")
 
@@ -43,12 +44,14 @@ def _load(cfg: ExtractiveQAConfig):
                 for split, n, seed in (("circuit", cfg.n_circuit, 1 + 10 * cfg.seed),
                                        ("eval", cfg.n_eval, 2 + 10 * cfg.seed))}
         return model, sets
+    records = read_squad(cfg.data)  # checked before the model loads
     model = ji.load(cfg.model)
     tok = model.tokenizer
     if tok is None:
         raise UsageError(f"--data needs a model with a tokenizer; {cfg.model!r} has none")
     pad = tok.pad_id if tok.pad_id is not None else 0
-    items = load_squad(cfg.data, lambda s: tok.encode(s, add_bos=False), tok.bos_id, cfg.n_circuit + cfg.n_eval)
+    items = load_squad(cfg.data, lambda s: tok.encode(s, add_bos=False), tok.bos_id, cfg.n_circuit + cfg.n_eval,
+                       records)
     if len(items) < 2:
         raise UsageError(f"--data {cfg.data}: need at least 2 questions, got {len(items)}")
     cut = max(1, min(cfg.n_circuit, len(items) // 2))
