@@ -231,9 +231,12 @@ def plot(results: dict, out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     rows = results["steering"]
-    for key in ("context_faithful", "memory_answers", "memory_recall"):
+    labels = {"context_faithful": "context-faithful answers (counterfactual passages)",
+              "memory_answers": "memory answers (counterfactual passages)",
+              "memory_recall": "memory recall (silent passages)"}
+    for key, label in labels.items():
         if key in rows[0]:
-            ax.plot([r["strength"] for r in rows], [r[key] for r in rows], "o-", label=key.replace("_", " "))
+            ax.plot([r["strength"] for r in rows], [r[key] for r in rows], "o-", label=label)
     ax.set_xlabel("steering strength (added to the selected heads' scores)")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
