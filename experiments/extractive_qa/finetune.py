@@ -3,7 +3,7 @@ fact (counterfactual passages), from memory when it is silent (facts-gpt copies 
 there: memory-answer rate 0.17), keep plain fact recall.
 
     python -m jaxinterp.experiments.extractive_qa.finetune --out results/extractive_qa_finetune
-    cp results/extractive_qa_finetune/model/* models/embedded/facts-gpt-qa/   # then restore README.md
+    cp results/extractive_qa_finetune/model/* models/embedded/facts-gpt-qa/   # the card README.md stays
 
 Trains adapters with ``jaxinterp.train.fit`` (resumable), merges them and writes the merged model
 (``ji.save_pretrained``, tokenizer and ``world.json`` of the base) to ``<out>/model``. The training
