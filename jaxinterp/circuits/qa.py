@@ -33,7 +33,7 @@ from jaxinterp.interventions import Add, ByLayer, Patch
 from jaxinterp.model import Model, run
 
 __all__ = ["MediationResult", "component_names", "mediation_sweep", "aggregate_sentences", "head_attention",
-           "input_x_gradient", "leave_one_out", "steered_logits", "answer_logits", "top_components"]
+           "input_x_gradient", "leave_one_out", "steered_logits", "answer_logits"]
 
 
 def component_names(n_layers: int, n_heads: int) -> list[str]:
@@ -117,12 +117,6 @@ def mediation_sweep(model: Model, clean, corrupt, answer, *, attention_mask=None
                                                  jnp.asarray(heads), jnp.asarray(mlps), chunk=chunk)
     return MediationResult(component_names(n_layers, n_heads), np.asarray(effects), np.asarray(total),
                            np.asarray(clean_logit))
-
-
-def top_components(scores: np.ndarray, names: list, k: int, heads_only: bool = False) -> list[str]:
-    """The ``k`` highest-scoring component names (heads only if ``heads_only``)."""
-    order = [i for i in np.argsort(-np.asarray(scores), kind="stable") if not (heads_only and "MLP" in names[i])]
-    return [names[i] for i in order[:k]]
 
 
 # ----------------------------------------------------------------------------- ATTNATTRIB
