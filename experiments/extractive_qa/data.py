@@ -19,7 +19,8 @@ import numpy as np
 from jaxinterp.experiments.common import UsageError
 from jaxinterp.experiments.data.facts_world import PASSAGE_WORD, QUESTION_WORD
 
-__all__ = ["QAItem", "Batch", "counterfactual_items", "silent_items", "read_squad", "load_squad", "batch", "split_sentences"]
+__all__ = ["QAItem", "Batch", "counterfactual_items", "silent_items", "read_squad", "load_squad", "batch",
+           "split_sentences"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,10 +185,10 @@ def _records(data, path: str):
                 yield rec, str(qid), para["context"], qa["question"], text, start
 
 
-def _encode_item(encode: Callable[[str], list], bos_id: int, context: str, question: str, answer: str,
+def _encode_item(encode: Callable[[str], list], bos_id: Optional[int], context: str, question: str, answer: str,
                  start: int, rec: str) -> QAItem:
     spans = split_sentences(context)
-    ids, token_spans, gold = [bos_id] + encode(PASSAGE_WORD), [], -1
+    ids, token_spans, gold = ([] if bos_id is None else [bos_id]) + encode(PASSAGE_WORD), [], -1
     for j, (a, b) in enumerate(spans):
         piece = encode(" " + context[a:b])
         token_spans.append((len(ids), len(ids) + len(piece)))
@@ -221,7 +222,7 @@ def read_squad(path: str) -> list[tuple]:
     return records
 
 
-def load_squad(path: str, encode: Callable[[str], list], bos_id: int, limit: Optional[int] = None,
+def load_squad(path: str, encode: Callable[[str], list], bos_id: Optional[int], limit: Optional[int] = None,
                records: Optional[list] = None) -> list[QAItem]:
     """QA items of a SQuAD-format JSON file (``read_squad``'s records, or ``records`` already read). The
     context corruption replaces the answer's token in its sentence with the next record's (other) answer token."""
