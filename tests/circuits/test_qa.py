@@ -99,9 +99,10 @@ def test_mediation_sweep_matches_a_plain_loop(setup):
     corrupt = np.where(sent == 1, (tokens + 5) % V, tokens).astype(np.int32)
     res = qa.mediation_sweep(model, tokens, corrupt, answer, attention_mask=mask, chunk=3)
     assert res.names == qa.component_names(L, H) and res.effects.shape == (L * H + L, 3)
-    bad = ji.run(model, corrupt, capture=["blocks.1.attn.z", "blocks.1.mlp_out"], attention_mask=mask)
+    bad = ji.run(model, corrupt, capture=["blocks.1.attn.z", "blocks.1.mlp_out"], attention_mask=mask,
+                 logits_at=T - 1)
     clean = _last_logit(model, tokens, mask, answer)
-    np.testing.assert_allclose(res.total, clean - _last_logit(model, corrupt, mask, answer), atol=1e-4)
+    np.testing.assert_allclose(res.total, clean - np.asarray(bad.logits)[np.arange(3), answer], atol=1e-4)
     none = np.zeros((3, T), bool)
     for name in ("L1H0", "L1H1", "L1 MLP"):  # layer 1 only: one compiled reference keeps the test short
         z_cell = np.asarray(ji.heads_mask(T, H, [int(name[-1])], batch=3)) if "MLP" not in name else none[..., None] & False
@@ -119,13 +120,13 @@ def test_steering_strength_zero_is_the_unsteered_run(setup):
     heads = np.zeros((L, H), bool)
     heads[1, 1] = True
     keys = sent == 2
-    plain = np.asarray(ji.run(model, tokens, attention_mask=mask, logits_at=T - 1).logits)
+    out = ji.run(model, tokens, capture="blocks.1.attn.pattern", attention_mask=mask, logits_at=T - 1)
+    plain = np.asarray(out.logits)  # the unsteered run
     np.testing.assert_allclose(np.asarray(qa.steered_logits(model, tokens, mask, heads, keys, 0.0)), plain, atol=1e-5)
     steered = np.asarray(qa.steered_logits(model, tokens, mask, heads, keys, 3.0))
     assert np.abs(steered - plain).max() > 1e-3
     # reference for a positive strength: the selected head's pattern at the last query, reweighted by e^s on the
     # keys and renormalised, patched in
-    out = ji.run(model, tokens, capture="blocks.1.attn.pattern", attention_mask=mask)
     p = np.array(out.cache["blocks.1.attn.pattern"])  # [B, H, T, T]
     row = p[:, 1, -1] * np.where(keys, np.exp(3.0), 1.0)
     p[:, 1, -1] = row / row.sum(axis=1, keepdims=True)
