@@ -1,4 +1,5 @@
-"""``ji.remote.Client``: a served model used like a local one (``run`` takes ``model.run``'s arguments).
+"""``ji.remote.Client``: a served model used like a local one (``run``, ``generate`` and ``sweep`` take the
+arguments of ``model.run``, ``ji.generate`` and ``activation_patching`` and return the same types).
 
     model = ji.remote.connect("http://127.0.0.1:8000", key=os.environ["JI_KEY"])
     out = model.run("The capital of France is", capture="blocks.*.resid_post",
@@ -10,8 +11,12 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 from jaxinterp.model import RunOutput
-from jaxinterp.remote.wire import Limits, decode, encode
+from jaxinterp.remote.wire import ExportedFn, Limits, decode, encode, export_metric
 
 __all__ = ["Client", "RemoteError", "connect"]
 
@@ -65,11 +70,54 @@ class Client:
         """``model.run`` on the server; same arguments, same ``RunOutput`` (arrays on this host's device)."""
         request = {"tokens": tokens, "capture": capture, "interventions": interventions,
                    "attention_mask": attention_mask, "positions": positions, "logits_at": logits_at}
-        body = encode({k: v for k, v in request.items() if v is not None or k == "tokens"})
-        response = self._check(self._http.post("/run", content=body, headers={
-            **self._headers, "Content-Type": "application/octet-stream"}))
-        result = decode(response.content, self._limits)
+        result = self._post("/run", {k: v for k, v in request.items() if v is not None or k == "tokens"})
         return RunOutput(logits=result["logits"], cache=result["cache"])
+
+    def _post(self, path: str, request: dict):
+        body = encode(request)
+        response = self._check(self._http.post(path, content=body, headers={
+            **self._headers, "Content-Type": "application/octet-stream"}))
+        return decode(response.content, self._limits)
+
+    def generate(self, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_k: Optional[int] = None,
+                 top_p: Optional[float] = None, stop=None, seed=0, interventions=None, capture=None,
+                 attention_mask=None, stop_at_eos: bool = True):
+        """``ji.generate`` on the server; same arguments, same ``Generation``."""
+        from jaxinterp.generate import Generation
+        from jaxinterp.sites import Cache
+
+        request = {"prompts": prompts, "max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
+                   "top_p": top_p, "stop": stop, "seed": seed, "interventions": interventions, "capture": capture,
+                   "attention_mask": attention_mask, "stop_at_eos": stop_at_eos}
+        out = self._post("/generate", {k: v for k, v in request.items() if v is not None})
+        cache = None if out["cache"] is None else Cache(out["cache"], {}, list(out["cache"]))
+        return Generation(tokens=np.asarray(out["tokens"]), lengths=np.asarray(out["lengths"]),
+                          sequences=np.asarray(out["sequences"]), attention_mask=np.asarray(out["attention_mask"]),
+                          text=out["text"], cache=cache, steps=int(out["steps"]))
+
+    def sweep(self, clean_tokens, corrupt_tokens, sites, metric, *, per: str = "position",
+              corrupt_interventions=None, metric_args: tuple = (), chunk: int = 16, attention_mask=None):
+        """``jaxinterp.patching.activation_patching`` on the server; same arguments, same ``PatchingResult``.
+
+        ``metric`` (``logits [B, V] at the last position, *metric_args -> scalar``) is exported with
+        ``jax.export`` for these shapes before it travels (or pass an ``ExportedFn`` from ``export_metric``).
+        """
+        from jaxinterp.patching import PatchingResult
+
+        if not isinstance(metric, ExportedFn):
+            logits = jax.ShapeDtypeStruct((np.shape(clean_tokens)[0], int(self.config["vocab_size"])),
+                                          jnp.dtype(self.info()["logits_dtype"]))
+            metric = export_metric(metric, logits, *metric_args)
+        request = {"clean_tokens": clean_tokens, "corrupt_tokens": corrupt_tokens, "sites": sites, "metric": metric,
+                   "per": per, "corrupt_interventions": corrupt_interventions, "metric_args": tuple(metric_args),
+                   "chunk": chunk, "attention_mask": attention_mask}
+        out = self._post("/sweep", {k: v for k, v in request.items() if v is not None})
+        return PatchingResult({k: np.asarray(v) for k, v in out["effects"].items()}, float(out["clean"]),
+                              float(out["corrupt"]), out["per"])
+
+    def status(self) -> dict:
+        """The server's queue length, models and per-user usage."""
+        return self._check(self._http.get("/status", headers=self._headers)).json()
 
     def close(self) -> None:
         self._http.close()
@@ -82,5 +130,5 @@ class Client:
 
 
 def connect(url: str, key: Optional[str] = None, **kwargs) -> Client:
-    """``Client(url, key)``: a served model with ``run``, ``sites`` and ``config``."""
+    """``Client(url, key)``: a served model with ``run``, ``generate``, ``sweep``, ``sites`` and ``config``."""
     return Client(url, key, **kwargs)

@@ -147,17 +147,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_cli_serves_a_real_server_on_localhost(tmp_path, model):
-    """`jaxinterp serve` in a subprocess: a client over real HTTP gets the local result."""
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """`jaxinterp serve --model facts-gpt` in a subprocess on 127.0.0.1: ``(url, process)``."""
     import time
 
     import httpx
 
-    keys = tmp_path / "keys.json"
+    keys = tmp_path_factory.mktemp("serve") / "keys.json"
     keys.write_text(json.dumps(KEYS))
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "jaxinterp.cli", "serve", "--model", "facts-gpt", "--port", str(port),
-                             "--keys", str(keys)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--keys", str(keys), "--rate", "1000", "--burst", "1000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
@@ -170,18 +172,84 @@ def test_cli_serves_a_real_server_on_localhost(tmp_path, model):
                 pass
             assert time.monotonic() < deadline, "server did not come up"
             time.sleep(0.2)
-        with ji.remote.connect(url, key=KEYS["bob"]) as remote:
-            v = jnp.asarray(np.random.default_rng(2).normal(size=model.config.d_model), jnp.float32)
-            ivs = {"blocks.2.resid_post": ji.Add(v)}
-            got = remote.run(["bob works at"], capture="blocks.3.mlp_out", interventions=ivs, logits_at=-1)
-            want = model.run(["bob works at"], capture="blocks.3.mlp_out", interventions=ivs, logits_at=-1)
-            np.testing.assert_allclose(got.logits, want.logits, atol=1e-6, rtol=0)
-            np.testing.assert_allclose(got.cache["blocks.3.mlp_out"], want.cache["blocks.3.mlp_out"], atol=1e-6, rtol=0)
-            with pytest.raises(RemoteError) as err:
-                ji.remote.connect(url, key="not-a-key-000").info()
-            assert err.value.status == 401
+        yield url, proc
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_cli_serves_a_real_server_on_localhost(served, model):
+    """`jaxinterp serve` in a subprocess: a client over real HTTP gets the local result; keys never logged."""
+    url, proc = served
+    with ji.remote.connect(url, key=KEYS["bob"]) as remote:
+        v = jnp.asarray(np.random.default_rng(2).normal(size=model.config.d_model), jnp.float32)
+        ivs = {"blocks.2.resid_post": ji.Add(v)}
+        got = remote.run(["bob works at"], capture="blocks.3.mlp_out", interventions=ivs, logits_at=-1)
+        want = model.run(["bob works at"], capture="blocks.3.mlp_out", interventions=ivs, logits_at=-1)
+        np.testing.assert_allclose(got.logits, want.logits, atol=1e-6, rtol=0)
+        np.testing.assert_allclose(got.cache["blocks.3.mlp_out"], want.cache["blocks.3.mlp_out"], atol=1e-6, rtol=0)
+        with pytest.raises(RemoteError) as err:
+            ji.remote.connect(url, key="not-a-key-000").info()
+        assert err.value.status == 401
+
+
+def test_remote_generate_equals_local(served, model):
+    """Sampling (seeded) with a steering vector and a head ablation, captured sites: the same Generation."""
+    from jaxinterp.generate import Generation, prompt_batch
+
+    url, _ = served
+    d, h = model.config.d_model, model.config.n_heads
+    v = jnp.asarray(np.random.default_rng(3).normal(size=d), jnp.float32)
+    prompts = ["alice works at", "the capital of"]
+    width = prompt_batch(model, prompts)[0].shape[1] + 5
+    kwargs = dict(max_new_tokens=5, temperature=0.8, top_k=20, seed=7,
+                  capture=["blocks.1.resid_post", "blocks.2.attn.pattern"],
+                  interventions={"blocks.1.resid_post": ji.Steer(v, jnp.float32(3.0), where="generated"),
+                                 "blocks.0.attn.z": ji.ZeroAblate(ji.heads_mask(width, h, [1], batch=2))})
+    with ji.remote.connect(url, key=KEYS["alice"]) as remote:
+        got = remote.generate(prompts, **kwargs)
+    want = ji.generate(model, prompts, **kwargs)
+    assert isinstance(got, Generation)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_array_equal(got.sequences, want.sequences)
+    np.testing.assert_array_equal(got.attention_mask, want.attention_mask)
+    np.testing.assert_array_equal(got.lengths, want.lengths)
+    assert got.text == want.text and got.steps == want.steps and list(got.cache) == list(want.cache)
+    for site in want.cache:
+        np.testing.assert_allclose(got.cache[site], want.cache[site], atol=1e-6, rtol=0)
+
+
+def _logit_diff(logits, answers, wrong):
+    rows = jnp.arange(logits.shape[0])
+    return jnp.mean(logits[rows, answers] - logits[rows, wrong])
+
+
+def test_remote_sweep_equals_local(served, model):
+    from jaxinterp.patching import PatchingResult, activation_patching
+
+    url, _ = served
+    clean, mask = model.to_tokens(["alice works at", "bob lives in"])
+    corrupt = np.asarray(clean).copy()
+    corrupt[:, 1] = (corrupt[:, 1] + 5) % model.config.vocab_size
+    answers, wrong = jnp.asarray([5, 9], jnp.int32), jnp.asarray([11, 3], jnp.int32)
+    sites = ["blocks.1.resid_pre", "blocks.2.attn.z"]
+    kwargs = dict(per="position", metric_args=(answers, wrong), attention_mask=mask, chunk=2,
+                  corrupt_interventions={"embed": ji.Scale(1.01)})
+    with ji.remote.connect(url, key=KEYS["alice"]) as remote:
+        got = remote.sweep(clean, corrupt, sites, _logit_diff, **kwargs)
+    want = activation_patching(model, clean, corrupt, sites, _logit_diff, **kwargs)
+    assert isinstance(got, PatchingResult) and got.per == "position" and list(got.effects) == sites
+    for site in sites:
+        assert got.effects[site].shape == (clean.shape[1],)
+        np.testing.assert_allclose(got.effects[site], want.effects[site], atol=1e-6, rtol=0)
+    assert abs(got.clean - want.clean) <= 1e-6 and abs(got.corrupt - want.corrupt) <= 1e-6
+    assert np.ptp(want.effects["blocks.1.resid_pre"]) > 0.1  # the corrupted position matters
+
+
+def test_server_log_never_shows_a_key(served):
+    url, proc = served
+    proc.terminate()
+    proc.wait(timeout=30)
     log = proc.stdout.read()
-    assert "serving facts-gpt" in log and "not-a-key-000" not in log and KEYS["bob"] not in log
+    assert "serving facts-gpt" in log and "not-a-key-000" not in log
+    assert not any(k in log for k in KEYS.values())
