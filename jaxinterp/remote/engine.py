@@ -27,7 +27,11 @@ import numpy as np
 
 from jaxinterp.model import run
 
-__all__ = ["Programs", "Job", "Scheduler", "run_signature", "group_size"]
+__all__ = ["Programs", "Job", "Scheduler", "QueueFull", "run_signature", "group_size"]
+
+
+class QueueFull(RuntimeError):
+    """The server's queue holds ``max_queue`` requests already."""
 
 
 class Programs:
@@ -119,7 +123,7 @@ class Scheduler:
             if self._stopping:
                 raise RuntimeError("the server is shutting down")
             if sum(len(q) for q in self._queues.values()) >= self.max_queue:
-                raise OverflowError(f"the queue is full ({self.max_queue} requests); retry later")
+                raise QueueFull(f"the queue is full ({self.max_queue} requests); retry later")
             if job.user not in self._queues:
                 self._queues[job.user] = collections.deque()
                 self._order.append(job.user)

@@ -139,9 +139,11 @@ class RateLimiter:
 
 
 def _as_capture(capture) -> Optional[tuple[str, ...]]:
-    if capture is None or isinstance(capture, str):
-        return (capture,) if capture else None
-    if isinstance(capture, (list, tuple)) and all(isinstance(c, str) for c in capture):
+    if capture is None:
+        return None
+    if isinstance(capture, str) and capture:
+        return (capture,)
+    if isinstance(capture, (list, tuple)) and all(isinstance(c, str) and c for c in capture):
         return tuple(capture)
     raise BadRequest(422, "capture must be a site name, a glob, a list of them, 'all' or null")
 
@@ -166,8 +168,9 @@ def _interventions(value, what: str = "interventions"):
 
 
 def _int_array(x, what: str, ndim: int = 2):
-    if not isinstance(x, jax.Array) or not jnp.issubdtype(x.dtype, jnp.integer) or x.ndim != ndim:
-        raise BadRequest(422, f"{what} must be an int array of {ndim} dimensions, got "
+    if not isinstance(x, (jax.Array, np.ndarray)) or not jnp.issubdtype(x.dtype, jnp.integer) or x.ndim != ndim \
+            or not x.size:
+        raise BadRequest(422, f"{what} must be a non-empty int array of {ndim} dimensions, got "
                               f"{getattr(x, 'dtype', type(x).__name__)}{list(getattr(x, 'shape', []))}")
     return x
 
@@ -342,7 +345,7 @@ def _error_status(e: BaseException) -> Optional[tuple[int, str]]:
         return 400, f"malformed request: {e}"
     if isinstance(e, BadRequest):
         return e.status, e.detail
-    if isinstance(e, OverflowError):
+    if isinstance(e, engine.QueueFull):
         return 429, str(e)
     if isinstance(e, _MODEL_ERRORS):
         return 422, f"the model refused the request: {type(e).__name__}: {str(e)[:2000]}"
@@ -489,7 +492,7 @@ def create_app(model: Model, keys: Mapping[str, str], config: ServeConfig = Serv
             mapped = _error_status(e)
             if mapped is None:
                 raise
-            raise HTTPException(*mapped) from None
+            raise HTTPException(*mapped, headers={"Retry-After": "1"} if mapped[0] == 429 else None) from None
         if len(blob) > config.max_response_bytes:
             raise HTTPException(413, f"the result has {len(blob)} bytes, more than the limit of "
                                      f"{config.max_response_bytes}; capture fewer sites or use logits_at")

@@ -372,7 +372,11 @@ class _Reader:
         if not isinstance(name, str) or name not in self.tensors:
             raise WireError(f"the structure refers to a tensor {str(name)[:80]!r} the blob does not hold")
         self.used.add(name)
-        return jnp.asarray(self.tensors[name])
+        arr = self.tensors[name]
+        if arr.dtype.itemsize == 8 and arr.dtype.kind in "iu" and arr.size and not jax.config.jax_enable_x64 and (
+                arr.min() < np.iinfo(np.int32).min or arr.max() > np.iinfo(np.int32).max):
+            raise WireError(f"tensor {name!r}: {arr.dtype} values outside int32 (this process runs without x64)")
+        return jnp.asarray(arr)
 
     def node(self, n, depth: int = 0) -> Any:
         self.nodes += 1
