@@ -1,7 +1,9 @@
 """The server in-process (FastAPI's TestClient) on facts-gpt: remote runs equal local ones; keys are
 checked; bad input gets a 4xx naming the problem and the server keeps answering."""
 
+import io
 import json
+import shutil
 import subprocess
 import sys
 
@@ -244,6 +246,44 @@ def test_remote_sweep_equals_local(served, model):
         np.testing.assert_allclose(got.effects[site], want.effects[site], atol=1e-6, rtol=0)
     assert abs(got.clean - want.clean) <= 1e-6 and abs(got.corrupt - want.corrupt) <= 1e-6
     assert np.ptp(want.effects["blocks.1.resid_pre"]) > 0.1  # the corrupted position matters
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (apt-get install -y chromium)")
+def test_status_page_in_headless_chromium(served, tmp_path):
+    """The HTML status page (HTTP Basic user:key, as a browser sends it) shows the model, the queue and usage."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    url, _ = served
+    with ji.remote.connect(url, key=KEYS["bob"]) as remote:
+        remote.run(np.ones((1, 3), np.int32), logits_at=-1)
+        want = remote.status()
+    assert want["models"][0]["name"] == "facts-gpt" and want["users"]["bob"]["requests"] >= 1
+    errors = []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        context = browser.new_context(viewport={"width": 1000, "height": 700},
+                                      http_credentials={"username": "bob", "password": KEYS["bob"]})
+        page = context.new_page()
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        response = page.goto(f"{url}/status")
+        model_cell = page.locator("#models td.model").inner_text()
+        users = page.locator("#users tr").all_inner_texts()
+        queue = page.locator("#queue").inner_text()
+        shot = page.screenshot(path=str(tmp_path / "status.png"), full_page=True)
+        root = context.new_page().goto(f"{url}/")
+        browser.close()
+    import httpx
+
+    denied = httpx.get(f"{url}/status", headers={"Accept": "text/html"}, auth=("bob", "wrong-key-0000"))
+    assert response.status == 200 and root.status == 200 and denied.status_code == 401 and not errors
+    assert model_cell == "facts-gpt" and queue == "0"
+    bob = next(row for row in users if row.startswith("bob"))
+    assert int(bob.split()[1]) >= want["users"]["bob"]["requests"]
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(io.BytesIO(shot)).convert("L"), np.float64)
+    assert pixels.shape[0] > 300 and pixels.std() > 20  # tables and text, not blank
 
 
 def test_server_log_never_shows_a_key(served):
