@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import threading
@@ -106,6 +107,7 @@ class Scheduler:
         self._turn = 0
         self._cv = threading.Condition()
         self._stopping = False
+        self._held = False
         self.running = 0
         self.batches = collections.Counter()  # group size -> groups run
         self._thread = threading.Thread(target=self._loop, name="jaxinterp-serve-worker", daemon=True)
@@ -130,6 +132,18 @@ class Scheduler:
             self._queues[job.user].append(job)
             self._cv.notify()
         return job.future
+
+    @contextlib.contextmanager
+    def hold(self):
+        """Queue without running inside the block (tests, a maintenance pause); the queue runs after it."""
+        with self._cv:
+            self._held = True
+        try:
+            yield self
+        finally:
+            with self._cv:
+                self._held = False
+                self._cv.notify_all()
 
     def stop(self) -> None:
         with self._cv:
@@ -178,7 +192,7 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._stopping and not any(self._queues.values()):
+                while not self._stopping and (self._held or not any(self._queues.values())):
                     self._cv.wait()
                 if self._stopping:
                     return
