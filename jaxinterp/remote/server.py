@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinterp.interventions import Fn
 from jaxinterp.model import Model, prepare_inputs, run
 from jaxinterp.remote import engine
 from jaxinterp.remote.wire import FORMAT, VERSION, ExportedFn, ExportedMetric, Limits, WireError, decode, encode
@@ -181,6 +182,7 @@ class Service:
     def __init__(self, model: Model, keys: Mapping[str, str], config: ServeConfig, name: str):
         self.model, self.config, self.name = model, config, name
         self.programs = engine.Programs(config.program_cache)
+        self.unbatchable: set = set()  # run keys whose batched program failed to build
         self.usage = {user: collections_counter() for user in keys}
         self.started = time.time()
         self.scheduler = engine.Scheduler(config.max_batch, config.max_queue, on_done=self._done)
@@ -219,6 +221,9 @@ class Service:
         request["interventions"] = _interventions(request.get("interventions"))
         key, arrays, rebuild = engine.run_signature(request)
         key = ("run", capture, key)
+        # An exported Fn cannot be vmapped (jax.export has no batching rule): such requests run alone.
+        batchable = not any(isinstance(x, Fn) for x in jax.tree_util.tree_leaves(
+            request["interventions"], is_leaf=lambda x: isinstance(x, Fn))) and key not in self.unbatchable
 
         def program(n: int):
             def build():
@@ -234,11 +239,19 @@ class Service:
         def batch_work(jobs):
             n = engine.group_size(len(jobs), self.config.max_batch)
             rows = [j.arrays for j in jobs] + [jobs[-1].arrays] * (n - len(jobs))
-            stacked = [jnp.stack(column) for column in zip(*rows)]
-            logits, cache = program(n)(self.model, stacked)
-            return [_run_result(logits[i], {k: v[i] for k, v in cache.items()}) for i in range(len(jobs))]
+            stacked = [np.stack([np.asarray(a) for a in column]) for column in zip(*rows)]  # on the host: no dispatch
+            try:
+                compiled = program(n)
+            except Exception:
+                if len(self.unbatchable) > 4096:  # bounded, like the program cache
+                    self.unbatchable.clear()
+                self.unbatchable.add(key)  # do not try to build it again
+                raise
+            logits, cache = _run_result(*compiled(self.model, stacked)).values()  # to numpy once, then views
+            return [{"logits": logits[i], "cache": {k: v[i] for k, v in cache.items()}} for i in range(len(jobs))]
 
-        return engine.Job(user, "run", work, batch_key=key, arrays=arrays, batch_work=batch_work)
+        return engine.Job(user, "run", work, batch_key=key if batchable else None, arrays=arrays,
+                          batch_work=batch_work)
 
     # --------------------------------------------------------------------------- generate
 

@@ -83,3 +83,24 @@ def test_a_group_whose_program_fails_is_rerun_request_by_request(model, service)
     for request, future in zip(requests, futures):
         np.testing.assert_allclose(future.result(timeout=300)["logits"],
                                    _alone(model, request["tokens"], request["interventions"])[0], atol=1e-6, rtol=0)
+
+
+def test_program_cache_is_a_bounded_lru(model):
+    from jaxinterp.remote.engine import Programs
+
+    cleared = []
+    programs = Programs(2)
+    programs.get("a", lambda: (1, None))
+    programs.get("b", lambda: (2, None), on_evict=lambda: cleared.append("b"))
+    assert programs.get("a", lambda: (0, None))[0] == 1  # a hit: "a" is now the most recent
+    programs.get("c", lambda: (3, None))  # evicts "b", the least recently used
+    assert len(programs) == 2 and cleared == ["b"] and programs.get("a", lambda: (9, None))[0] == 1
+    assert programs.stats() == {"size": 2, "capacity": 2, "hits": 2, "misses": 3, "evictions": 1}
+    service = Service(model, {"ann": "ann-key-000000"}, ServeConfig(program_cache=2), "tiny")
+    try:
+        for t in (3, 4, 5):  # three shapes, three programs: the cache keeps two
+            out = service.scheduler.submit(service.run_job("ann", {"tokens": jnp.ones((1, t), jnp.int32)})).result(300)
+            assert out["logits"].shape == (1, t, CFG.vocab_size)
+        assert len(service.programs) == 2 and service.programs.evictions == 1
+    finally:
+        service.scheduler.stop()
