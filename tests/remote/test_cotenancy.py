@@ -7,17 +7,16 @@ import numpy as np
 import pytest
 
 import jaxinterp as ji
-from jaxinterp.models.gpt2 import GPT2Config
 from jaxinterp.remote.server import ServeConfig, Service
+from tests.remote.tiny import CFG, tiny_model
 
-CFG = GPT2Config.tiny(vocab_size=31, d_model=16, n_layers=2, n_heads=2, d_mlp=32, max_seq_len=8)
 USERS = ["ann", "ben", "cat", "dan", "eva"]
 B, T, D = 2, 6, 16
 
 
 @pytest.fixture(scope="module")
 def model():
-    return ji.init(CFG, 0)
+    return tiny_model()
 
 
 @pytest.fixture(scope="module")
@@ -96,11 +95,11 @@ def test_program_cache_is_a_bounded_lru(model):
     programs.get("c", lambda: (3, None))  # evicts "b", the least recently used
     assert len(programs) == 2 and cleared == ["b"] and programs.get("a", lambda: (9, None))[0] == 1
     assert programs.stats() == {"size": 2, "capacity": 2, "hits": 2, "misses": 3, "evictions": 1}
-    service = Service(model, {"ann": "ann-key-000000"}, ServeConfig(program_cache=2), "tiny")
+    service = Service(model, {"ann": "ann-key-000000"}, ServeConfig(program_cache=1), "tiny")
     try:
-        for t in (3, 4, 5):  # three shapes, three programs: the cache keeps two
+        for t in (3, 4):  # two shapes, two programs: the cache keeps one
             out = service.scheduler.submit(service.run_job("ann", {"tokens": jnp.ones((1, t), jnp.int32)})).result(300)
             assert out["logits"].shape == (1, t, CFG.vocab_size)
-        assert len(service.programs) == 2 and service.programs.evictions == 1
+        assert len(service.programs) == 1 and service.programs.evictions == 1
     finally:
         service.scheduler.stop()

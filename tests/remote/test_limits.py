@@ -14,11 +14,10 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 import jaxinterp as ji  # noqa: E402
-from jaxinterp.models.gpt2 import GPT2Config  # noqa: E402
 from jaxinterp.remote import encode  # noqa: E402
 from jaxinterp.remote.server import ServeConfig, create_app  # noqa: E402
+from tests.remote.tiny import CFG, tiny_model  # noqa: E402
 
-CFG = GPT2Config.tiny(vocab_size=31, d_model=16, n_layers=2, n_heads=2, d_mlp=32, max_seq_len=8)
 KEYS = {"alice": "alice-key-0123", "eve": "eve-key-666666"}
 AUTH = {"Authorization": f"Bearer {KEYS['eve']}"}
 B, T, D = 2, 6, 16
@@ -26,7 +25,7 @@ B, T, D = 2, 6, 16
 
 @pytest.fixture(scope="module")
 def model():
-    return ji.init(CFG, 0)
+    return tiny_model()
 
 
 @pytest.fixture(scope="module")
