@@ -286,6 +286,46 @@ def test_status_page_in_headless_chromium(served, tmp_path):
     assert pixels.shape[0] > 300 and pixels.std() > 20  # tables and text, not blank
 
 
+def test_a_client_killed_mid_request_leaves_no_stuck_job(served, model):
+    """A client process killed while its request runs: other users are answered, the queue drains."""
+    import time
+
+    import httpx
+
+    url, _ = served
+    auth = {"Authorization": f"Bearer {KEYS['bob']}"}
+
+    def status():
+        return httpx.get(f"{url}/status", headers=auth, timeout=60).json()
+
+    tokens = np.asarray(model.to_tokens(["carol lives in"])[0])
+    alice = ji.remote.connect(url, key=KEYS["alice"])
+    want = alice.run(tokens, logits_at=-1).logits
+    served_before = status()["users"]["bob"]["requests"]
+    script = ("import sys, httpx; httpx.post(sys.argv[1] + '/run', content=sys.stdin.buffer.read(), "
+              "headers={'Authorization': 'Bearer ' + sys.argv[2]}, timeout=600)")
+    proc = subprocess.Popen([sys.executable, "-c", script, url, KEYS["bob"]], stdin=subprocess.PIPE)
+    proc.stdin.write(encode({"tokens": np.ones((3, 11), np.int32), "capture": "all"}))  # a new program: it compiles
+    proc.stdin.close()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # until the server has the request (or already answered it)
+        s = status()
+        if s["running"] or s["queue"] or s["users"]["bob"]["requests"] > served_before:
+            break
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait(timeout=30)
+    with alice:  # answered as before the kill
+        np.testing.assert_array_equal(alice.run(tokens, logits_at=-1).logits, want)
+    while True:
+        s = status()
+        if not s["running"] and not s["queue"]:
+            break
+        assert time.monotonic() < deadline, s
+        time.sleep(0.05)
+    assert s["users"]["bob"]["queued"] == 0
+
+
 def test_server_log_never_shows_a_key(served):
     url, proc = served
     proc.terminate()
