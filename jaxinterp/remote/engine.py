@@ -3,6 +3,9 @@
 * ``Programs``: an LRU of compiled programs (``size`` entries). A program is built by ``lower`` +
   ``compile`` and lives only here, so evicting it frees it; functions that keep their own jit cache
   (``ji.generate``'s program, the patching sweep) are cleared when one of their signatures is evicted.
+* ``BackgroundCompiler``: builds the batched programs of a group size not seen yet off the request
+  path; meanwhile the group runs in chunks of the sizes already compiled (or request by request), so
+  a new group size never stalls the queue behind a compile.
 * ``Scheduler``: one worker thread; one queue per user, served round robin. A job that can be batched
   (``Job.batch_key`` not None: ``run`` requests) takes with it the queued jobs of other users with the
   same key (same shapes, dtypes, capture, intervention structure and static values), up to
@@ -17,6 +20,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import queue
 import threading
 import time
 from concurrent.futures import Future
@@ -28,7 +32,7 @@ import numpy as np
 
 from jaxinterp.model import run
 
-__all__ = ["Programs", "Job", "Scheduler", "QueueFull", "run_signature", "group_size"]
+__all__ = ["Programs", "BackgroundCompiler", "Job", "Scheduler", "QueueFull", "run_signature", "group_size"]
 
 
 class QueueFull(RuntimeError):
@@ -65,12 +69,52 @@ class Programs:
                 clear()
         return entry[:2]
 
+    def has(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._entries
+
     def __len__(self) -> int:
         return len(self._entries)
 
     def stats(self) -> dict:
         return {"size": len(self._entries), "capacity": self.size, "hits": self.hits, "misses": self.misses,
                 "evictions": self.evictions}
+
+
+class BackgroundCompiler:
+    """One thread that builds programs into ``programs`` off the request path (each key once at a time)."""
+
+    def __init__(self, programs: Programs):
+        self.programs, self._pending, self._lock = programs, set(), threading.Lock()
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="jaxinterp-serve-compiler", daemon=True)
+        self._thread.start()
+
+    def submit(self, key: Hashable, build: Callable[[], tuple[Any, Any]], on_error: Callable[[], None]) -> None:
+        with self._lock:
+            if key in self._pending:
+                return
+            self._pending.add(key)
+        self._queue.put((key, build, on_error))
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def _loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            key, build, on_error = item
+            try:
+                self.programs.get(key, build)
+            except Exception:  # noqa: BLE001 - the caller keeps running requests without this program
+                on_error()
+            finally:
+                with self._lock:
+                    self._pending.discard(key)
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
 
 
 @dataclasses.dataclass(eq=False)

@@ -27,6 +27,7 @@ batched program (``engine``). Keys are never logged.
 import argparse
 import asyncio
 import base64
+import collections
 import dataclasses
 import hmac
 import html
@@ -66,7 +67,9 @@ class ServeConfig:
     ``timeout_s``: a request's wait plus run (504 after it; a running program is not interrupted, its
     result is dropped); ``rate``/``burst``: each user's requests per second and burst (token bucket);
     ``max_batch``: requests of several users run as one program; ``program_cache``: compiled programs
-    kept (LRU); ``max_queue``: queued requests in all.
+    kept (LRU); ``max_queue``: queued requests in all; ``compile_in_background``: a group size not
+    compiled yet runs in smaller compiled chunks while its program builds on another thread (False:
+    build it before running the group).
     """
 
     max_request_bytes: int = 256 << 20
@@ -80,6 +83,7 @@ class ServeConfig:
     max_batch: int = 8
     program_cache: int = 64
     max_queue: int = 256
+    compile_in_background: bool = True
     limits: Limits = Limits()
 
     def __post_init__(self):
@@ -183,11 +187,24 @@ class Service:
         self.model, self.config, self.name = model, config, name
         self.programs = engine.Programs(config.program_cache)
         self.unbatchable: set = set()  # run keys whose batched program failed to build
+        self.compiler = engine.BackgroundCompiler(self.programs) if config.compile_in_background else None
+        self.runs = collections.Counter()  # programs run, by group size
         self.usage = {user: collections_counter() for user in keys}
         self.started = time.time()
         self.scheduler = engine.Scheduler(config.max_batch, config.max_queue, on_done=self._done)
         self.logits_dtype = str(jax.eval_shape(lambda m, t: run(m, t).logits, model,
                                                jax.ShapeDtypeStruct((1, 1), jnp.int32)).dtype)
+
+    def _unbatchable(self, key) -> None:
+        """Do not try to build a batched program for ``key`` again (its build failed)."""
+        if len(self.unbatchable) > 4096:  # bounded, like the program cache
+            self.unbatchable.clear()
+        self.unbatchable.add(key)
+
+    def close(self) -> None:
+        self.scheduler.stop()
+        if self.compiler is not None:
+            self.compiler.stop()
 
     def _done(self, job: engine.Job) -> None:
         self.usage[job.user]["compute_s"] += job.compute_s
@@ -225,30 +242,46 @@ class Service:
         batchable = not any(isinstance(x, Fn) for x in jax.tree_util.tree_leaves(
             request["interventions"], is_leaf=lambda x: isinstance(x, Fn))) and key not in self.unbatchable
 
-        def program(n: int):
-            def build():
+        def build(n: int):
+            def go():
                 lowered, nbytes = engine.compile_run(self.model, arrays, rebuild=rebuild, capture=capture, n=n)
                 self._check_capture(nbytes)
                 return lowered.compile(), nbytes
-            return self.programs.get((key, n), build)[0]
+            return go
 
         def work():
-            logits, cache = program(0)(self.model, arrays)
+            logits, cache = self.programs.get((key, 0), build(0))[0](self.model, arrays)
+            self.runs[1] += 1
             return _run_result(logits, cache)
 
-        def batch_work(jobs):
-            n = engine.group_size(len(jobs), self.config.max_batch)
+        def run_group(jobs, n: int) -> list:
             rows = [j.arrays for j in jobs] + [jobs[-1].arrays] * (n - len(jobs))
             stacked = [np.stack([np.asarray(a) for a in column]) for column in zip(*rows)]  # on the host: no dispatch
             try:
-                compiled = program(n)
+                compiled = self.programs.get((key, n), build(n))[0]
             except Exception:
-                if len(self.unbatchable) > 4096:  # bounded, like the program cache
-                    self.unbatchable.clear()
-                self.unbatchable.add(key)  # do not try to build it again
+                self._unbatchable(key)
                 raise
             logits, cache = _run_result(*compiled(self.model, stacked)).values()  # to numpy once, then views
+            self.runs[n] += 1
             return [{"logits": logits[i], "cache": {k: v[i] for k, v in cache.items()}} for i in range(len(jobs))]
+
+        def batch_work(jobs) -> list:
+            """The group as one program of its (padded) size; with background compiling, while that size is
+            not compiled yet, in chunks of the compiled sizes or request by request."""
+            out: list = []
+            while len(out) < len(jobs):
+                rest = jobs[len(out):]
+                n = engine.group_size(len(rest), self.config.max_batch)
+                if n > 1 and self.compiler is not None and not self.programs.has((key, n)):
+                    self.compiler.submit((key, n), build(n), on_error=lambda: self._unbatchable(key))
+                    n = max([m for m in range(2, len(rest) + 1) if m & (m - 1) == 0 and self.programs.has((key, m))],
+                            default=1)
+                if n == 1:
+                    out.append(rest[0].work())
+                else:
+                    out.extend(run_group(rest[:n], n))
+            return out
 
         return engine.Job(user, "run", work, batch_key=key if batchable else None, arrays=arrays,
                           batch_work=batch_work)
@@ -333,7 +366,8 @@ class Service:
                             "sites": len(self.model.sites)}],
                 "queue": self.scheduler.queued(), "running": self.scheduler.running,
                 "uptime_s": round(time.time() - self.started, 1), "programs": self.programs.stats(),
-                "batches": {str(k): v for k, v in sorted(self.scheduler.batches.items())},
+                "batches": {str(k): v for k, v in sorted(self.runs.items())},
+                "compiling": 0 if self.compiler is None else self.compiler.pending(),
                 "users": {u: {**{k: round(v, 3) if isinstance(v, float) else v for k, v in c.items()},
                               "queued": self.scheduler.queued(u)} for u, c in self.usage.items()},
                 # the JSON /status of before: requests served per user
@@ -413,7 +447,7 @@ def create_app(model: Model, keys: Mapping[str, str], config: ServeConfig = Serv
     @asynccontextmanager
     async def lifespan(app):
         yield
-        service.scheduler.stop()
+        service.close()
 
     app = FastAPI(title="jaxinterp", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.service = service

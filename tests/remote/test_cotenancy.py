@@ -21,9 +21,10 @@ def model():
 
 @pytest.fixture(scope="module")
 def service(model):
-    s = Service(model, {u: f"{u}-key-000000" for u in USERS}, ServeConfig(max_batch=4), "tiny")
+    s = Service(model, {u: f"{u}-key-000000" for u in USERS}, ServeConfig(max_batch=4, compile_in_background=False),
+                "tiny")
     yield s
-    s.scheduler.stop()
+    s.close()
 
 
 def _request(seed: int) -> dict:
@@ -84,6 +85,32 @@ def test_a_group_whose_program_fails_is_rerun_request_by_request(model, service)
                                    _alone(model, request["tokens"], request["interventions"])[0], atol=1e-6, rtol=0)
 
 
+def test_a_new_group_size_compiles_in_the_background(model):
+    """The first group of a size not compiled yet runs request by request (right results) while its
+    program builds on the compiler thread; the next such group runs as one program."""
+    import time
+
+    service = Service(model, {u: f"{u}-key-000000" for u in USERS[:2]}, ServeConfig(max_batch=2), "tiny")
+    try:
+        for round_ in range(2):
+            requests = [_request(20 + 2 * round_), _request(21 + 2 * round_)]
+            with service.scheduler.hold():
+                futures = [service.scheduler.submit(service.run_job(u, r)) for u, r in zip(USERS, requests)]
+            for request, future in zip(requests, futures):
+                np.testing.assert_allclose(future.result(timeout=300)["logits"],
+                                           _alone(model, request["tokens"], request["interventions"])[0],
+                                           atol=1e-6, rtol=0)
+            if round_ == 0:
+                assert service.runs == {1: 2}
+                deadline = time.monotonic() + 120
+                while service.compiler.pending():
+                    assert time.monotonic() < deadline
+                    time.sleep(0.02)
+        assert service.runs == {1: 2, 2: 1}
+    finally:
+        service.close()
+
+
 def test_program_cache_is_a_bounded_lru(model):
     from jaxinterp.remote.engine import Programs
 
@@ -95,11 +122,12 @@ def test_program_cache_is_a_bounded_lru(model):
     programs.get("c", lambda: (3, None))  # evicts "b", the least recently used
     assert len(programs) == 2 and cleared == ["b"] and programs.get("a", lambda: (9, None))[0] == 1
     assert programs.stats() == {"size": 2, "capacity": 2, "hits": 2, "misses": 3, "evictions": 1}
-    service = Service(model, {"ann": "ann-key-000000"}, ServeConfig(program_cache=1), "tiny")
+    service = Service(model, {"ann": "ann-key-000000"}, ServeConfig(program_cache=1, compile_in_background=False),
+                      "tiny")
     try:
         for t in (3, 4):  # two shapes, two programs: the cache keeps one
             out = service.scheduler.submit(service.run_job("ann", {"tokens": jnp.ones((1, t), jnp.int32)})).result(300)
             assert out["logits"].shape == (1, t, CFG.vocab_size)
         assert len(service.programs) == 1 and service.programs.evictions == 1
     finally:
-        service.scheduler.stop()
+        service.close()
