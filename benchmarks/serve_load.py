@@ -6,7 +6,7 @@ runs ``--clients`` threads, each sending ``--requests`` ``run`` requests over HT
 --seq]`` token batch of facts-gpt with one of four intervention structures (Add a vector, zero-ablate heads, patch
 positions, steer; one site each), values drawn per request, logits at the last position, plus one
 captured site for the first two kinds. A warm-up round (``--warmup`` requests per client, untimed, compile time included) comes
-first. JSON: per mode the failed requests, throughput (requests/s), p50/p99 latency, the server's
+first, then the server's background compiles are awaited (``compile_wait_s``). JSON: per mode the failed requests, throughput (requests/s), p50/p99 latency, the server's
 RSS before the warm-up, after it and after the load; the throughput ratio batched / alone; and the
 server's execution alone (no HTTP) per kind: ``--max-batch`` requests one by one vs as one group.
 
@@ -118,8 +118,14 @@ def _mode(args, max_batch: int, keys_path: Path, keys: dict) -> dict:
         cfg = httpx.get(f"{url}/info", headers={"Authorization": f"Bearer {keys['user0']}"}).json()["config"]
         rss_start = _rss_mb(proc.pid)
         warm = _phase(url, keys, cfg, args.clients, args.warmup, 10_000, args.batch, args.seq)
-        rss_warm = _rss_mb(proc.pid)
         auth = {"Authorization": f"Bearer {keys['user0']}"}
+        t0 = time.perf_counter()
+        while httpx.get(f"{url}/status", headers=auth).json().get("compiling"):  # background compiles finish
+            if time.perf_counter() - t0 > 600:
+                raise RuntimeError("the server's background compiles did not finish in 600 s")
+            time.sleep(0.5)
+        warm["compile_wait_s"] = round(time.perf_counter() - t0, 2)
+        rss_warm = _rss_mb(proc.pid)
         before = httpx.get(f"{url}/status", headers=auth).json()["programs"]
         load = _phase(url, keys, cfg, args.clients, args.requests, 0, args.batch, args.seq)
         rss_end = _rss_mb(proc.pid)
@@ -127,7 +133,7 @@ def _mode(args, max_batch: int, keys_path: Path, keys: dict) -> dict:
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-    return {"max_batch": max_batch, **load, "warmup": {k: warm[k] for k in ("requests", "failed", "wall_s")},
+    return {"max_batch": max_batch, **load, "warmup": {k: warm[k] for k in ("requests", "failed", "wall_s", "compile_wait_s")},
             "rss_mb": {"start": round(rss_start, 1), "after_warmup": round(rss_warm, 1), "after_load": round(rss_end, 1),
                        "growth_during_load": round(rss_end / rss_warm - 1, 4)},
             "groups_by_size": status["batches"], "programs": status["programs"],
