@@ -560,6 +560,20 @@ def create_app(model: Model, keys: Mapping[str, str], config: ServeConfig = Serv
     return app
 
 
+def _mesh(spec: str):
+    """``'data=1,tensor=2'`` -> a ``Mesh`` over this host's devices (the existing sharding rules place the model)."""
+    from jaxinterp.sharding.mesh import MeshConfig, make_mesh
+
+    sizes = {}
+    for part in spec.split(","):
+        axis, _, size = part.partition("=")
+        try:
+            sizes[axis.strip()] = int(size)
+        except ValueError:
+            raise ValueError(f"--mesh {spec!r}: expected axis=size pairs such as 'data=1,tensor=2'") from None
+    return make_mesh(MeshConfig.from_dict(sizes))
+
+
 def main(argv: Sequence[str] | None = None, prog: str = "jaxinterp serve") -> int:
     p = argparse.ArgumentParser(prog=prog, description="Serve a model: run, generate and patching sweeps with "
                                                        "captures and interventions sent as data (the jaxinterp wire "
@@ -578,6 +592,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "jaxinterp serve") -> in
     p.add_argument("--max-batch", type=int, default=8, help="requests of several users run as one program "
                                                             "(1: no co-tenant batching)")
     p.add_argument("--program-cache", type=int, default=64, help="compiled programs kept (LRU)")
+    p.add_argument("--mesh", default=None, help="shard the model over this host's devices: axis=size pairs among "
+                                                "data, fsdp, tensor (one may be -1), e.g. 'data=1,tensor=2'")
+    p.add_argument("--rules", default=None, help="sharding rule set with --mesh (a shipped name or a YAML path; "
+                                                 "default fsdp_tp)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
     try:
@@ -590,7 +608,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "jaxinterp serve") -> in
                           max_response_bytes=int(args.max_response_mb * 2**20),
                           max_capture_bytes=int(args.max_capture_mb * 2**20), timeout_s=args.timeout, rate=args.rate,
                           burst=args.burst, max_batch=args.max_batch, program_cache=args.program_cache)
-        app = create_app(load(args.model, dtype=args.dtype), keys, cfg, name=args.model)
+        mesh = None if args.mesh is None else _mesh(args.mesh)
+        if args.rules is not None and mesh is None:
+            raise ValueError("--rules needs --mesh")
+        app = create_app(load(args.model, dtype=args.dtype, mesh=mesh, rules=args.rules), keys, cfg, name=args.model)
         import uvicorn
     except (ValueError, OSError, ImportError) as e:
         if args.debug:

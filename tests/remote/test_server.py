@@ -139,6 +139,10 @@ def test_cli_serve_bad_input_is_one_line_error(tmp_path, capsys):
     assert main(["serve", "--model", "no-such-model", "--keys", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no-such-model" in err, err
+    for mesh, what in (("data=1,pipeline=2", "valid axes"), ("tensor=two", "axis=size"), ("data=64", "devices")):
+        assert main(["serve", "--model", "facts-gpt", "--keys", str(bad), "--mesh", mesh]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and what in err, err
 
 
 def _free_port() -> int:
