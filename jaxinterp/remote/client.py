@@ -9,6 +9,7 @@ arguments of ``model.run``, ``ji.generate`` and ``activation_patching`` and retu
 
 from __future__ import annotations
 
+import time
 from typing import Any, Optional
 
 import jax
@@ -33,13 +34,16 @@ class Client:
     """A model served by ``jaxinterp serve``. ``http``: an ``httpx.Client``-like object (tests pass
     FastAPI's ``TestClient``); by default one is made for ``url``."""
 
+    RETRY_STATUS = (429, 503)  # over the rate limit / queue full, shutting down: retried after Retry-After
+
     def __init__(self, url: str, key: Optional[str] = None, *, http: Any = None, timeout: float = 300.0,
-                 limits: Limits = Limits()):
+                 limits: Limits = Limits(), retries: int = 3, max_wait_s: float = 30.0):
         if http is None:
             import httpx
 
             http = httpx.Client(base_url=url.rstrip("/"), timeout=timeout)
         self._http, self._limits, self._info = http, limits, None
+        self._retries, self._max_wait_s = retries, max_wait_s
         self._headers = {"Authorization": f"Bearer {key}"} if key else {}
 
     def _check(self, response):
@@ -74,10 +78,28 @@ class Client:
         return RunOutput(logits=result["logits"], cache=result["cache"])
 
     def _post(self, path: str, request: dict):
+        """POST a request; every endpoint is free of side effects, so a 429 / 503 answer or a lost
+        connection (a server restarting) is retried ``retries`` times, waiting as ``Retry-After`` says."""
+        import httpx
+
         body = encode(request)
-        response = self._check(self._http.post(path, content=body, headers={
-            **self._headers, "Content-Type": "application/octet-stream"}))
-        return decode(response.content, self._limits)
+        headers = {**self._headers, "Content-Type": "application/octet-stream"}
+        for attempt in range(self._retries + 1):
+            try:
+                response = self._http.post(path, content=body, headers=headers)
+            except httpx.TransportError:
+                if attempt == self._retries:
+                    raise
+                time.sleep(min(2.0 ** attempt, self._max_wait_s))
+                continue
+            if response.status_code not in self.RETRY_STATUS or attempt == self._retries:
+                break
+            try:
+                wait = float(response.headers.get("retry-after", "1"))
+            except ValueError:
+                wait = 1.0
+            time.sleep(min(max(wait, 0.0), self._max_wait_s))
+        return decode(self._check(response).content, self._limits)
 
     def generate(self, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_k: Optional[int] = None,
                  top_p: Optional[float] = None, stop=None, seed=0, interventions=None, capture=None,

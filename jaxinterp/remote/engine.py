@@ -32,11 +32,16 @@ import numpy as np
 
 from jaxinterp.model import run
 
-__all__ = ["Programs", "BackgroundCompiler", "Job", "Scheduler", "QueueFull", "run_signature", "group_size"]
+__all__ = ["Programs", "BackgroundCompiler", "Job", "Scheduler", "QueueFull", "ShuttingDown", "run_signature",
+           "group_size"]
 
 
 class QueueFull(RuntimeError):
     """The server's queue holds ``max_queue`` requests already."""
+
+
+class ShuttingDown(RuntimeError):
+    """The server stopped before running the request (retry it once the server is back)."""
 
 
 class Programs:
@@ -167,7 +172,7 @@ class Scheduler:
     def submit(self, job: Job) -> Future:
         with self._cv:
             if self._stopping:
-                raise RuntimeError("the server is shutting down")
+                raise ShuttingDown("the server is shutting down; retry")
             if sum(len(q) for q in self._queues.values()) >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests); retry later")
             if job.user not in self._queues:
@@ -198,7 +203,7 @@ class Scheduler:
             self._cv.notify_all()
         for job in pending:  # nobody waits forever on a job that will not run
             if not job.future.done():
-                job.future.set_exception(RuntimeError("the server shut down before running this request"))
+                job.future.set_exception(ShuttingDown("the server shut down before running this request; retry"))
         self._thread.join(timeout=30)
 
     def _next(self) -> Optional[Job]:

@@ -19,7 +19,8 @@ Endpoints (every one but ``/health`` needs a key: ``Authorization: Bearer <key>`
 Bad input is a 4xx naming the problem: 400 for a blob the wire format refuses, 401 for a missing or
 wrong key, 413 for a request, capture or response over the limits, 422 for a request the model
 refuses (unknown site, wrong shape), 429 (with ``Retry-After``) past a user's rate or with a full
-queue, 504 past the time limit. Requests run on one worker thread, users' queues served round robin;
+queue, 503 (with ``Retry-After``) for requests still queued when the server stops, 504 past the time
+limit. Requests run on one worker thread, users' queues served round robin;
 ``run`` requests of different users with the same shapes and intervention structure run as one
 batched program (``engine``). Keys are never logged.
 """
@@ -394,6 +395,8 @@ def _error_status(e: BaseException) -> Optional[tuple[int, str]]:
         return e.status, e.detail
     if isinstance(e, engine.QueueFull):
         return 429, str(e)
+    if isinstance(e, engine.ShuttingDown):
+        return 503, str(e)
     if isinstance(e, _MODEL_ERRORS):
         return 422, f"the model refused the request: {type(e).__name__}: {str(e)[:2000]}"
     return None
@@ -539,7 +542,7 @@ def create_app(model: Model, keys: Mapping[str, str], config: ServeConfig = Serv
             mapped = _error_status(e)
             if mapped is None:
                 raise
-            raise HTTPException(*mapped, headers={"Retry-After": "1"} if mapped[0] == 429 else None) from None
+            raise HTTPException(*mapped, headers={"Retry-After": "1"} if mapped[0] in (429, 503) else None) from None
         if len(blob) > config.max_response_bytes:
             raise HTTPException(413, f"the result has {len(blob)} bytes, more than the limit of "
                                      f"{config.max_response_bytes}; capture fewer sites or use logits_at")

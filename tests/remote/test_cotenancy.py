@@ -131,3 +131,18 @@ def test_program_cache_is_a_bounded_lru(model):
         assert len(service.programs) == 1 and service.programs.evictions == 1
     finally:
         service.close()
+
+
+def test_stopping_the_server_fails_queued_requests_with_retry_not_silence(model):
+    """A server stopped (to restart) with requests still queued answers each of them (503, retry), none stuck."""
+    from jaxinterp.remote.engine import ShuttingDown
+
+    service = Service(model, {u: f"{u}-key-000000" for u in USERS[:2]}, ServeConfig(), "tiny")
+    with service.scheduler.hold():
+        futures = [service.scheduler.submit(service.run_job(u, _request(30 + i))) for i, u in enumerate(USERS[:2])]
+        service.close()
+    for future in futures:
+        with pytest.raises(ShuttingDown, match="retry"):
+            future.result(timeout=60)
+    with pytest.raises(ShuttingDown):
+        service.scheduler.submit(service.run_job(USERS[0], _request(32)))

@@ -181,3 +181,37 @@ def test_fuzz_gets_only_4xx_and_the_server_keeps_answering(model, tokens):
         r = http.post("/run", content=encode({"tokens": tokens, "logits_at": -1}), headers=AUTH)
         assert r.status_code == 200
     assert statuses["truncated"] == {400} and statuses["pickle"] == {400} and 422 in statuses["site"]
+
+
+class _Flaky:
+    """An httpx.Client stand-in: a lost connection, a 503 (server restarting), then the answer."""
+
+    def __init__(self, answer: bytes):
+        import httpx
+
+        self.answers = [httpx.ConnectError("connection refused"),
+                        httpx.Response(503, headers={"Retry-After": "0"}, json={"detail": "shutting down; retry"}),
+                        httpx.Response(200, content=answer)]
+        self.calls = 0
+
+    def post(self, path, content, headers):
+        self.calls += 1
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def test_client_retries_a_restarting_server(monkeypatch):
+    from jaxinterp.remote import client
+
+    monkeypatch.setattr(client.time, "sleep", lambda s: None)
+    logits = np.arange(6, dtype=np.float32).reshape(2, 3)
+    http = _Flaky(encode({"logits": logits, "cache": {}}))
+    out = client.Client("http://x", KEYS["eve"], http=http, retries=2).run(np.zeros((2, 3), np.int32))
+    np.testing.assert_array_equal(out.logits, logits)
+    assert http.calls == 3
+    http = _Flaky(b"")
+    with pytest.raises(client.RemoteError) as err:  # out of retries: the 503 is reported, not swallowed
+        client.Client("http://x", KEYS["eve"], http=http, retries=1).run(np.zeros((2, 3), np.int32))
+    assert err.value.status == 503 and "retry" in str(err.value)
