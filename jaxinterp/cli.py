@@ -25,6 +25,8 @@ COMMANDS = {  # name -> (module, one-line help); module None: `models`
                  "facts-world behaviours"),
     "steer": ("jaxinterp.experiments.steering.main", "steering vectors on facts-gpt: attribute change vs recall "
               "drop over scales"),
+    "extractive-qa": ("jaxinterp.experiments.extractive_qa.main", "extractive-QA circuits (context vs memory), "
+                      "ATTNATTRIB attribution and steering toward the context"),
     "lens": ("jaxinterp.experiments.lens.main", "logit lens vs tuned lens (KL-to-final per layer) on facts-gpt"),
     "token-erasure": ("jaxinterp.experiments.token_erasure.main", "token-erasure probes and the implicit-vocabulary "
                       "readout on facts-gpt vs frequent n-grams"),
