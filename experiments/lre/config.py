@@ -20,7 +20,7 @@ class LREConfig:
     n: int = 8
     template: int = 0
     betas: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
-    ranks: tuple[int, ...] = (4, 8, 16, 32, 64, 128)
+    ranks: tuple[int, ...] = (4, 8, 16, 32, 64)
     seed: int = 0
 
     def __post_init__(self):

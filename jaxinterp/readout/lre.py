@@ -55,12 +55,25 @@ class LRE:
     bias: jax.Array    # [D]
     beta: float = 1.0
     layer: int = struct.field(pytree_node=False, default=0)
+    svd: Optional[tuple] = None  # (u, sv, vt) of weight, computed once by ``with_svd`` (``estimate`` does)
 
     def __call__(self, s: jax.Array) -> jax.Array:
         return self.beta * (s @ self.weight.T) + self.bias  # [..., D]
 
     def with_beta(self, beta: float) -> "LRE":
         return self.replace(beta=beta)
+
+    def with_svd(self) -> "LRE":
+        u, sv, vt = np.linalg.svd(np.asarray(self.weight, np.float64), full_matrices=False)  # host LAPACK
+        return self.replace(svd=(u, sv, vt))
+
+    def inverse(self, rank: int) -> jax.Array:
+        """``W_k^+ [D_in, D_out]``: the pseudo-inverse of ``W`` on its top-``rank`` singular directions."""
+        d = min(self.weight.shape)
+        if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 1 <= rank <= d:
+            raise ValueError(f"rank must be an int in [1, {d}], got {rank!r}")
+        u, sv, vt = (self if self.svd is not None else self.with_svd()).svd
+        return jnp.asarray((vt[:rank].T / sv[:rank]) @ u[:, :rank].T, self.weight.dtype)
 
 
 class States(NamedTuple):
@@ -145,7 +158,7 @@ def estimate(model: Model, tokens, subject_pos, *, layer: int, n: int, beta: flo
     mask = None if attention_mask is None else np.asarray(attention_mask)[:n]
     jac, st = jacobians(model, np.asarray(tokens)[:n], np.asarray(subject_pos)[:n], layer=layer, attention_mask=mask)
     bias = (st.o - jnp.einsum("nij,nj->ni", jac, st.s)).mean(0)  # [D]
-    return LRE(weight=jac.mean(0), bias=bias, beta=beta, layer=int(layer))
+    return LRE(weight=jac.mean(0), bias=bias, beta=beta, layer=int(layer)).with_svd()
 
 
 def predict(model: Model, op: LRE, s: jax.Array) -> jax.Array:
@@ -163,11 +176,7 @@ def faithfulness(model: Model, op: LRE, tokens, subject_pos, *, attention_mask=N
 
 def low_rank_pinv(weight: jax.Array, rank: int) -> jax.Array:
     """The pseudo-inverse ``[D_in, D_out]`` of ``weight`` restricted to its top-``rank`` singular directions."""
-    d = min(weight.shape)
-    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 1 <= rank <= d:
-        raise ValueError(f"rank must be an int in [1, {d}], got {rank!r}")
-    u, sv, vt = jnp.linalg.svd(weight, full_matrices=False)
-    return (vt[:rank].T / sv[:rank]) @ u[:, :rank].T
+    return LRE(weight=weight, bias=jnp.zeros(weight.shape[0], weight.dtype)).inverse(rank)
 
 
 def patched_logits(model: Model, tokens, subject_pos, s_new, *, layer: int, attention_mask=None) -> jax.Array:
@@ -181,7 +190,7 @@ def edit_logits(model: Model, op: LRE, tokens, subject_pos, targets, *, rank: in
     """Logits ``[N, V]`` after the LRE-inverse edit ``s + W_k^+ (o[targets] - o)`` of every row."""
     targets = _check_targets(targets, np.shape(tokens)[0])
     st = _states_of(model, op, tokens, subject_pos, attention_mask, precomputed)
-    delta = (st.o[targets] - st.o) @ low_rank_pinv(op.weight, rank).T  # [N, D]
+    delta = (st.o[targets] - st.o) @ op.inverse(rank).T  # [N, D]
     return patched_logits(model, tokens, subject_pos, st.s + delta, layer=op.layer, attention_mask=attention_mask)
 
 
