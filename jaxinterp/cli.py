@@ -26,6 +26,8 @@ COMMANDS = {  # name -> (module, one-line help); module None: `models`
     "steer": ("jaxinterp.experiments.steering.main", "steering vectors on facts-gpt: attribute change vs recall "
               "drop over scales"),
     "lens": ("jaxinterp.experiments.lens.main", "logit lens vs tuned lens (KL-to-final per layer) on facts-gpt"),
+    "lre": ("jaxinterp.experiments.lre.main", "linear relational embeddings per relation and layer, facts-gpt vs "
+            "facts-mamba"),
     "elm-erase": ("jaxinterp.experiments.elm_erase.main", "erase a domain's facts with ELM, gradient ascent and RMU"),
     "train-lm": ("jaxinterp.experiments.train_lm.main", "train a model on the facts world (resumable, HF export)"),
     "train-othello": ("jaxinterp.experiments.train_othello.main", "train othello-gpt on random legal games"),

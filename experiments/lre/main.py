@@ -157,9 +157,10 @@ def run_model(source: str, cfg: LREConfig) -> dict:
         per_relation = {r: relation_layer(model, b, layer, cfg) for r, b in batches.items()}
         layers[layer] = {**summarise(per_relation), "detail": per_relation, "seconds": time.time() - t0}
         s = layers[layer]
-        print(f"{source} layer {layer}: beta {s['beta']:g} rank {s['rank']}  faithfulness {s['mean']['faithfulness']:.3f}"
-              f" (translation {s['mean']['faithfulness_translation']:.3f})  causality {s['mean']['causality']:.3f}"
-              f" (subject patch {s['mean']['causality_subject_patch']:.3f})  [{s['seconds']:.0f}s]", flush=True)
+        m = s["mean"]
+        print(f"{source} layer {layer}: beta {s['beta']:g} rank {s['rank']}  faithfulness {m['faithfulness']:.3f}"
+              f" (translation {m['faithfulness_translation']:.3f})  causality {m['causality']:.3f}"
+              f" (subject patch {m['causality_subject_patch']:.3f})  [{s['seconds']:.0f}s]", flush=True)
     return {"family": model.family, "n_layers": model.config.n_layers, "d_model": int(model.config.d_model),
             "relations": list(relations), "layers": layers}
 
