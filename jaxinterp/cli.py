@@ -28,6 +28,8 @@ COMMANDS = {  # name -> (module, one-line help); module None: `models`
     "lens": ("jaxinterp.experiments.lens.main", "logit lens vs tuned lens (KL-to-final per layer) on facts-gpt"),
     "lre": ("jaxinterp.experiments.lre.main", "linear relational embeddings per relation and layer, facts-gpt vs "
             "facts-mamba"),
+    "token-erasure": ("jaxinterp.experiments.token_erasure.main", "token-erasure probes and the implicit-vocabulary "
+                      "readout on facts-gpt vs frequent n-grams"),
     "elm-erase": ("jaxinterp.experiments.elm_erase.main", "erase a domain's facts with ELM, gradient ascent and RMU"),
     "train-lm": ("jaxinterp.experiments.train_lm.main", "train a model on the facts world (resumable, HF export)"),
     "train-othello": ("jaxinterp.experiments.train_othello.main", "train othello-gpt on random legal games"),

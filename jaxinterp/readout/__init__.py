@@ -1,13 +1,10 @@
-"""Reading representations: what a model's hidden states say, and how it decodes them.
+"""Reading representations out of a model's hidden states.
 
-    from jaxinterp.readout import lre
-    op = lre.estimate(model, tokens, subject_pos, layer=2, n=8, beta=2.0, attention_mask=mask)
+- ``erasure``: per-layer token probes, the token-erasure score and the implicit-vocabulary readout
+  (Feucht et al., 2024).
+- ``lre``: linear relational embeddings of factual relations (Hernandez et al., 2024).
 
-``erasure``: token-erasure probes and the implicit-vocabulary readout (Feucht et al., 2024).
-``lre``: linear relational embeddings, a first-order (Jacobian) approximation of how a model maps a
-subject's state to the object it predicts (Hernandez et al., 2023).
-
-Submodules are imported on first attribute access.
+Submodules are imported on first attribute access (``jaxinterp.readout.erasure``).
 """
 
 import importlib
