@@ -26,8 +26,8 @@ COMMANDS = {  # name -> (module, one-line help); module None: `models`
     "steer": ("jaxinterp.experiments.steering.main", "steering vectors on facts-gpt: attribute change vs recall "
               "drop over scales"),
     "lens": ("jaxinterp.experiments.lens.main", "logit lens vs tuned lens (KL-to-final per layer) on facts-gpt"),
-    "lre": ("jaxinterp.experiments.lre.main", "linear relational embeddings per relation and layer, facts-gpt vs "
-            "facts-mamba"),
+    "lre": ("jaxinterp.experiments.lre.main", "linear relational embeddings per relation and layer: the "
+            "facts-world transformer vs state-space model"),
     "token-erasure": ("jaxinterp.experiments.token_erasure.main", "token-erasure probes and the implicit-vocabulary "
                       "readout on facts-gpt vs frequent n-grams"),
     "elm-erase": ("jaxinterp.experiments.elm_erase.main", "erase a domain's facts with ELM, gradient ascent and RMU"),
