@@ -10,7 +10,7 @@ import jaxinterp as ji
 from jaxinterp.readout import lre
 
 V = 40
-LENGTHS = (6, 4, 5, 6)  # left-padded to 6
+LENGTHS = (6, 4, 6, 6)  # row 1 is left-padded to 6
 SUBJECT = (2, 3, 2, 4)  # the subject's last token in each padded row
 
 
@@ -85,6 +85,18 @@ def _gpt2_head(model, o: np.ndarray) -> np.ndarray:
     return np.asarray(p["embed"], np.float64) @ h  # [V]
 
 
+def _grouped_runs(tokens, run_rows):
+    """Plain runs without padding, rows of one length together: ``{row: (output of its run, index in it)}``.
+    ``run_rows(tokens [k, n], rows, subject positions)`` runs one group."""
+    out = {}
+    for n in sorted(set(LENGTHS)):
+        rows = [r for r, m in enumerate(LENGTHS) if m == n]
+        pad = max(LENGTHS) - n
+        res = run_rows(tokens[rows, pad:], rows, np.array([SUBJECT[r] - pad for r in rows]))
+        out.update({r: (res, i) for i, r in enumerate(rows)})
+    return out
+
+
 def test_faithfulness_and_causality_match_a_direct_loop(gpt):
     tokens, mask, pos = _batch()
     layer, n_last = 0, gpt.config.n_layers - 1
@@ -93,13 +105,15 @@ def test_faithfulness_and_causality_match_a_direct_loop(gpt):
     u, sv, vt = np.linalg.svd(w)
     rank, targets = 8, np.array([1, 2, 3, 0])
     pinv = vt[:rank].T @ np.diag(1 / sv[:rank]) @ u[:, :rank].T
-    rows = [_unpadded(tokens, mask, r) for r in range(4)]
     site, out = f"blocks.{layer}.resid_pre", f"blocks.{n_last}.resid_post"
-    runs = [gpt.run(t, capture=[site, out]) for t, _ in rows]
-    s = [np.asarray(r.cache[site][0, p], np.float64) for r, (_, p) in zip(runs, rows)]
-    o = [np.asarray(r.cache[out][0, -1], np.float64) for r in runs]
-    pred = [int(np.argmax(r.logits[0, -1])) for r in runs]
-    np.testing.assert_allclose(_gpt2_head(gpt, o[0]), runs[0].logits[0, -1], atol=1e-4)  # the reference head
+    runs = _grouped_runs(tokens, lambda t, rows, p: (gpt.run(t, capture=[site, out]), p))
+    s, o, pred = [], [], []
+    for r in range(4):
+        (res, p), i = runs[r]
+        s.append(np.asarray(res.cache[site][i, p[i]], np.float64))
+        o.append(np.asarray(res.cache[out][i, -1], np.float64))
+        pred.append(int(np.argmax(res.logits[i, -1])))
+    np.testing.assert_allclose(_gpt2_head(gpt, o[0]), runs[0][0][0].logits[runs[0][1], -1], atol=1e-4)  # the head
     st = lre.states(gpt, tokens, pos, layer=layer, attention_mask=mask)
     hits = []
     for beta in (1.0, 3.0):
@@ -113,11 +127,13 @@ def test_faithfulness_and_causality_match_a_direct_loop(gpt):
         assert got.tolist() == want, beta
         hits += want
     assert 0 < sum(hits) < len(hits)  # both outcomes occur, so the comparison can fail
-    want = []
-    for r, (t, p) in enumerate(rows):
-        delta = (pinv @ (o[targets[r]] - o[r])).astype(np.float32)
-        edited = gpt.run(t, interventions={site: lambda x: x.at[0, p].add(delta)}).logits[0, -1]
-        want.append(int(np.argmax(edited)) == pred[targets[r]])
+
+    def edited(t, rows, p):  # each row's subject state moved by its own delta
+        delta = np.stack([pinv @ (o[targets[r]] - o[r]) for r in rows]).astype(np.float32)  # [rows, D]
+        return gpt.run(t, interventions={site: lambda x: x.at[np.arange(len(rows)), p].add(delta)}).logits
+
+    runs = _grouped_runs(tokens, edited)
+    want = [int(np.argmax(runs[r][0][runs[r][1], -1])) == pred[targets[r]] for r in range(4)]
     got = lre.causality(gpt, op, tokens, pos, targets, rank=rank, attention_mask=mask)
     assert np.asarray(got).tolist() == want
 
