@@ -100,6 +100,9 @@ def _prepare(model: Model, tokens, subject_pos, attention_mask, layer):
                          f"{pos.dtype} {pos.shape}")
     if pos.size and not (0 <= pos.min() and pos.max() < tokens.shape[1]):
         raise ValueError(f"subject_pos must lie in [0, {tokens.shape[1]}), got {pos.min()}..{pos.max()}")
+    if not np.asarray(mask)[:, -1].all():
+        raise ValueError("prompts must be left-padded: the object is read at the last column, which is padding in "
+                         "some rows (model.to_tokens pads left)")
     if pos.size and not np.asarray(mask)[np.arange(pos.size), pos].all():
         raise ValueError("subject_pos points at padding in some rows (expected the subject's last real token)")
     return tokens, mask, positions, jnp.asarray(pos, jnp.int32)

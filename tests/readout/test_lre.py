@@ -146,6 +146,8 @@ def test_bad_input_one_line_errors(gpt):
         lre.states(gpt, tokens, pos, layer=-1, attention_mask=mask)
     with pytest.raises(ValueError, match=r"^the relation has 4 example prompts, fewer than n=5 needed"):
         lre.estimate(gpt, tokens, pos, layer=0, n=5, attention_mask=mask)
+    with pytest.raises(ValueError, match="prompts must be left-padded"):
+        lre.states(gpt, tokens, pos, layer=0, attention_mask=mask[:, ::-1])
     with pytest.raises(ValueError, match="subject_pos points at padding"):
         lre.states(gpt, tokens, np.array([2, 0, 2, 4]), layer=0, attention_mask=mask)
     op = lre.LRE(weight=np.eye(32, dtype=np.float32), bias=np.zeros(32, np.float32))
