@@ -28,6 +28,8 @@ COMMANDS = {  # name -> (module, one-line help); module None: `models`
     "extractive-qa": ("jaxinterp.experiments.extractive_qa.main", "extractive-QA circuits (context vs memory), "
                       "ATTNATTRIB attribution and steering toward the context"),
     "lens": ("jaxinterp.experiments.lens.main", "logit lens vs tuned lens (KL-to-final per layer) on facts-gpt"),
+    "lre": ("jaxinterp.experiments.lre.main", "linear relational embeddings per relation and layer: the "
+            "facts-world transformer vs state-space model"),
     "token-erasure": ("jaxinterp.experiments.token_erasure.main", "token-erasure probes and the implicit-vocabulary "
                       "readout on facts-gpt vs frequent n-grams"),
     "das": ("jaxinterp.experiments.das.main", "learned subspace mediators (DAS) vs neurons, SAE latents, full "
