@@ -125,7 +125,9 @@ def _raise_from_device(bad, message: str):
     time. Each device checks its own shard (``partitioned``), so a sharded batch needs no collective."""
 
     def check(values):
-        if np.any(values):
+        # np.asarray first: np.any on a jax.Array calls its .any(), a jitted program, which waits for the
+        # device that is running this callback's own program (a deadlock under multi-device runs)
+        if np.any(np.asarray(values)):
             raise ValueError(message)
 
     jax.debug.callback(check, bad, partitioned=True)

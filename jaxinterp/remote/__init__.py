@@ -3,16 +3,16 @@
     blob = ji.remote.encode({"blocks.1.resid_post": ji.Add(v)})      # JSON structure + safetensors, no pickle
     ji.save_intervention("steer.safetensors", iv); ji.load_intervention("steer.safetensors")
     fn = ji.remote.export_fn(lambda x: x * 2, ("b", "t", 64))         # a ji.Fn that can travel (jax.export)
-    model = ji.remote.connect("http://127.0.0.1:8000", key="...")     # model.run(...) as locally
+    model = ji.remote.connect("http://127.0.0.1:8000", key="...")     # model.run / .generate / .sweep as locally
 
 The server (``jaxinterp serve``) and the client need the ``[serve]`` extra (fastapi, uvicorn, httpx).
 """
 
-from jaxinterp.remote.wire import (ExportedFn, Limits, WireError, check_module, decode, encode, export_fn,
-                                   load_intervention, save_intervention)
+from jaxinterp.remote.wire import (ExportedFn, Limits, WireError, check_module, check_safe, decode, encode, export_fn,
+                                   export_metric, load_intervention, save_intervention)
 
-__all__ = ["encode", "decode", "save_intervention", "load_intervention", "export_fn", "ExportedFn", "check_module",
-           "Limits", "WireError", "Client", "connect", "create_app"]
+__all__ = ["encode", "decode", "save_intervention", "load_intervention", "export_fn", "export_metric", "ExportedFn",
+           "check_module", "check_safe", "Limits", "WireError", "Client", "connect", "create_app"]
 
 
 def __getattr__(name):

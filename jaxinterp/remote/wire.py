@@ -12,6 +12,7 @@ Structure nodes::
     {"array": "t0"}                            tensor t0 of the blob
     {"iv": "Patch", "fields": {...}}           a built-in intervention (its dataclass fields)
     {"iv": "Fn", "module": "t3"}               a ji.Fn whose function is a jax.export module (uint8 tensor)
+    {"exported": "t4"}                         a bare jax.export module (a sweep metric), ``ExportedFn``
     {"sae": "topk", "fields": {...}}           an SAE (for ``jaxinterp.sae.Splice``); ``"reads"`` a dict
 
 Decoding trusts nothing: tensor dtypes come from a closed list, offsets must tile the data
@@ -40,7 +41,7 @@ from jaxinterp import interventions as _iv
 from jaxinterp.hf import _DTYPES, _NAMES
 
 __all__ = ["WireError", "Limits", "encode", "decode", "save_intervention", "load_intervention", "export_fn",
-           "ExportedFn", "check_module"]
+           "export_metric", "ExportedMetric", "ExportedFn", "check_module", "check_safe"]
 
 FORMAT, VERSION = "jaxinterp.wire", "1"
 _KINDS = {cls.__name__: cls for cls in (_iv.Patch, _iv.ZeroAblate, _iv.MeanAblate, _iv.Add, _iv.Scale,
@@ -82,8 +83,8 @@ class ExportedFn:
     def __init__(self, exported: "jax.export.Exported", blob: bytes):
         self.exported, self.blob = exported, bytes(blob)
 
-    def __call__(self, x):
-        return self.exported.call(x)
+    def __call__(self, *args):
+        return self.exported.call(*args)
 
     def __eq__(self, other):
         return isinstance(other, ExportedFn) and other.blob == self.blob
@@ -116,13 +117,20 @@ def _backend_platforms() -> tuple[str, ...]:
 
 
 def check_module(exported: "jax.export.Exported", limits: Limits = Limits()) -> None:
-    """Refuse a module that could run host code or cost more than ``limits`` allow."""
+    """Refuse a ``ji.Fn`` module that is not ``x -> x`` of one shape, could run host code or costs more
+    than ``limits`` allow."""
     if len(exported.in_avals) != 1 or len(exported.out_avals) != 1:
         raise WireError(f"an exported Fn must take one array and return one, got {len(exported.in_avals)} inputs and "
                         f"{len(exported.out_avals)} outputs")
     (a,), (b,) = exported.in_avals, exported.out_avals
     if a.shape != b.shape or a.dtype != b.dtype:
         raise WireError(f"an exported Fn must return its input's shape and dtype: {a.str_short()} -> {b.str_short()}")
+    check_safe(exported, limits)
+
+
+def check_safe(exported: "jax.export.Exported", limits: Limits = Limits()) -> None:
+    """Refuse any exported function (a Fn's, a sweep metric's) that could run host code or costs more than
+    ``limits`` allow."""
     if exported.ordered_effects or exported.unordered_effects:
         raise WireError("the exported Fn has side effects; only pure functions are accepted")
     if exported.nr_devices != 1:
@@ -147,17 +155,77 @@ def check_module(exported: "jax.export.Exported", limits: Limits = Limits()) -> 
                             f"{limits.max_module_elements}")
 
 
-def _load_module(blob: np.ndarray, limits: Limits) -> _iv.Fn:
+def _load_module(blob: np.ndarray, limits: Limits, fn: bool = True) -> _iv.Fn | ExportedFn:
+    """A ``ji.Fn`` (``fn``: checked to be ``x -> x``) or a bare ``ExportedFn`` from a uint8 tensor."""
     if blob.dtype != np.uint8 or blob.ndim != 1:
-        raise WireError(f"an Fn module must be a 1-D uint8 tensor, got {blob.dtype}{list(blob.shape)}")
+        raise WireError(f"an exported module must be a 1-D uint8 tensor, got {blob.dtype}{list(blob.shape)}")
     if blob.size > limits.max_module_bytes:
-        raise WireError(f"an Fn module of {blob.size} bytes exceeds the limit of {limits.max_module_bytes}")
+        raise WireError(f"an exported module of {blob.size} bytes exceeds the limit of {limits.max_module_bytes}")
     try:
         exported = jax.export.deserialize(bytearray(blob.tobytes()))
     except Exception as e:  # flatbuffers / MLIR parse errors of every kind
-        raise WireError(f"an Fn module is not a jax.export serialization ({type(e).__name__})") from None
-    check_module(exported, limits)
-    return _iv.Fn(ExportedFn(exported, blob.tobytes()))
+        raise WireError(f"an exported module is not a jax.export serialization ({type(e).__name__})") from None
+    (check_module if fn else check_safe)(exported, limits)
+    out = ExportedFn(exported, blob.tobytes())
+    return _iv.Fn(out) if fn else out
+
+
+def export_metric(fn: Callable[..., jax.Array], logits, *args, platforms: Optional[Sequence[str]] = None) -> ExportedFn:
+    """A sweep metric ``fn(logits [B, V], *args) -> scalar`` that can travel as data.
+
+    The module exported (``jax.export``, for the shapes and dtypes of ``logits`` and ``args``, arrays or
+    ``ShapeDtypeStruct``s) is ``fn`` vmapped over a leading symbolic axis of ``logits`` (``[n, B, V] ->
+    [n]``): a sweep evaluates its cells in vmapped chunks, and an exported module cannot be vmapped
+    itself. ``ExportedMetric`` runs it as ``fn`` again.
+    """
+    def spec(a):
+        return a if isinstance(a, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a))
+
+    out = jax.eval_shape(fn, spec(logits), *map(spec, args))
+    if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != ():
+        raise ValueError(f"a metric must return one scalar, got {out}")
+    logits = spec(logits)
+    dims = ", ".join(["n", *map(str, logits.shape)])
+    batched = jax.ShapeDtypeStruct(jax.export.symbolic_shape(dims), logits.dtype)
+    exported = jax.export.export(jax.jit(jax.vmap(fn, in_axes=(0, *[None] * len(args)))),
+                                 platforms=tuple(platforms or ("cpu", "cuda", "tpu")))(batched, *map(spec, args))
+    return ExportedFn(exported, exported.serialize())
+
+
+class ExportedMetric:
+    """``fn(logits, *args) -> scalar`` from ``export_metric``'s module (``[n, B, V] -> [n]``), vmappable
+    over ``logits`` (``jax.custom_batching``). Equal modules compare equal (one compiled sweep)."""
+
+    def __init__(self, module: ExportedFn):
+        exported = module.exported
+        (out,) = exported.out_avals if len(exported.out_avals) == 1 else (None,)
+        if out is None or len(out.shape) != 1 or not exported.in_avals or len(exported.in_avals[0].shape) < 1 \
+                or out.shape[0] != exported.in_avals[0].shape[0]:
+            raise WireError("a sweep metric must be exported by ji.remote.export_metric: [n, B, V], *args -> [n]")
+        self.module = module
+
+        @jax.custom_batching.custom_vmap
+        def call(logits, *args):
+            return module.exported.call(logits[None], *args)[0]
+
+        @call.def_vmap
+        def _rule(axis_size, in_batched, logits, *args):
+            if any(in_batched[1:]):
+                raise ValueError("a remote sweep metric's extra arguments cannot be vmapped")
+            if not in_batched[0]:
+                logits = jnp.broadcast_to(logits, (axis_size, *logits.shape))
+            return module.exported.call(logits, *args), True
+
+        self._call = call
+
+    def __call__(self, logits, *args):
+        return self._call(logits, *args)
+
+    def __eq__(self, other):
+        return isinstance(other, ExportedMetric) and other.module == self.module
+
+    def __hash__(self):
+        return hash(self.module)
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -180,6 +248,8 @@ class _Writer:
             return obj
         if isinstance(obj, (np.ndarray, np.generic, jax.Array)):
             return self.array(obj)
+        if isinstance(obj, ExportedFn):
+            return {"exported": self.array(np.frombuffer(obj.blob, np.uint8))["array"]}
         if isinstance(obj, _iv.Fn):
             if not isinstance(obj.fn, ExportedFn):
                 raise WireError("ji.Fn wraps a Python callable, which cannot travel as data; export it first: "
@@ -302,7 +372,11 @@ class _Reader:
         if not isinstance(name, str) or name not in self.tensors:
             raise WireError(f"the structure refers to a tensor {str(name)[:80]!r} the blob does not hold")
         self.used.add(name)
-        return jnp.asarray(self.tensors[name])
+        arr = self.tensors[name]
+        if arr.dtype.itemsize == 8 and arr.dtype.kind in "iu" and arr.size and not jax.config.jax_enable_x64 and (
+                arr.min() < np.iinfo(np.int32).min or arr.max() > np.iinfo(np.int32).max):
+            raise WireError(f"tensor {name!r}: {arr.dtype} values outside int32 (this process runs without x64)")
+        return jnp.asarray(arr)
 
     def node(self, n, depth: int = 0) -> Any:
         self.nodes += 1
@@ -327,15 +401,21 @@ class _Reader:
             return self.sae(n, depth)
         if tag == "reads" and len(n) == 1:
             return self.reads(n["reads"])
-        raise WireError(f"unknown structure node {str(n)[:80]} (tags: array, list, tuple, dict, iv, sae, reads)")
+        if tag == "exported" and len(n) == 1:
+            return _load_module(self.module_tensor(n["exported"]), self.limits, fn=False)
+        raise WireError(f"unknown structure node {str(n)[:80]} (tags: array, list, tuple, dict, iv, sae, reads, "
+                        f"exported)")
+
+    def module_tensor(self, name) -> np.ndarray:
+        if not isinstance(name, str) or name not in self.tensors:
+            raise WireError(f"an exported module refers to a tensor {str(name)[:80]!r} the blob does not hold")
+        self.used.add(name)
+        return self.tensors[name]
 
     def intervention(self, n: dict, depth: int):
         kind = n.get("iv")
         if kind == "Fn" and set(n) == {"iv", "module"}:
-            self.used.add(n["module"]) if isinstance(n["module"], str) else None
-            if n["module"] not in self.tensors:
-                raise WireError(f"the Fn refers to a module tensor {str(n['module'])[:80]!r} the blob does not hold")
-            return _load_module(self.tensors[n["module"]], self.limits)
+            return _load_module(self.module_tensor(n["module"]), self.limits)
         if kind == "Splice":
             from jaxinterp.sae.splice import Splice as cls
         elif kind in _KINDS:

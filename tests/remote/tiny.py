@@ -1,0 +1,20 @@
+"""A tiny random GPT-2 for the server tests, built from its abstract params (no compiled init), once per process."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxinterp as ji
+from jaxinterp.models.gpt2 import GPT2Config
+
+CFG = GPT2Config.tiny(vocab_size=31, d_model=16, n_layers=2, n_heads=2, d_mlp=32, max_seq_len=8)
+
+
+@functools.cache
+def tiny_model() -> ji.Model:
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map(lambda s: jnp.asarray(rng.normal(size=s.shape) * 0.2, s.dtype),
+                                    ji.model.abstract_params(CFG))
+    return ji.Model(params, CFG, "gpt2")
