@@ -163,15 +163,17 @@ def _captured(model: Model, batches: list[np.ndarray], sites, attention_mask) ->
 
 def train_tuned_lens(model: Model, batches: Iterable, config: TunedLensConfig = TunedLensConfig(), *,
                      layers: Optional[Sequence[int]] = None, attention_mask=None, directory=None,
-                     run_config: Optional[dict] = None, may_change: Sequence[str] = ("steps",),
+                     run_config: Optional[dict] = None,
+                     may_change: Sequence[str] = ("lens.steps", "lens.save_every"),
                      hooks: Sequence[Hook] = (), quiet: bool = True, log=print) -> tuple[TunedLens, list[dict]]:
     """Train translators for ``layers`` on ``batches`` (token arrays ``[B, T]``, cycled: step ``s``
     uses batch ``s % len(batches)``) with the model frozen, through ``jaxinterp.train.fit``.
 
     ``attention_mask`` (one for every batch, or None) excludes padding from the loss. With
     ``directory`` the run checkpoints there and resumes from it; ``run_config`` (default: the lens
-    config, layers and data shape) is recorded there and a resume with another one is refused
-    (``may_change``: fields a resume may change). ``hooks`` are ``fit``'s. Returns ``(lens, history)``:
+    config under ``lens``, layers and data shape) is recorded there and a resume with another one is
+    refused naming the field (``may_change``: dotted fields a resume may change; by default the step
+    count, to train longer, and the checkpoint interval). ``hooks`` are ``fit``'s. Returns ``(lens, history)``:
     one row per step, ``{"step", "loss", "kl_per_layer", "grad_norm"}``, of the whole run.
     """
     batches = [np.asarray(b) for b in batches]

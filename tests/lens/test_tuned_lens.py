@@ -94,3 +94,6 @@ def test_killed_training_resumes_from_its_checkpoint_bit_identical(model, tmp_pa
     with pytest.raises(ValueError, match=r"lens\.lr: 0\.01 -> 0\.02"):
         ji.lens.train_tuned_lens(model, train, ji.lens.TunedLensConfig(steps=8, lr=2e-2), directory=tmp_path / "b",
                                  **quiet)
+    _, longer = ji.lens.train_tuned_lens(model, train, ji.lens.TunedLensConfig(steps=9, lr=1e-2, save_every=3),
+                                         directory=tmp_path / "b", **quiet)  # a resume may train longer
+    assert [r["step"] for r in longer] == list(range(1, 10)) and longer[:8] == rows
