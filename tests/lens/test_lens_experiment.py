@@ -1,8 +1,9 @@
 """`jaxinterp lens` end to end on facts-gpt (the `tiny` preset, seconds): results.json's fields,
 its KL figures against a direct computation from the saved lens, the tuned lens beating the logit
-lens at the early layers, and a run stopped at its checkpoint then resumed ending bit-identical."""
+lens at the early layers, and a run killed after a checkpoint resuming from it bit-identical."""
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -59,12 +60,17 @@ def test_results_fields_and_figures_match_a_direct_computation(straight):
     assert res["kl_tuned_lens"][1] < 0.8 * res["kl_logit_lens"][1]
 
 
-def test_stopped_run_resumes_from_its_checkpoint_bit_identical(straight, tmp_path):
+def test_run_killed_after_a_checkpoint_resumes_bit_identical(straight, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["--preset", "tiny", "--set", "steps=20", "--out", str(out)]) == 0  # stops at checkpoint 20
-    assert main(["--preset", "tiny", "--set", "lr=0.01", "--out", str(out)]) == 2  # another run: refused
-    assert main(["--preset", "tiny", "--out", str(out)]) == 0  # resumes at 20, runs to 40
+    shutil.copytree(straight, out)  # as a run killed after step 20's checkpoint had left it:
+    shutil.rmtree(out / "ckpt" / "40")  # no later checkpoint, metrics rows past 20, no outputs
+    for name in ("results.json", "tuned_lens.safetensors", "kl_to_final.png"):
+        (out / name).unlink()
+    assert read_metrics(out / "ckpt" / "metrics.jsonl")[-1]["step"] == 40
+    capsys.readouterr()
+    assert main(["--preset", "tiny", "--out", str(out)]) == 0  # the same command: resumes at 20, runs to 40
+    assert f"resumed from step 20 ({out / 'ckpt'})" in capsys.readouterr().out
     assert (out / "tuned_lens.safetensors").read_bytes() == (straight / "tuned_lens.safetensors").read_bytes()
     assert read_metrics(out / "ckpt" / "metrics.jsonl") == read_metrics(straight / "ckpt" / "metrics.jsonl")
     a, b = (json.loads((d / "results.json").read_text()) for d in (out, straight))
-    assert a["kl_tuned_lens"] == b["kl_tuned_lens"]
+    assert a["kl_tuned_lens"] == b["kl_tuned_lens"] and a["kl_logit_lens"] == b["kl_logit_lens"]
