@@ -36,6 +36,7 @@ __version__ = "0.1.0"
 _LAZY_SUBMODULES = (
     "patching", "editing", "sae", "lora", "unlearning", "sharding", "checkpoint", "heads", "grads", "hf",
     "interventions", "sites", "models", "steering", "remote", "lens", "attribution", "folding", "viz", "interop",
+    "readout",
 )
 
 

@@ -25,7 +25,11 @@ COMMANDS = {  # name -> (module, one-line help); module None: `models`
                  "facts-world behaviours"),
     "steer": ("jaxinterp.experiments.steering.main", "steering vectors on facts-gpt: attribute change vs recall "
               "drop over scales"),
+    "extractive-qa": ("jaxinterp.experiments.extractive_qa.main", "extractive-QA circuits (context vs memory), "
+                      "ATTNATTRIB attribution and steering toward the context"),
     "lens": ("jaxinterp.experiments.lens.main", "logit lens vs tuned lens (KL-to-final per layer) on facts-gpt"),
+    "token-erasure": ("jaxinterp.experiments.token_erasure.main", "token-erasure probes and the implicit-vocabulary "
+                      "readout on facts-gpt vs frequent n-grams"),
     "elm-erase": ("jaxinterp.experiments.elm_erase.main", "erase a domain's facts with ELM, gradient ascent and RMU"),
     "train-lm": ("jaxinterp.experiments.train_lm.main", "train a model on the facts world (resumable, HF export)"),
     "train-othello": ("jaxinterp.experiments.train_othello.main", "train othello-gpt on random legal games"),

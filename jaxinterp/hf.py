@@ -45,10 +45,12 @@ __all__ = [
     "HF_FIELD_TYPES",
     "INDEX_NAME",
     "ConversionError",
+    "build_config",
     "check_config_fields",
     "check_config_types",
     "check_tensors",
     "check_finite",
+    "read_model_type",
     "read_safetensors",
     "write_safetensors",
     "read_hf_dir",
@@ -153,6 +155,30 @@ def check_config_fields(model_type: str, config: Mapping, handled: Iterable[str]
         )
     table = {**HF_FIELD_TYPES, **(types or {})}
     check_config_types(model_type, config, {f: t for f, t in table.items() if f in handled})
+
+
+def read_model_type(family: str, config: Mapping, variants: Iterable[str], handled: Mapping[str, Iterable[str]] | Iterable[str],
+                    ignored: Iterable[str] = (), *, default: str | None = None) -> str:
+    """The checkpoint's ``model_type``, refused unless it is one of the family's ``variants``, with its
+    config fields checked (``check_config_fields``) against ``handled`` (one list, or one per variant)."""
+    variants = tuple(variants)
+    variant = config.get("model_type", default)
+    if variant not in variants:
+        wanted = f"model type {variants[0]!r}" if len(variants) == 1 else f"model types {variants}"
+        raise ConversionError(f"{family} family reads {wanted}, got {variant!r}")
+    fields = handled[variant] if isinstance(handled, Mapping) else handled
+    check_config_fields(variant, config, fields, ignored)
+    return variant
+
+
+def build_config(cls, model_type: str, **fields):
+    """``cls(**fields)``, its validation errors raised as ``ConversionError`` naming the model type."""
+    try:
+        return cls(**fields)
+    except ConversionError:
+        raise
+    except ValueError as err:
+        raise ConversionError(f"{model_type}: {err}") from err
 
 
 _TYPE_NAMES = {int: "int", float: "float", bool: "bool", str: "str", list: "list", dict: "object",

@@ -179,6 +179,16 @@ def rope_to_hf(theta: float, scaling: Optional[RopeScaling], partial: float = 1.
     return out
 
 
+def read_full_rope(model_type: str, d: Mapping[str, Any], *, max_position_embeddings: int
+                   ) -> tuple[float, Optional[RopeScaling]]:
+    """``read_rope_dict`` for families that rotate every feature of a head: (theta, scaling), refusing a
+    ``partial_rotary_factor`` other than 1."""
+    theta, partial, scaling = read_rope_dict(model_type, d, max_position_embeddings=max_position_embeddings)
+    if partial != 1.0:
+        raise ConversionError(f"{model_type}: partial_rotary_factor={partial} is not supported (only 1.0)")
+    return theta, scaling
+
+
 def usable_context(max_position_embeddings: int, scaling: Optional[RopeScaling]) -> int:
     """The longest sequence a config accepts: the HF context, or ``factor`` times it for dynamic NTK
     (whose whole point is running past the trained context)."""

@@ -15,10 +15,10 @@ import dataclasses
 import math
 from typing import Any, Mapping, Optional
 
-from jaxinterp.hf import ConversionError, check_config_fields
+from jaxinterp.hf import ConversionError, build_config, read_model_type
 from jaxinterp.models.common import check_activation
 from jaxinterp.models.rope import (
-    RopeScaling, hf_context, make_rope, read_rope_dict, read_scaling, rope_to_hf, usable_context,
+    RopeScaling, hf_context, make_rope, read_full_rope, read_scaling, rope_to_hf, usable_context,
 )
 from jaxinterp.models.transformer.arch import Arch
 from jaxinterp.models.transformer.convert import (
@@ -156,10 +156,7 @@ class GemmaConfig:
     # HF --------------------------------------------------------------------------------
     @classmethod
     def from_hf(cls, d: Mapping[str, Any]) -> "GemmaConfig":
-        variant = d.get("model_type", "gemma")
-        if variant not in VARIANTS:
-            raise ConversionError(f"gemma family reads model types {VARIANTS}, got {variant!r}")
-        check_config_fields(variant, d, _HANDLED[variant], _IGNORED)
+        variant = read_model_type("gemma", d, VARIANTS, _HANDLED, _IGNORED, default="gemma")
         if d.get("use_bidirectional_attention"):
             raise ConversionError(f"{variant}: use_bidirectional_attention=true (an encoder) is not supported; "
                                   f"supported: false (causal)")
@@ -172,9 +169,7 @@ class GemmaConfig:
         if variant == "gemma3_text":
             kw.update(_gemma3_rope(d, context))
         else:
-            theta, partial, scaling = read_rope_dict(variant, d, max_position_embeddings=context)
-            if partial != 1.0:
-                raise ConversionError(f"{variant}: partial_rotary_factor={partial} is not supported (only 1.0)")
+            theta, scaling = read_full_rope(variant, d, max_position_embeddings=context)
             kw.update(rope_theta=theta, rope_scaling=scaling)
         if variant == "gemma3_text" and d.get("attn_logit_softcapping") is not None:
             raise ConversionError(f"gemma3_text: attn_logit_softcapping={d['attn_logit_softcapping']} is not applied "
@@ -186,10 +181,7 @@ class GemmaConfig:
                       sliding_window=d.get("sliding_window", 4096),
                       sliding_layers=_sliding_layers(variant, d, dims["n_layers"]))
         kw["max_seq_len"] = usable_context(context, kw["rope_scaling"])
-        try:
-            return cls(**kw)
-        except ValueError as err:
-            raise ConversionError(f"{variant}: {err}") from err
+        return build_config(cls, variant, **kw)
 
     def to_hf(self) -> dict[str, Any]:
         out: dict[str, Any] = {

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from jaxinterp.hf import ConversionError, check_config_fields
+from jaxinterp.hf import ConversionError, build_config, read_model_type
 from jaxinterp.models.common import Rope, check_activation
 from jaxinterp.models.transformer.arch import Arch
 from jaxinterp.models.transformer.convert import check_positive
@@ -76,23 +76,19 @@ class GPTJConfig:
 
     @classmethod
     def from_hf(cls, d: Mapping[str, Any]) -> "GPTJConfig":
-        if d.get("model_type") != "gptj":
-            raise ConversionError(f"gptj family reads model type 'gptj', got {d.get('model_type')!r}")
-        check_config_fields("gptj", d, _HANDLED, _IGNORED)
+        read_model_type("gptj", d, ("gptj",), _HANDLED, _IGNORED)
         for flag in ("rotary", "scale_attn_weights"):
             if not d.get(flag, True):
                 raise ConversionError(f"gptj: {flag}=false is not GPT-J's computation; supported: true")
         if d.get("rotary_dim") is None:
             raise ConversionError("gptj: rotary_dim=null is not supported (transformers' GPT-J needs it for "
                                   "multi-head attention); set it to the rotated features per head")
-        try:
-            return cls(vocab_size=d.get("vocab_size", 50400), max_seq_len=d.get("n_positions", 2048),
-                       d_model=d.get("n_embd", 4096), n_layers=d.get("n_layer", 28), n_heads=d.get("n_head", 16),
-                       rotary_dim=d["rotary_dim"], d_mlp=d.get("n_inner"),
-                       activation=d.get("activation_function", "gelu_new"), ln_eps=d.get("layer_norm_epsilon", 1e-5),
-                       tie_embeddings=bool(d.get("tie_word_embeddings", False)))
-        except ValueError as err:
-            raise ConversionError(f"gptj: {err}") from err
+        return build_config(cls, "gptj", vocab_size=d.get("vocab_size", 50400), max_seq_len=d.get("n_positions", 2048),
+                            d_model=d.get("n_embd", 4096), n_layers=d.get("n_layer", 28), n_heads=d.get("n_head", 16),
+                            rotary_dim=d["rotary_dim"], d_mlp=d.get("n_inner"),
+                            activation=d.get("activation_function", "gelu_new"),
+                            ln_eps=d.get("layer_norm_epsilon", 1e-5),
+                            tie_embeddings=bool(d.get("tie_word_embeddings", False)))
 
     def to_hf(self) -> dict[str, Any]:
         return {"model_type": "gptj", "architectures": ["GPTJForCausalLM"], "vocab_size": self.vocab_size,

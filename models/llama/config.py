@@ -14,9 +14,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Optional
 
-from jaxinterp.hf import ConversionError, check_config_fields
+from jaxinterp.hf import ConversionError, build_config, read_model_type
 from jaxinterp.models.common import check_activation
-from jaxinterp.models.rope import RopeScaling, hf_context, make_rope, read_rope_dict, rope_to_hf, usable_context
+from jaxinterp.models.rope import RopeScaling, hf_context, make_rope, read_full_rope, rope_to_hf, usable_context
 from jaxinterp.models.transformer.arch import Arch
 
 VARIANTS = ("llama", "mistral", "qwen2", "qwen3")
@@ -220,14 +220,9 @@ class LlamaConfig:
     # HF --------------------------------------------------------------------------------
     @classmethod
     def from_hf(cls, d: Mapping[str, Any]) -> "LlamaConfig":
-        variant = d.get("model_type", "llama")
-        if variant not in VARIANTS:
-            raise ConversionError(f"llama family reads model types {VARIANTS}, got {variant!r}")
-        check_config_fields(variant, d, _HANDLED[variant], _IGNORED)
+        variant = read_model_type("llama", d, VARIANTS, _HANDLED, _IGNORED, default="llama")
         context = d.get("max_position_embeddings", 2048)
-        theta, factor, scaling = read_rope_dict(variant, d, max_position_embeddings=context)
-        if factor != 1.0:
-            raise ConversionError(f"{variant}: partial_rotary_factor={factor} is not supported (only 1.0)")
+        theta, scaling = read_full_rope(variant, d, max_position_embeddings=context)
         n_heads = d.get("num_attention_heads", 32)
         d_model = d.get("hidden_size", 4096)
         attention_bias = bool(d.get("attention_bias", False))
@@ -255,10 +250,7 @@ class LlamaConfig:
             kw["sliding_window"] = d.get("sliding_window")
         elif variant in ("qwen2", "qwen3"):
             kw["sliding_window"], kw["sliding_layers"] = _qwen2_windows(d, kw["n_layers"])
-        try:
-            return cls(**kw)
-        except ValueError as err:
-            raise ConversionError(f"{variant}: {err}") from err
+        return build_config(cls, variant, **kw)
 
     def to_hf(self) -> dict[str, Any]:
         out: dict[str, Any] = {

@@ -12,9 +12,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Optional
 
-from jaxinterp.hf import ConversionError, check_config_fields
+from jaxinterp.hf import build_config, read_model_type
 from jaxinterp.models.common import check_activation
-from jaxinterp.models.rope import RopeScaling, hf_context, make_rope, read_rope_dict, rope_to_hf, usable_context
+from jaxinterp.models.rope import RopeScaling, hf_context, make_rope, read_full_rope, rope_to_hf, usable_context
 from jaxinterp.models.transformer.arch import Arch
 from jaxinterp.models.transformer.convert import DIM_FIELDS, check_positive, dims_to_hf, read_dims, windows
 
@@ -109,14 +109,9 @@ class MixtralConfig:
     # HF --------------------------------------------------------------------------------
     @classmethod
     def from_hf(cls, d: Mapping[str, Any]) -> "MixtralConfig":
-        variant = d.get("model_type", "mixtral")
-        if variant not in VARIANTS:
-            raise ConversionError(f"mixtral family reads model types {VARIANTS}, got {variant!r}")
-        check_config_fields(variant, d, _HANDLED[variant], _IGNORED)
+        variant = read_model_type("mixtral", d, VARIANTS, _HANDLED, _IGNORED, default="mixtral")
         context = d.get("max_position_embeddings", 4096)
-        theta, partial, scaling = read_rope_dict(variant, d, max_position_embeddings=context)
-        if partial != 1.0:
-            raise ConversionError(f"{variant}: partial_rotary_factor={partial} is not supported (only 1.0)")
+        theta, scaling = read_full_rope(variant, d, max_position_embeddings=context)
         dims = read_dims(d, vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, d_mlp=14336)
         kw: dict[str, Any] = dict(variant=variant, **dims, max_seq_len=usable_context(context, scaling),
                                   top_k=d.get("num_experts_per_tok", 2), activation=d.get("hidden_act", "silu"),
@@ -126,10 +121,7 @@ class MixtralConfig:
         else:
             kw.update(n_experts=d.get("num_experts", 64), norm_topk=bool(d.get("norm_topk_prob", False)),
                       attention_bias=bool(d.get("attention_bias", False)), clip_qkv=d.get("clip_qkv"))
-        try:
-            return cls(**kw)
-        except ValueError as err:
-            raise ConversionError(f"{variant}: {err}") from err
+        return build_config(cls, variant, **kw)
 
     def to_hf(self) -> dict[str, Any]:
         out: dict[str, Any] = {

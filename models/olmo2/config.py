@@ -11,9 +11,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Optional
 
-from jaxinterp.hf import ConversionError, check_config_fields
+from jaxinterp.hf import build_config, read_model_type
 from jaxinterp.models.common import check_activation
-from jaxinterp.models.rope import RopeScaling, hf_context, make_rope, read_rope_dict, rope_to_hf, usable_context
+from jaxinterp.models.rope import RopeScaling, hf_context, make_rope, read_full_rope, rope_to_hf, usable_context
 from jaxinterp.models.transformer.arch import Arch
 from jaxinterp.models.transformer.convert import DIM_FIELDS, check_positive, dims_to_hf, read_dims
 
@@ -75,21 +75,14 @@ class Olmo2Config:
 
     @classmethod
     def from_hf(cls, d: Mapping[str, Any]) -> "Olmo2Config":
-        if d.get("model_type") != "olmo2":
-            raise ConversionError(f"olmo2 family reads model type 'olmo2', got {d.get('model_type')!r}")
-        check_config_fields("olmo2", d, _HANDLED, _IGNORED)
+        read_model_type("olmo2", d, ("olmo2",), _HANDLED, _IGNORED)
         context = d.get("max_position_embeddings", 2048)
-        theta, partial, scaling = read_rope_dict("olmo2", d, max_position_embeddings=context)
-        if partial != 1.0:
-            raise ConversionError(f"olmo2: partial_rotary_factor={partial} is not supported (only 1.0)")
+        theta, scaling = read_full_rope("olmo2", d, max_position_embeddings=context)
         dims = read_dims(d, vocab_size=50304, d_model=4096, n_layers=32, n_heads=32, d_mlp=11008)
         dims.pop("head_dim")
-        try:
-            return cls(**dims, max_seq_len=usable_context(context, scaling), activation=d.get("hidden_act", "silu"),
-                       rms_eps=d.get("rms_norm_eps", 1e-5), rope_theta=theta, rope_scaling=scaling,
-                       attention_bias=bool(d.get("attention_bias", False)))
-        except ValueError as err:
-            raise ConversionError(f"olmo2: {err}") from err
+        return build_config(cls, "olmo2", **dims, max_seq_len=usable_context(context, scaling),
+                            activation=d.get("hidden_act", "silu"), rms_eps=d.get("rms_norm_eps", 1e-5),
+                            rope_theta=theta, rope_scaling=scaling, attention_bias=bool(d.get("attention_bias", False)))
 
     def to_hf(self) -> dict[str, Any]:
         out = {"model_type": "olmo2", "architectures": ["Olmo2ForCausalLM"], **dims_to_hf(self),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Optional
 
-from jaxinterp.hf import ConversionError, check_config_fields
+from jaxinterp.hf import ConversionError, build_config, read_model_type
 from jaxinterp.models.common import check_activation
 from jaxinterp.models.rope import RopeScaling, make_rope, read_rope_dict, rope_to_hf
 from jaxinterp.models.transformer.arch import Arch
@@ -88,9 +88,7 @@ class Phi3Config:
 
     @classmethod
     def from_hf(cls, d: Mapping[str, Any]) -> "Phi3Config":
-        if d.get("model_type") != "phi3":
-            raise ConversionError(f"phi3 family reads model type 'phi3', got {d.get('model_type')!r}")
-        check_config_fields("phi3", d, _HANDLED, _IGNORED)
+        read_model_type("phi3", d, ("phi3",), _HANDLED, _IGNORED)
         context = d.get("max_position_embeddings", 4096)
         theta, partial, scaling = read_rope_dict("phi3", _legacy_longrope(d), max_position_embeddings=context)
         if scaling is not None and scaling.rope_type != "longrope":
@@ -98,13 +96,10 @@ class Phi3Config:
                                   f"['default', 'longrope'] (legacy 'su' / 'yarn' read as longrope)")
         dims = read_dims(d, vocab_size=32064, d_model=3072, n_layers=32, n_heads=32, d_mlp=8192)
         dims.pop("head_dim")
-        try:
-            return cls(**dims, max_seq_len=context, activation=d.get("hidden_act", "silu"),
-                       rms_eps=d.get("rms_norm_eps", 1e-5), rope_theta=theta, rope_scaling=scaling,
-                       partial_rotary=partial, sliding_window=d.get("sliding_window"),
-                       pad_token_id=d.get("pad_token_id", 32000))
-        except ValueError as err:
-            raise ConversionError(f"phi3: {err}") from err
+        return build_config(cls, "phi3", **dims, max_seq_len=context, activation=d.get("hidden_act", "silu"),
+                            rms_eps=d.get("rms_norm_eps", 1e-5), rope_theta=theta, rope_scaling=scaling,
+                            partial_rotary=partial, sliding_window=d.get("sliding_window"),
+                            pad_token_id=d.get("pad_token_id", 32000))
 
     def to_hf(self) -> dict[str, Any]:
         out = {"model_type": "phi3", "architectures": ["Phi3ForCausalLM"], **dims_to_hf(self),

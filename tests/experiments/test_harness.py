@@ -188,6 +188,8 @@ MAINS = {  # module -> an int-typed key of its config
     "jaxinterp.experiments.circuits.main": "n_train",
     "jaxinterp.experiments.train_saes.main": "steps",
     "jaxinterp.experiments.lens.main": "rows",
+    "jaxinterp.experiments.token_erasure.main": "steps",
+    "jaxinterp.experiments.extractive_qa.main": "n_eval",
 }
 
 
@@ -237,7 +239,8 @@ def test_jaxinterp_command(tmp_path):
     assert help_.returncode == 0
     names = [line.split()[0] for line in help_.stdout.splitlines() if line.startswith("  ")]
     assert names == ["trace", "recall", "rome", "sae-boardgame", "sae-dashboard", "train-saes", "circuits", "steer",
-                     "lens", "elm-erase", "train-lm", "train-othello", "serve", "models"]
+                     "extractive-qa", "lens", "token-erasure", "elm-erase", "train-lm", "train-othello", "serve",
+                     "models"]
     for proc in (bad_model, hub, unknown):
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "unknown model 'no-such-model'" in bad_model.stderr and "network" not in bad_model.stderr
