@@ -76,10 +76,12 @@ def main(argv=None) -> dict:
     for name, fn in variants.items():  # first calls: ji compiles here; torch warms up
         first[name], out = _timed(fn)
         agree[name] = out
+        print(f"first call {name}: {first[name]:.2f} s", file=sys.stderr, flush=True)
     times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(args.rounds):
         for name, fn in variants.items():
             times[name].append(_timed(fn)[0])
+            print(f"round {len(times[name])} {name}: {times[name][-1]:.2f} s", file=sys.stderr, flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     base, long = args.new[0], args.new[-1]
     result = {
