@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -69,15 +70,18 @@ def main(argv=None) -> dict:
                                    do_sample=False, pad_token_id=0)[:, args.prompt:].numpy()
         return run
 
+    load_start = os.getloadavg()
     variants = {**{f"ji_{n}": ours(n) for n in args.new}, **{f"hf_{n}": theirs(n) for n in args.new}}
     first, agree = {}, {}
     for name, fn in variants.items():  # first calls: ji compiles here; torch warms up
         first[name], out = _timed(fn)
         agree[name] = out
+        print(f"first call {name}: {first[name]:.2f} s", file=sys.stderr, flush=True)
     times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(args.rounds):
         for name, fn in variants.items():
             times[name].append(_timed(fn)[0])
+            print(f"round {len(times[name])} {name}: {times[name][-1]:.2f} s", file=sys.stderr, flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     base, long = args.new[0], args.new[-1]
     result = {
@@ -97,6 +101,11 @@ def main(argv=None) -> dict:
                                     "hf": med[f"hf_{long}"] / med[f"hf_{base}"]},
         "greedy_tokens_equal_transformers": {n: bool(np.array_equal(agree[f"ji_{n}"], agree[f"hf_{n}"]))
                                              for n in args.new},
+        "load_average_1_5_15": {"start": load_start, "end": os.getloadavg()},  # a shared machine distorts all
+    }
+    result["targets_met"] = {  # issue 19: >= 1.0x transformers at the base count; time(long) <= 2.3 x time(base)
+        "speedup_ge_1": result["speedup_vs_transformers"][base] >= 1.0,
+        "long_vs_base_le_2.3": result["time_ratio_long_vs_base"]["ji"] <= 2.3 * long / (2 * base),
     }
     print(json.dumps(result, indent=2))
     return result

@@ -4,13 +4,15 @@
     jaxinterp lens --preset smoke --out /tmp/lens    # seconds
 
 Trains a ``ji.lens.TunedLens`` (one affine translator per layer, KL distillation to the model's
-final distribution) on facts-world rows, saves it to ``<out>/tuned_lens.safetensors``, and
-writes ``results.json`` (KL-to-final per layer for both lenses on held-out rows) and
-``kl_to_final.png``.
+final distribution) on facts-world rows through the library's training loop (checkpoints in
+``<out>/ckpt``: a killed run re-run with the same command resumes and ends bit-identical), saves
+it to ``<out>/tuned_lens.safetensors``, and writes ``results.json`` (KL-to-final per layer for both
+lenses on held-out rows) and ``kl_to_final.png``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -24,7 +26,9 @@ from jaxinterp.experiments.sae_dashboard.main import facts_rows
 
 from .config import LensConfig
 
-PRESETS = {"default": LensConfig.default, "smoke": LensConfig.smoke}
+PRESETS = {"default": LensConfig.default, "smoke": LensConfig.smoke, "tiny": LensConfig.tiny}
+# a resume may change these (evaluation only, or a longer run); any other change is refused
+RESUMABLE_FIELDS = ("steps", "rows", "save_every")
 
 
 def mean_kl(model, lens_logits, final, keep: np.ndarray) -> list[float]:
@@ -50,25 +54,34 @@ def plot(layers: list[int], kl_logit: list[float], kl_tuned: list[float], title:
 def run(cfg: LensConfig, out: Path) -> dict:
     with locked(out):
         model = ji.load(cfg.model)
+        if model.config.n_layers < 2:
+            raise ValueError(f"the lens run needs a model with at least 2 layers; {cfg.model!r} has "
+                             f"{model.config.n_layers}")
         train, _ = facts_rows(cfg, model, cfg.train_rows, seed=cfg.seed + 1)
         held, bos = facts_rows(cfg, model, cfg.rows, seed=cfg.seed + 2)
         t0 = time.time()
         batches = [train[i:i + cfg.batch_rows] for i in range(0, len(train), cfg.batch_rows)]
-        lens, losses = ji.lens.train_tuned_lens(model, batches, ji.lens.TunedLensConfig(steps=cfg.steps, lr=cfg.lr))
+        trained = list(range(model.config.n_layers - 1))  # the last layer's translator is the identity
+        lens_cfg = ji.lens.TunedLensConfig(steps=cfg.steps, lr=cfg.lr, save_every=cfg.save_every, seed=cfg.seed)
+        lens, history = ji.lens.train_tuned_lens(model, batches, lens_cfg, layers=trained, directory=out / "ckpt",
+                                                 run_config=dataclasses.asdict(cfg), may_change=RESUMABLE_FIELDS,
+                                                 quiet=False)
         train_seconds = time.time() - t0
         lens.save(out / "tuned_lens.safetensors")
         final = model.run(held).logits
         keep = held != bos
         kl_logit = mean_kl(model, ji.lens.logit_lens(model, held), final, keep)
-        kl_tuned = mean_kl(model, lens(model, held), final, keep)
-        layers = list(lens.layers)
+        layers = list(range(model.config.n_layers))
+        kl_tuned = mean_kl(model, lens(model, held), final, keep) + kl_logit[len(trained):]
         plot(layers, kl_logit, kl_tuned, f"{cfg.model}: {cfg.rows} held-out rows x {cfg.seq_len} tokens",
              out / "kl_to_final.png")
     print("KL(final || lens) per layer, nats (held-out rows, BOS excluded):")
     for layer, a, b in zip(layers, kl_logit, kl_tuned):
         print(f"  layer {layer}: logit lens {a:.4f}  tuned lens {b:.4f}")
-    return {"layers": layers, "kl_logit_lens": kl_logit, "kl_tuned_lens": kl_tuned,
-            "train_loss_first": losses[0], "train_loss_last": losses[-1], "train_seconds": train_seconds,
+    return {"layers": layers, "tuned_layers": trained, "kl_logit_lens": kl_logit, "kl_tuned_lens": kl_tuned,
+            "train_steps": history[-1]["step"], "train_loss_first": history[0]["loss"],
+            "train_loss_last": history[-1]["loss"], "train_kl_per_layer_last": history[-1]["kl_per_layer"],
+            "train_seconds": train_seconds,
             "train_tokens": int(train.size), "eval_tokens": int(keep.sum()), "lens": str(out / "tuned_lens.safetensors")}
 
 

@@ -6,12 +6,15 @@ tuned lens is exactly the logit lens. Translators are trained to minimise
 ``KL(p_final || p_lens)`` (the paper's distillation loss) with the model frozen; every layer has its
 own parameters, so the summed loss trains each layer independently.
 
-    lens, losses = ji.lens.train_tuned_lens(model, batches, ji.lens.TunedLensConfig(steps=200))
+    lens, history = ji.lens.train_tuned_lens(model, batches, ji.lens.TunedLensConfig(steps=200),
+                                             directory="runs/lens/ckpt")   # resumable
     logits = lens(model, tokens)                # [n_layers, B, T, V]
     lens.save("lens.safetensors"); ji.lens.TunedLens.load("lens.safetensors")
 
-The training loop here is deliberately small (Adam, fixed steps, no checkpoints); a resumable run
-belongs to the library's shared training loop once it exists.
+Training runs on the library's one loop (``jaxinterp.train.fit``): Adam on the translators with the
+model passed frozen, one metrics row per step (the summed loss and ``kl_per_layer``). With a
+``directory`` it checkpoints there, and a killed run re-run with the same arguments resumes from
+its last checkpoint and ends bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -31,20 +34,26 @@ import optax
 from jaxinterp.hf import read_safetensors, write_safetensors
 from jaxinterp.lens.logit import apply_head, capture_residuals, kl_to_final, residual_sites
 from jaxinterp.model import Model
+from jaxinterp.train import Hook, LoopConfig, fit, init_state, loss_step, make_train_step
 
 __all__ = ["TunedLens", "TunedLensConfig", "train_tuned_lens"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TunedLensConfig:
-    """``steps`` Adam steps at learning rate ``lr`` (cycling over the batches given)."""
+    """``steps`` Adam steps at learning rate ``lr`` (cycling over the batches given); with a
+    checkpoint directory, a checkpoint every ``save_every`` steps (and at the end)."""
 
     steps: int = 200
     lr: float = 1e-3
+    save_every: int = 100
+    seed: int = 0
 
     def __post_init__(self):
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps must be a positive int, got {self.steps!r}")
+        for name in ("steps", "save_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
 
@@ -81,7 +90,7 @@ class TunedLens:
 
     def translate(self, resid: jax.Array) -> jax.Array:
         """``resid [n, ..., D]`` (one row per lens layer) -> translated residuals, same shape."""
-        return _translate((self.weight, self.bias), resid)
+        return _translate({"weight": self.weight, "bias": self.bias}, resid)
 
     def __call__(self, model: Model, tokens, *, attention_mask=None, positions=None, logits_at=None,
                  interventions=None) -> jax.Array:
@@ -123,7 +132,7 @@ def _metadata(path) -> dict:
 
 
 def _translate(params, resid):
-    weight, bias = params  # [n, D, D], [n, D]
+    weight, bias = params["weight"], params["bias"]  # [n, D, D], [n, D]
     x = resid.astype(jnp.float32)  # [n, ..., D]
     shape = x.shape
     flat = x.reshape(shape[0], -1, shape[-1])  # [n, N, D]
@@ -131,41 +140,56 @@ def _translate(params, resid):
     return out.reshape(shape)
 
 
-def _loss(params, model: Model, resid, final, mask):
-    """Mean over real positions of ``KL(final || tuned lens)``, summed over layers."""
-    logits = apply_head(model, _translate(params, resid))  # [n, B, T, V]
-    kl = kl_to_final(logits, final)  # [n, B, T]
+def lens_loss(params, model: Model, batch, key=None):
+    """Mean over real positions of ``KL(final || tuned lens)``, summed over layers, and the per-layer
+    terms (``fit``'s loss signature: the model is the frozen argument; ``batch``: ``resid [n, B, T, D]``,
+    ``final [B, T, V]``, ``mask [B, T]``)."""
+    logits = apply_head(model, _translate(params, batch["resid"]))  # [n, B, T, V]
+    kl = kl_to_final(logits, batch["final"])  # [n, B, T]
+    mask = batch["mask"]
     per_layer = jnp.sum(kl * mask, axis=(1, 2)) / jnp.maximum(jnp.sum(mask), 1.0)  # [n]
-    return jnp.sum(per_layer), per_layer
+    return jnp.sum(per_layer), {"kl_per_layer": per_layer}
+
+
+def _captured(model: Model, batches: list[np.ndarray], sites, attention_mask) -> list[dict]:
+    """Each batch's residuals, final logits and loss mask (the model is frozen: computed once)."""
+    out = []
+    for tokens in batches:
+        resid, final = capture_residuals(model, tokens, sites, attention_mask=attention_mask)
+        mask = np.ones(tokens.shape, np.float32) if attention_mask is None else np.asarray(attention_mask, np.float32)
+        out.append({"resid": resid, "final": final, "mask": jnp.asarray(mask)})
+    return out
 
 
 def train_tuned_lens(model: Model, batches: Iterable, config: TunedLensConfig = TunedLensConfig(), *,
-                     layers: Optional[Sequence[int]] = None, attention_mask=None) -> tuple[TunedLens, list[float]]:
-    """Train translators for ``layers`` on ``batches`` (token arrays ``[B, T]``, cycled) with the model
-    frozen. ``attention_mask`` (one for every batch, or None) excludes padding from the loss.
-    Returns ``(lens, losses)`` with the summed per-layer KL of each step."""
+                     layers: Optional[Sequence[int]] = None, attention_mask=None, directory=None,
+                     run_config: Optional[dict] = None,
+                     may_change: Sequence[str] = ("lens.steps", "lens.save_every"),
+                     hooks: Sequence[Hook] = (), quiet: bool = True, log=print) -> tuple[TunedLens, list[dict]]:
+    """Train translators for ``layers`` on ``batches`` (token arrays ``[B, T]``, cycled: step ``s``
+    uses batch ``s % len(batches)``) with the model frozen, through ``jaxinterp.train.fit``.
+
+    ``attention_mask`` (one for every batch, or None) excludes padding from the loss. With
+    ``directory`` the run checkpoints there and resumes from it; ``run_config`` (default: the lens
+    config under ``lens``, layers and data shape) is recorded there and a resume with another one is
+    refused naming the field (``may_change``: dotted fields a resume may change; by default the step
+    count, to train longer, and the checkpoint interval). ``hooks`` are ``fit``'s. Returns ``(lens, history)``:
+    one row per step, ``{"step", "loss", "kl_per_layer", "grad_norm"}``, of the whole run.
+    """
     batches = [np.asarray(b) for b in batches]
     if not batches:
         raise ValueError("train_tuned_lens needs at least one batch of tokens")
     lens = TunedLens.identity(model, layers)
-    sites = residual_sites(model, lens.layers)
-    captured = []
-    for tokens in batches:  # the model is frozen: each batch's residuals and final logits once
-        resid, final = capture_residuals(model, tokens, sites, attention_mask=attention_mask)
-        mask = jnp.ones(tokens.shape, jnp.float32) if attention_mask is None else jnp.asarray(attention_mask, jnp.float32)
-        captured.append((resid, final, mask))
+    data = _captured(model, batches, residual_sites(model, lens.layers), attention_mask)
     opt = optax.adam(config.lr)
-    params = (lens.weight, lens.bias)
-    state = opt.init(params)
-
-    @jax.jit
-    def step(params, state, model, resid, final, mask):
-        (loss, _), grads = jax.value_and_grad(_loss, has_aux=True)(params, model, resid, final, mask)
-        updates, state = opt.update(grads, state, params)
-        return optax.apply_updates(params, updates), state, loss
-
-    losses = []
-    for i in range(config.steps):
-        params, state, loss = step(params, state, model, *captured[i % len(captured)])
-        losses.append(float(loss))
-    return dataclasses.replace(lens, weight=params[0], bias=params[1]), losses
+    step = make_train_step(loss_step(lens_loss, opt))
+    state = init_state({"weight": lens.weight, "bias": lens.bias}, opt, jax.random.key(config.seed))
+    if run_config is None:
+        run_config = {"lens": dataclasses.asdict(config), "layers": list(lens.layers), "family": model.family,
+                      "batches": [list(b.shape) for b in batches]}
+    loop = LoopConfig(steps=config.steps, save_every=config.save_every, desc="tuned lens", quiet=quiet)
+    state, history = fit(step, state, lambda s: data[s % len(data)], loop, directory=directory, frozen=model,
+                         run_config=run_config if directory is not None else None, may_change=may_change,
+                         hooks=hooks, log=log)
+    params = jax.device_get(state["params"])
+    return dataclasses.replace(lens, weight=jnp.asarray(params["weight"]), bias=jnp.asarray(params["bias"])), history

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import jaxinterp as ji
+from jaxinterp.train import Hook, read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +37,9 @@ def test_identity_is_logit_lens_and_translators_apply_as_defined(model):
 
 def test_training_beats_logit_lens_on_held_out_tokens_and_saves(model, tmp_path):
     train = [_tokens(s) for s in range(4)]
-    lens, losses = ji.lens.train_tuned_lens(model, train, ji.lens.TunedLensConfig(steps=60, lr=1e-2), layers=[0, 1])
-    assert losses[-1] < 0.5 * losses[0]
+    lens, history = ji.lens.train_tuned_lens(model, train, ji.lens.TunedLensConfig(steps=60, lr=1e-2), layers=[0, 1])
+    assert [r["step"] for r in history] == list(range(1, 61))
+    assert history[-1]["loss"] < 0.5 * history[0]["loss"]
     held = _tokens(99)
     final = model.run(held).logits
     kl_logit = np.asarray(ji.lens.kl_to_final(ji.lens.logit_lens(model, held, layers=[0, 1]), final)).mean(axis=(1, 2))
@@ -64,3 +66,34 @@ def test_bad_input(model, tmp_path):
     ji.hf.write_safetensors(tmp_path / "x.safetensors", {"w": np.zeros(2, np.float32)})
     with pytest.raises(ValueError, match="not a tuned lens"):
         ji.lens.TunedLens.load(tmp_path / "x.safetensors")
+
+
+class Killed(Exception):
+    pass
+
+
+def test_killed_training_resumes_from_its_checkpoint_bit_identical(model, tmp_path):
+    train = [_tokens(s) for s in range(2)]
+    cfg = ji.lens.TunedLensConfig(steps=8, lr=1e-2, save_every=3)
+    quiet = dict(layers=[0, 1], log=lambda m: None)
+    straight, rows = ji.lens.train_tuned_lens(model, train, cfg, directory=tmp_path / "a", **quiet)
+
+    def die(step, state, metrics):
+        if step == 7:
+            raise Killed  # after checkpoint 6, with row 6 logged and row 7 not
+    with pytest.raises(Killed):
+        ji.lens.train_tuned_lens(model, train, cfg, directory=tmp_path / "b", hooks=[Hook(1, die)], **quiet)
+    assert [r["step"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    logs = []
+    resumed, again = ji.lens.train_tuned_lens(model, train, cfg, directory=tmp_path / "b", layers=[0, 1],
+                                              log=logs.append)
+    assert f"resumed from step 6 ({tmp_path / 'b'})" in logs
+    np.testing.assert_array_equal(np.asarray(resumed.weight), np.asarray(straight.weight))
+    np.testing.assert_array_equal(np.asarray(resumed.bias), np.asarray(straight.bias))
+    assert again == rows and [r["step"] for r in rows] == list(range(1, 9))
+    with pytest.raises(ValueError, match=r"lens\.lr: 0\.01 -> 0\.02"):
+        ji.lens.train_tuned_lens(model, train, ji.lens.TunedLensConfig(steps=8, lr=2e-2), directory=tmp_path / "b",
+                                 **quiet)
+    _, longer = ji.lens.train_tuned_lens(model, train, ji.lens.TunedLensConfig(steps=9, lr=1e-2, save_every=3),
+                                         directory=tmp_path / "b", **quiet)  # a resume may train longer
+    assert [r["step"] for r in longer] == list(range(1, 10)) and longer[:8] == rows
