@@ -53,7 +53,9 @@ class Attention(nn.Module):
         return sites.adapt(f"attn.{name}", x, y)
 
     @nn.compact
-    def __call__(self, x, sites, layer, env, cache):
+    def __call__(self, x, sites, layer, env, cache, stacked: bool = False):
+        """``cache``: this layer's ``{k, v} [B, S, Hkv, Dh]``, or with ``stacked`` every layer's
+        ``[L, B, S, Hkv, Dh]`` (generation: written in place at ``layer``, returned whole)."""
         a = self.arch
         b, t, _ = x.shape
         q = self._dense(sites, "q", x, a.n_heads * a.head_dim, a.qkv_bias)
@@ -81,7 +83,12 @@ class Attention(nn.Module):
         k = sites("attn.k", k)  # [B, T, Hkv, Dh]
         v = sites("attn.v", v)
         new_cache = None
-        if cache is not None:
+        if stacked:  # one slot range of one layer written in the loop-carried buffer: no copy of the cache
+            at = (layer, 0, env["write_index"], 0, 0)
+            new_cache = {n: jax.lax.dynamic_update_slice(cache[n], new[None].astype(cache[n].dtype), at)
+                         for n, new in (("k", k), ("v", v))}
+            k, v = (jax.lax.dynamic_index_in_dim(new_cache[n], layer, 0, keepdims=False) for n in ("k", "v"))
+        elif cache is not None:
             k = write_cache(cache["k"], k, env["write_index"])  # [B, S, Hkv, Dh]
             v = write_cache(cache["v"], v, env["write_index"])
             new_cache = {"k": k, "v": v}
@@ -174,6 +181,9 @@ class Block(nn.Module):
     """One decoder layer; ``__call__`` has ``nn.scan``'s signature ``(carry, xs, env) -> (carry, ys)``.
 
     ``xs``: ``{"layer": index, "cache": {k, v} or absent}``; ``ys``: ``(captured sites, new cache)``.
+    For generation the carry is ``{"x": x, "cache": stacked cache}`` instead: each layer writes its new
+    keys and values into the loop-carried ``[L, B, S, Hkv, Dh]`` buffers in place (as ``xs``/``ys`` the
+    cache was sliced, re-stacked and copied back whole at every decode step).
     ``sites_ctx`` is any object with ``at_layer(layer)`` returning a per-layer ``sites`` callable.
     """
 
@@ -181,14 +191,16 @@ class Block(nn.Module):
     sites_ctx: Any
 
     @nn.compact
-    def __call__(self, x, xs, env):
+    def __call__(self, carry, xs, env):
         a = self.arch
         layer = xs["layer"]
+        stacked = isinstance(carry, dict)
+        x, cache = (carry["x"], carry["cache"]) if stacked else (carry, xs.get("cache"))
         s = self.sites_ctx.at_layer(layer)
         sandwich = a.placement in ("sandwich", "post")
         x = s("resid_pre", x)
         h = s("ln1", make_norm(a, "ln1")(x)) if a.has_ln1 else x
-        attn, new_cache = Attention(a, name="attn")(h, s, layer, env, xs.get("cache"))
+        attn, new_cache = Attention(a, name="attn")(h, s, layer, env, cache, stacked=stacked)
         if sandwich:  # the raw projection, then the norm whose output joins the residual
             attn = make_norm(a, "post_attn_norm")(s("attn.out", attn))
         attn = s("attn_out", attn)
@@ -204,6 +216,8 @@ class Block(nn.Module):
             mlp = make_norm(a, "post_mlp_norm")(s("mlp.out", mlp))
         mlp = s("mlp_out", mlp)
         x = s("resid_post", x + attn + mlp if a.parallel != "none" else x + mlp)
+        if stacked:
+            return {"x": x, "cache": new_cache}, (s.captured, None)
         return x, (s.captured, new_cache)
 
 
@@ -241,10 +255,13 @@ class Transformer(nn.Module):
             env.update(rotary_env(a, positions))
         n_run = a.n_layers if self.n_run is None else self.n_run
         xs = {"layer": jnp.arange(n_run)}
-        if cache is not None:
-            xs["cache"] = cache
         layers = scan_layers(Block, n_run, self.remat, arch=a, sites_ctx=sites, name="layers")
-        x, (captured, new_cache) = layers(x, xs, env)
+        new_cache = None
+        if cache is None:
+            x, (captured, _) = layers(x, xs, env)
+        else:  # the stacked cache rides in the carry, updated in place (see Block)
+            carry, (captured, _) = layers({"x": x, "cache": cache}, xs, env)
+            x, new_cache = carry["x"], carry["cache"]
         sites.finish_layers(captured, n_run)
         if n_run < a.n_layers:
             return None, new_cache
