@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 import jaxinterp as ji  # noqa: E402
 from jaxinterp.remote import encode  # noqa: E402
 from jaxinterp.remote.server import ServeConfig, create_app  # noqa: E402
-from tests.remote.tiny import CFG, tiny_model  # noqa: E402
+from tests.remote.tiny import CFG, rewrite_header, tiny_model  # noqa: E402
 
 KEYS = {"alice": "alice-key-0123", "eve": "eve-key-666666"}
 AUTH = {"Authorization": f"Bearer {KEYS['eve']}"}
@@ -74,14 +74,6 @@ def test_time_limit_answers_504_and_the_server_goes_on(model, tokens):
         assert http.get("/status", headers=AUTH).json()["users"]["eve"]["timeouts"] == 1
 
 
-def _rewrite_header(blob: bytes, edit) -> bytes:
-    (n,) = struct.unpack("<Q", blob[:8])
-    header = json.loads(blob[8:8 + n])
-    edit(header)
-    text = json.dumps(header).encode()
-    return struct.pack("<Q", len(text)) + text + blob[8 + n:]
-
-
 def _set_structure(structure):
     def edit(header):
         header["__metadata__"]["structure"] = structure if isinstance(structure, str) else json.dumps(structure)
@@ -107,7 +99,7 @@ def _payloads(tokens, seed: int = 0) -> list[tuple[str, str, bytes]]:
                 lambda h: h["t0"].update(data_offsets=[0, 1 << big]),
                 lambda h: h["t1"].update(shape=[1 << big]),
                 lambda h: h["t0"].update(shape=[-(1 << big), 3])][int(rng.integers(0, 4))]
-        out.append(("huge_sizes", "/run", _rewrite_header(good, edit)))
+        out.append(("huge_sizes", "/run", rewrite_header(good, edit)))
     for _ in range(20):  # wrong dtypes: float / bool / out-of-int32 tokens, a non-0/1 mask
         dtype = [np.float32, np.float16, np.bool_, np.int64][int(rng.integers(0, 4))]
         bad = tokens.astype(np.int64) * (1 << 40) if dtype == np.int64 else tokens.astype(dtype)
@@ -129,7 +121,7 @@ def _payloads(tokens, seed: int = 0) -> list[tuple[str, str, bytes]]:
         out.append(("site", "/run", encode(body)))
     for depth in rng.integers(40, 20000, size=15):  # deep JSON (the structure, and the header itself)
         deep = '{"list": [' * int(depth) + "1" + "]}" * int(depth)
-        out.append(("deep", "/run", _rewrite_header(good, _set_structure(deep))))
+        out.append(("deep", "/run", rewrite_header(good, _set_structure(deep))))
         text = b'{"a":' * int(depth) + b"1" + b"}" * int(depth)
         out.append(("deep", "/run", struct.pack("<Q", len(text)) + text))
     objs = [{"tokens": tokens}, [1, 2], "x", np.ones(3), ji.Add(np.ones(D, np.float32))]
@@ -140,8 +132,8 @@ def _payloads(tokens, seed: int = 0) -> list[tuple[str, str, bytes]]:
         p = paths[i % 4]
         out.append(("path", "/run", [
             encode({"tokens": p}), encode({"tokens": tokens, "load": p}),
-            _rewrite_header(good, _set_structure({"dict": {"tokens": {"array": p}}})),
-            _rewrite_header(good, _set_structure({"iv": "Fn", "module": p}))][i // 4]))
+            rewrite_header(good, _set_structure({"dict": {"tokens": {"array": p}}})),
+            rewrite_header(good, _set_structure({"iv": "Fn", "module": p}))][i // 4]))
     gen = [{"prompts": [[1, 2, 3]], "max_new_tokens": 10**9}, {"prompts": [[1, 2, 3]], "max_new_tokens": -1},
            {"prompts": [[1, 2, 3]], "max_new_tokens": True}, {"prompts": "text, no tokenizer", "max_new_tokens": 2},
            {"prompts": [[1, 99]], "max_new_tokens": 2}, {"prompts": [["a"]], "max_new_tokens": 2},
@@ -158,7 +150,7 @@ def _payloads(tokens, seed: int = 0) -> list[tuple[str, str, bytes]]:
               {"clean_tokens": tokens, "corrupt_tokens": tokens, "sites": "embed", "metric": 1, "chunk": 0}]
     for body in sweeps:
         out.append(("sweep", "/sweep", encode(body)))
-    metric_module = _rewrite_header(encode({"clean_tokens": tokens, "corrupt_tokens": tokens, "sites": "embed",
+    metric_module = rewrite_header(encode({"clean_tokens": tokens, "corrupt_tokens": tokens, "sites": "embed",
                                             "metric": np.frombuffer(b"\x01" * 64, np.uint8)}),
                                     _set_structure({"dict": {"clean_tokens": {"array": "t0"},
                                                              "corrupt_tokens": {"array": "t1"}, "sites": "embed",

@@ -14,6 +14,7 @@ from jaxinterp.models.gpt2 import GPT2Config
 from jaxinterp.remote import WireError, decode, encode, export_fn
 from jaxinterp.sae import init_sae
 from jaxinterp.sae.splice import Splice
+from tests.remote.tiny import rewrite_header
 
 CFG = GPT2Config.tiny(vocab_size=31, d_model=16, n_layers=2, n_heads=2, d_mlp=32, max_seq_len=8)
 B, T, D = 2, 6, 16
@@ -149,14 +150,6 @@ def test_loop_module_is_refused():
         decode(_with_module(exp))
 
 
-def _rewrite_header(blob: bytes, edit) -> bytes:
-    (n,) = struct.unpack("<Q", blob[:8])
-    header = json.loads(blob[8:8 + n])
-    edit(header)
-    text = json.dumps(header).encode()
-    return struct.pack("<Q", len(text)) + text + blob[8 + n:]
-
-
 def _structure(edit):
     def go(header):
         s = json.loads(header["__metadata__"]["structure"])
@@ -172,17 +165,17 @@ HOSTILE = {
     "huge_header_len": struct.pack("<Q", 1 << 62) + GOOD[8:],
     "not_json": struct.pack("<Q", 4) + b"{{{{",
     "pickle": b"\x80\x04\x95" + b"\0" * 40,
-    "bad_dtype": _rewrite_header(GOOD, lambda h: h["t0"].update(dtype="C64")),
-    "huge_shape": _rewrite_header(GOOD, lambda h: h["t0"].update(shape=[1 << 39, 1 << 39])),
-    "shape_vs_bytes": _rewrite_header(GOOD, lambda h: h["t0"].update(shape=[B, T, D + 1])),
-    "offsets_out": _rewrite_header(GOOD, lambda h: h["t0"].update(data_offsets=[0, 1 << 40])),
-    "no_format": _rewrite_header(GOOD, lambda h: h.pop("__metadata__")),
-    "unknown_kind": _rewrite_header(GOOD, _structure(lambda s: {"iv": "os.system", "fields": {}})),
-    "unknown_field": _rewrite_header(GOOD, _structure(lambda s: {"iv": "Patch", "fields": {"__class__": 1}})),
-    "string_values": _rewrite_header(GOOD, _structure(lambda s: {"iv": "Patch", "fields": {"values": "/etc/passwd"}})),
-    "missing_tensor": _rewrite_header(GOOD, _structure(lambda s: {"array": "nope"})),
-    "deep": _rewrite_header(GOOD, _structure(lambda s: json.loads('{"list": [' * 200 + "1" + "]}" * 200))),
-    "bad_module": _rewrite_header(GOOD, _structure(lambda s: {"iv": "Fn", "module": "t0"})),
+    "bad_dtype": rewrite_header(GOOD, lambda h: h["t0"].update(dtype="C64")),
+    "huge_shape": rewrite_header(GOOD, lambda h: h["t0"].update(shape=[1 << 39, 1 << 39])),
+    "shape_vs_bytes": rewrite_header(GOOD, lambda h: h["t0"].update(shape=[B, T, D + 1])),
+    "offsets_out": rewrite_header(GOOD, lambda h: h["t0"].update(data_offsets=[0, 1 << 40])),
+    "no_format": rewrite_header(GOOD, lambda h: h.pop("__metadata__")),
+    "unknown_kind": rewrite_header(GOOD, _structure(lambda s: {"iv": "os.system", "fields": {}})),
+    "unknown_field": rewrite_header(GOOD, _structure(lambda s: {"iv": "Patch", "fields": {"__class__": 1}})),
+    "string_values": rewrite_header(GOOD, _structure(lambda s: {"iv": "Patch", "fields": {"values": "/etc/passwd"}})),
+    "missing_tensor": rewrite_header(GOOD, _structure(lambda s: {"array": "nope"})),
+    "deep": rewrite_header(GOOD, _structure(lambda s: json.loads('{"list": [' * 200 + "1" + "]}" * 200))),
+    "bad_module": rewrite_header(GOOD, _structure(lambda s: {"iv": "Fn", "module": "t0"})),
 }
 
 

@@ -1,6 +1,9 @@
-"""A tiny random GPT-2 for the server tests, built from its abstract params (no compiled init), once per process."""
+"""A tiny random GPT-2 for the server tests, built from its abstract params (no compiled init), once per process;
+and ``rewrite_header``, which edits the JSON header of an encoded request (hostile-payload tests)."""
 
 import functools
+import json
+import struct
 
 import jax
 import jax.numpy as jnp
@@ -18,3 +21,11 @@ def tiny_model() -> ji.Model:
     params = jax.tree_util.tree_map(lambda s: jnp.asarray(rng.normal(size=s.shape) * 0.2, s.dtype),
                                     ji.model.abstract_params(CFG))
     return ji.Model(params, CFG, "gpt2")
+
+
+def rewrite_header(blob: bytes, edit) -> bytes:
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + n])
+    edit(header)
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + blob[8 + n:]
