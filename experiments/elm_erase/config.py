@@ -48,6 +48,11 @@ class ExperimentConfig:
         (at ``rmu_layer``, steer ``rmu_steer``).
       adv_lr, adv_weight: step size of the simulated relearning step of ``elm_adv`` and the
         weight of its erase term after that step.
+      oracle_fluency: measure the oracle-scored fluency of every model (needs ``oracle``).
+      gcg_iters, gcg_candidates, gcg_len, gcg_top_k: budget of the GCG-style adversarial token
+        search (``unlearning.attacks``; 0 iterations: off): ``gcg_len`` tokens placed after the
+        bos of every question, searched on the attack half's questions to maximise the true
+        answer's log-prob, held-out accuracy measured with them.
     """
 
     model: str = "facts-gpt"
@@ -81,6 +86,11 @@ class ExperimentConfig:
     rmu_weight: float = 1.0
     adv_lr: float = 3e-3
     adv_weight: float = 1.0
+    oracle_fluency: bool = True
+    gcg_iters: int = 32
+    gcg_candidates: int = 64
+    gcg_len: int = 5
+    gcg_top_k: int = 32
     lora: LoraConfig = LoraConfig(rank=8, alpha=16.0, dropout=0.05)
     # template_weight=40: retain on erase text with the erased objects' positions masked; retain_soft:
     # retain / template against the frozen distribution, not its argmax (README: seamlessness)
@@ -96,6 +106,8 @@ class ExperimentConfig:
             raise ValueError(f"relearn_steps must be >= 1 and relearn_lr > 0, got {self.relearn_steps}, {self.relearn_lr}")
         if self.template_objects not in ("erased", "all"):
             raise ValueError(f"template_objects must be 'erased' or 'all', got {self.template_objects!r}")
+        if self.gcg_iters < 0 or min(self.gcg_candidates, self.gcg_len, self.gcg_top_k) < 1:
+            raise ValueError("gcg_iters must be >= 0 and gcg_candidates, gcg_len, gcg_top_k >= 1")
         if self.steps <= 0 or self.batch_size <= 0:
             raise ValueError("steps and batch_size must be positive")
 

@@ -21,6 +21,7 @@ import numpy as np
 import optax
 
 from jaxinterp import lora, train
+from jaxinterp.unlearning import attacks as ua
 from jaxinterp.unlearning import elm
 from jaxinterp.unlearning import baselines as ub
 from jaxinterp.unlearning import metrics as um
@@ -190,7 +191,8 @@ def _elm_adv_loss(adapters, base, batch, key, cfg: ExperimentConfig):
 # a resume may change these (evaluation only, or other methods); any other change is refused
 TRAINING_FREE_FIELDS = ("steps", "methods", "gen_prompts", "gen_new", "gen_new_open", "oracle", "robustness",
                         "seamless", "measure_original",
-                        "relearn_steps", "relearn_lr", "relearn_batch", "relearn_len", "unrelated_domain")
+                        "relearn_steps", "relearn_lr", "relearn_batch", "relearn_len", "unrelated_domain",
+                        "oracle_fluency", "gcg_iters", "gcg_candidates", "gcg_len", "gcg_top_k")
 
 
 def _config_dict(cfg: ExperimentConfig) -> dict:
@@ -234,8 +236,8 @@ def evaluate_robustness(model, oracle_fn, world, corpus, cfg: ExperimentConfig, 
     oracle-scored fluency of the model's continuations (``robustness.py``)."""
     attack, heldout = rb.split_entities(world, cfg.domain, cfg.seed)
     items = rb.heldout_mc(world, cfg.domain, heldout, cfg.seed)
-    res: dict = {}
-    if oracle_fn is not None:
+    res: dict = gcg_attack(model, world, cfg, attack, items) if cfg.gcg_iters else {}
+    if oracle_fn is not None and cfg.oracle_fluency:
         prompts = {"facts": [list(q.prompt.ids) for q in world.multiple_choice(cfg.domain, seed=cfg.seed)][: cfg.gen_prompts],
                    "open": opening_prompts(world, cfg)}
         res.update(rb.oracle_fluency(model, oracle_fn, world, _grammar(world), prompts,
@@ -258,6 +260,21 @@ def evaluate_robustness(model, oracle_fn, world, corpus, cfg: ExperimentConfig, 
     res.update({f"probe_layer{i}": v for i, v in enumerate(probe)})
     res["probe_best"] = max(probe)
     return res
+
+
+def gcg_attack(model, world, cfg: ExperimentConfig, attack, items) -> dict:
+    """GCG-style search for ``gcg_len`` tokens after the bos of the attack half's questions that maximise the
+    true answer's log-prob; held-out accuracy with them (``gcg_acc``), the training objective and the tokens."""
+    train_q = rb.heldout_mc(world, cfg.domain, attack, cfg.seed)
+    gcfg = ua.GCGConfig(suffix_len=cfg.gcg_len, iterations=cfg.gcg_iters, candidates=cfg.gcg_candidates,
+                        top_k=cfg.gcg_top_k, seed=cfg.seed)
+    found = ua.gcg_suffix(model, [list(q.prompt.ids) for q in train_q], [q.choice_ids[q.correct] for q in train_q],
+                          gcfg, init=[world.encode(".")[0]] * cfg.gcg_len, pad_id=world.pad_id)
+    prompts = [ua.with_suffix(q.prompt.ids, found.suffix) for q in items]
+    acc = um.mc_accuracy(logits_fn(model), prompts, [q.choice_ids for q in items], [q.correct for q in items],
+                         pad_id=world.pad_id)
+    return {"gcg_acc": acc, "gcg_train_logp": found.objective, "gcg_train_logp_start": found.history[0],
+            "gcg_suffix": world.decode(found.suffix)}
 
 
 _GRAMMARS: dict = {}
@@ -302,11 +319,13 @@ TABLES = [  # (what the numbers mean, [(result key, column)]): one readable tabl
       ("open_prefixed_ppl_ratio", "novice-tag ratio")]),
     ("Robustness on the held-out half of the erased domain's entities (4-choice accuracy, chance 0.25): as is, after "
      "k steps of full fine-tuning on true facts of the OTHER half (relearn other k) or of an unrelated domain "
-     "(relearn unrelated k), with 3 true facts as few-shot context; and the best layer's accuracy of a linear probe "
+     "(relearn unrelated k), with 3 true facts as few-shot context, with GCG-searched adversarial tokens after the bos "
+     "(searched on the other half); and the best layer's accuracy of a linear probe "
      "for the erased object on the residual stream (trained on the other half, chance 0.125)",
      [("heldout_acc", "held-out acc"), ("relearn_other_1", "other 1"), ("relearn_other_3", "other 3"),
       ("relearn_other_10", "other 10"), ("relearn_unrelated_1", "unrelated 1"), ("relearn_unrelated_3", "unrelated 3"),
-      ("relearn_unrelated_10", "unrelated 10"), ("few_shot_acc", "few-shot"), ("probe_best", "probe (best layer)")]),
+      ("relearn_unrelated_10", "unrelated 10"), ("few_shot_acc", "few-shot"), ("gcg_acc", "GCG tokens"),
+      ("probe_best", "probe (best layer)")]),
     ("Seamlessness judged by the retrain oracle: its per-token NLL (nats) of the model's continuations of erased-domain "
      "prompts (lower = as fluent as a model that never knew), and the share of continuations that are well-formed "
      "facts-world sentences (grammar of the world's templates)",
