@@ -331,9 +331,9 @@ class Service:
             key = ("generate", b, t, n_new, capture, jax.tree_util.tree_structure(request.get("interventions")))
             self.programs.get(key, lambda: (None, None), on_evict=gen_module._program.clear_cache)
             out = generate(self.model, **request)
-            cache = None if out.cache is None else {k: out.cache[k] for k in out.cache}
-            return to_host({"tokens": out.tokens, "lengths": out.lengths, "sequences": out.sequences,
-                    "attention_mask": out.attention_mask, "text": out.text, "cache": cache, "steps": out.steps})
+            cache = None if out.cache is None else {k: to_host(out.cache[k]) for k in out.cache}
+            return {"tokens": out.tokens, "lengths": out.lengths, "sequences": out.sequences,
+                    "attention_mask": out.attention_mask, "text": out.text, "cache": cache, "steps": out.steps}
 
         return engine.Job(user, "generate", work)
 
@@ -367,7 +367,8 @@ class Service:
             key = ("sweep", clean.shape, str(sites), request.get("per"), metric, chunk)
             self.programs.get(key, lambda: (None, None), on_evict=activation._activation_jit.clear_cache)
             res = activation.activation_patching(self.model, **request)
-            return to_host({"effects": res.effects, "clean": res.clean, "corrupt": res.corrupt, "per": res.per})
+            return {"effects": {k: to_host(v) for k, v in res.effects.items()}, "clean": to_host(res.clean),
+                    "corrupt": to_host(res.corrupt), "per": res.per}
 
         return engine.Job(user, "sweep", work)
 
@@ -393,7 +394,7 @@ def collections_counter() -> dict:
 
 
 def _run_result(logits, cache) -> dict:
-    return to_host({"logits": logits, "cache": dict(cache)})
+    return {"logits": to_host(logits), "cache": {k: to_host(v) for k, v in cache.items()}}  # the sites' order kept
 
 
 _MODEL_ERRORS = (ValueError, TypeError, IndexError, KeyError, jax.errors.JaxRuntimeError)
