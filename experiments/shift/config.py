@@ -7,6 +7,7 @@ import dataclasses
 from jaxinterp.circuits import METHODS
 
 SITE_KINDS = ("attn_out", "mlp_out", "resid_post")
+ABLATIONS = ("mean", "zero")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -18,8 +19,9 @@ class ShiftConfig:
     Entities are split (disjoint) into train / judge / test (``n_judge`` and ``n_test`` per domain, the rest
     train); every text of the shared relations' ``templates`` (their first ``templates`` train templates).
     The head reads the mean over positions of ``layer``'s resid_post; node effects (``method``, ``steps``,
-    zero patch) of SAE features at the ``site_kinds`` of layers <= ``layer`` on the head's signed logit;
-    the ``top`` features by |effect| go to the judge; ``random_seeds`` draws of random features.
+    zero patch) of the SAE features at the ``site_kinds`` of layers <= ``layer`` on the head's signed logit;
+    the ``top`` features by |effect| go to the judge; those it calls spurious are ``ablation``-ablated
+    (set to their mean over the training set's positions, or zero); ``random_seeds`` draws of random features.
     """
 
     model: str = "facts-gpt"
@@ -30,10 +32,11 @@ class ShiftConfig:
     n_judge: int = 4
     n_test: int = 4
     layer: int = 2
-    site_kinds: tuple[str, ...] = SITE_KINDS
+    site_kinds: tuple[str, ...] = ("resid_post",)
+    ablation: str = "mean"
     method: str = "ig"
     steps: int = 10
-    top: int = 50
+    top: int = 100
     head_steps: int = 300
     head_l2: float = 1e-2
     random_seeds: int = 3
@@ -47,6 +50,8 @@ class ShiftConfig:
         bad = sorted(set(self.site_kinds) - set(SITE_KINDS))
         if bad or not self.site_kinds:
             raise ValueError(f"unknown site_kinds {bad}; choose from {list(SITE_KINDS)}")
+        if self.ablation not in ABLATIONS:
+            raise ValueError(f"ablation must be one of {list(ABLATIONS)}, got {self.ablation!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {list(METHODS)}, got {self.method!r}")
         for name in ("templates", "n_judge", "n_test", "steps", "top", "head_steps", "random_seeds"):

@@ -11,9 +11,9 @@ frozen model. Node effects (integrated gradients, zero patch) of the SAE feature
 layer on the head's signed logit (mean of ``(2y - 1) * logit`` on the training set) rank features; the
 judge (on held-out *judge* entities, both leads, never the test set) calls a top feature spurious when its
 standardised mean difference between the lead groups exceeds that between the domain groups. Six rows on
-the balanced test set: original head, SHIFT (the spurious features zero-ablated through the SAE splice),
-SHIFT + retraining the head (correlated training set, features ablated), as many random features ablated,
-the spurious mean-difference direction projected out (concept erasure, head retrained), and the oracle
+the balanced test set: original head, SHIFT (the spurious features ablated through the SAE splice: set
+to their training-set means, or zero), SHIFT + retraining the head (correlated training set, features
+ablated), as many random features ablated, the spurious mean-difference direction projected out (concept erasure, head retrained), and the oracle
 head trained on balanced data.
 """
 
@@ -94,16 +94,17 @@ def representations(model, site: str, split: Split, interventions=None) -> np.nd
     return np.asarray(pool(out.cache[site], jnp.asarray(split.weights)))
 
 
-def zero_ablation(saes: dict, chosen: dict) -> dict:
-    """``{site: NodeAblate}`` setting the features ``chosen[site]`` (indices) to zero at every position,
-    everything else (other features, the SAE error) kept."""
+def feature_ablation(saes: dict, chosen: dict, means: dict | None = None) -> dict:
+    """``{site: NodeAblate}`` setting the features ``chosen[site]`` (indices) at every position to zero, or
+    to ``means[site]`` ``[F]`` when given; everything else (other features, the SAE error) kept."""
     ivs = {}
     for site, idx in chosen.items():
         if len(idx) == 0:
             continue
         keep = np.ones(saes[site].d_sae, bool)
         keep[np.asarray(idx, int)] = False
-        ivs[site] = NodeAblate(saes[site], jnp.asarray(keep), jnp.zeros(()), jnp.asarray(True), jnp.zeros(()))
+        mean = jnp.zeros(()) if means is None else jnp.asarray(means[site], jnp.float32)
+        ivs[site] = NodeAblate(saes[site], jnp.asarray(keep), mean, jnp.asarray(True), jnp.zeros(()))
     return ivs
 
 
@@ -191,7 +192,10 @@ def run(cfg: ShiftConfig, out: Path) -> dict:
         top_acts = np.stack([acts[n.site][:, n.index] for n in top], 1)  # [N, K]
         is_spur, zi, zs = judge(top_acts, splits["judge"].y, splits["judge"].s)
         spurious = [n for n, bad in zip(top, is_spur) if bad]
-        ivs = zero_ablation(saes, _by_site(spurious))
+        means = None
+        if cfg.ablation == "mean":
+            means = {k: v.mean(0) for k, v in feature_means(saes, model, train).items()}
+        ivs = feature_ablation(saes, _by_site(spurious), means)
         x_abl = {k: representations(model, head_site, splits[k], ivs) for k in ("train", "test")}
         rows["shift"] = accuracy(head, x_abl["test"], test)
         rows["shift_retrain"] = accuracy(fit_head(x_abl["train"], train.y, **fit), x_abl["test"], test)
@@ -204,7 +208,8 @@ def run(cfg: ShiftConfig, out: Path) -> dict:
             chosen: dict = {}
             for j in pick:
                 chosen.setdefault(pool_[j][0], []).append(pool_[j][1])
-            draws.append(accuracy(head, representations(model, head_site, test, zero_ablation(saes, chosen)), test))
+            x_rand = representations(model, head_site, test, feature_ablation(saes, chosen, means))
+            draws.append(accuracy(head, x_rand, test))
         rows["random"] = {k: float(np.mean([d[k] for d in draws])) for k in ("accuracy", "worst_group")}
 
         proj = erasure_projection(xs["train"], train.s)
