@@ -19,6 +19,7 @@ head trained on balanced data.
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from pathlib import Path
@@ -88,10 +89,22 @@ def head_metric(value, weights, sign, w, b, mu, sd):
 
 # ---- representations, with or without ablation ----------------------------------------------------------
 
-def representations(model, site: str, split: Split, interventions=None) -> np.ndarray:
-    """``[N, D]``: the pooled ``site`` value of ``split`` (``interventions`` applied)."""
-    out = run_model(model, jnp.asarray(split.tokens), capture=[site], interventions=interventions)
-    return np.asarray(pool(out.cache[site], jnp.asarray(split.weights)))
+@functools.partial(jax.jit, static_argnames=("sites", "stop"))
+def _pooled(model, tokens, weights, interventions, *, sites: tuple, stop: int):
+    out = run_model(model, tokens, capture=list(sites), interventions=interventions, stop_at=stop)
+    return {s: pool(out.cache[s], weights) for s in sites}
+
+
+def _stop(site: str) -> int:
+    return int(site.split(".")[1]) + 1
+
+
+def representations(model, site: str, splits: list, interventions=None) -> list:
+    """``[[N, D]]``: the pooled ``site`` value of each split (``interventions`` applied), in one run."""
+    tokens = jnp.asarray(np.concatenate([s.tokens for s in splits]))
+    weights = jnp.asarray(np.concatenate([s.weights for s in splits]))
+    x = np.asarray(_pooled(model, tokens, weights, interventions, sites=(site,), stop=_stop(site))[site])
+    return np.split(x, np.cumsum([len(s) for s in splits])[:-1])
 
 
 def feature_ablation(saes: dict, chosen: dict, means: dict | None = None) -> dict:
@@ -110,9 +123,14 @@ def feature_ablation(saes: dict, chosen: dict, means: dict | None = None) -> dic
 
 def feature_means(saes: dict, model, split: Split) -> dict:
     """``{site: [N, F]}``: each feature's mean activation over each text's positions."""
-    out = run_model(model, jnp.asarray(split.tokens), capture=list(saes))
-    w = jnp.asarray(split.weights)
-    return {s: np.asarray(pool(encode_nodes(d, out.cache[s])[0], w)) for s, d in saes.items()}
+    return {s: np.asarray(v) for s, v in _feature_means(model, saes, jnp.asarray(split.tokens),
+                                                         jnp.asarray(split.weights)).items()}
+
+
+@jax.jit
+def _feature_means(model, saes: dict, tokens, weights) -> dict:
+    out = run_model(model, tokens, capture=list(saes), stop_at=max(_stop(s) for s in saes))
+    return {s: pool(encode_nodes(d, out.cache[s])[0], weights) for s, d in saes.items()}
 
 
 # ---- the judge ------------------------------------------------------------------------------------------
@@ -176,7 +194,7 @@ def run(cfg: ShiftConfig, out: Path) -> dict:
         SPLIT_CACHE.clear()
         SPLIT_CACHE.update(splits)
         fit = dict(steps=cfg.head_steps, l2=cfg.head_l2)
-        xs = {k: representations(model, head_site, splits[k]) for k in SPLITS}
+        xs = dict(zip(SPLITS, representations(model, head_site, [splits[k] for k in SPLITS])))
         train, test = splits["train"], splits["test"]
         head = fit_head(xs["train"], train.y, **fit)
         rows = {"original": accuracy(head, xs["test"], test)}
@@ -196,7 +214,7 @@ def run(cfg: ShiftConfig, out: Path) -> dict:
         if cfg.ablation == "mean":
             means = {k: v.mean(0) for k, v in feature_means(saes, model, train).items()}
         ivs = feature_ablation(saes, _by_site(spurious), means)
-        x_abl = {k: representations(model, head_site, splits[k], ivs) for k in ("train", "test")}
+        x_abl = dict(zip(("train", "test"), representations(model, head_site, [train, test], ivs)))
         rows["shift"] = accuracy(head, x_abl["test"], test)
         rows["shift_retrain"] = accuracy(fit_head(x_abl["train"], train.y, **fit), x_abl["test"], test)
 
@@ -208,7 +226,7 @@ def run(cfg: ShiftConfig, out: Path) -> dict:
             chosen: dict = {}
             for j in pick:
                 chosen.setdefault(pool_[j][0], []).append(pool_[j][1])
-            x_rand = representations(model, head_site, test, feature_ablation(saes, chosen, means))
+            x_rand, = representations(model, head_site, [test], feature_ablation(saes, chosen, means))
             draws.append(accuracy(head, x_rand, test))
         rows["random"] = {k: float(np.mean([d[k] for d in draws])) for k in ("accuracy", "worst_group")}
 

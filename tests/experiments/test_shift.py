@@ -86,11 +86,12 @@ def test_ablation_removes_exactly_the_chosen_features(world_model, sae_dir):
     saes = shift.ensure_saes(sae_dir, "facts-gpt")
     site = "blocks.1.resid_post"
     tokens = jnp.asarray(np.stack([world.encode("It is said that Cor rin lives in")] * 2))
-    clean = run(model, tokens, capture=[site]).cache[site]
+    fwd = jax.jit(lambda m, t, ivs: run(m, t, capture=[site], interventions=ivs, stop_at=2).cache[site])
+    clean = fwd(model, tokens, None)
     f, e = encode_nodes(saes[site], clean)
     chosen = [int(i) for i in np.flatnonzero(np.asarray(f).max((0, 1)) > 0)[:3]]
     assert len(chosen) == 3
-    out = run(model, tokens, capture=[site], interventions=shift.feature_ablation(saes, {site: chosen})).cache[site]
+    out = fwd(model, tokens, shift.feature_ablation(saes, {site: chosen}))
     f_expected = np.asarray(f).copy()
     f_expected[..., chosen] = 0.0
     expected = saes[site].decode(jnp.asarray(f_expected)) + e
@@ -112,7 +113,7 @@ def test_concept_erasure_is_orthogonal_to_the_direction():
 
 def test_smoke_end_to_end_and_bad_set(tmp_path, sae_dir, capsys):
     out = tmp_path / "out"
-    assert shift.main(["--preset", "smoke", "--set", f"saes={sae_dir}", "layer=1", "--out", str(out)]) == 0
+    assert shift.main(["--preset", "smoke", "--set", f"saes={sae_dir}", "layer=0", "--out", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
     assert set(res["rows"]) == set(shift.ROWS)
     for row in res["rows"].values():
