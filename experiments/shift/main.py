@@ -163,17 +163,14 @@ def _by_site(nodes) -> dict:
     return out
 
 
-def check_decodable(xs: dict, cfg: ShiftConfig) -> dict:
+def check_decodable(xs: dict, splits: dict, cfg: ShiftConfig) -> dict:
     """Linear probes trained on the judge split (balanced), scored on the test split: both attributes."""
     out = {}
     for name, attr in (("intended", "y"), ("spurious", "s")):
-        probe = fit_head(xs["judge"], getattr(SPLIT_CACHE["judge"], attr), steps=cfg.head_steps, l2=cfg.head_l2)
+        probe = fit_head(xs["judge"], getattr(splits["judge"], attr), steps=cfg.head_steps, l2=cfg.head_l2)
         pred = np.asarray(head_logit(probe, jnp.asarray(xs["test"])) > 0)
-        out[name] = float((pred == getattr(SPLIT_CACHE["test"], attr).astype(bool)).mean())
+        out[name] = float((pred == getattr(splits["test"], attr).astype(bool)).mean())
     return out
-
-
-SPLIT_CACHE: dict = {}
 
 
 def run(cfg: ShiftConfig, out: Path) -> dict:
@@ -191,8 +188,6 @@ def run(cfg: ShiftConfig, out: Path) -> dict:
         head_site = f"blocks.{cfg.layer}.resid_post"
         splits = make_splits(world, cfg.domains, cfg.leads, templates=cfg.templates, n_judge=cfg.n_judge,
                              n_test=cfg.n_test, seed=cfg.seed)
-        SPLIT_CACHE.clear()
-        SPLIT_CACHE.update(splits)
         fit = dict(steps=cfg.head_steps, l2=cfg.head_l2)
         xs = dict(zip(SPLITS, representations(model, head_site, [splits[k] for k in SPLITS])))
         train, test = splits["train"], splits["test"]
@@ -238,7 +233,7 @@ def run(cfg: ShiftConfig, out: Path) -> dict:
                  "spurious": bool(c)} for n, a, b, c in zip(top, zi, zs, is_spur)]
     results = {"model": cfg.model, "saes": cfg.saes, "head_site": head_site, "sites": sites,
                "rows": rows, "n_spurious": len(spurious), "n_top": len(top),
-               "decodable": check_decodable(xs, cfg), "group_counts": {k: group_counts(v).tolist()
+               "decodable": check_decodable(xs, splits, cfg), "group_counts": {k: group_counts(v).tolist()
                                                                        for k, v in splits.items()},
                "sizes": {k: len(v) for k, v in splits.items()}, "features": features,
                "random_draws": draws, "effects_seconds": t_effects, "seconds": time.time() - t0}
