@@ -97,6 +97,11 @@ def test_ablation_removes_exactly_the_chosen_features(world_model, sae_dir):
     expected = saes[site].decode(jnp.asarray(f_expected)) + e
     np.testing.assert_allclose(np.asarray(out), np.asarray(expected), atol=1e-4)
     assert not np.allclose(np.asarray(out), np.asarray(clean), atol=1e-3)
+    means = np.random.default_rng(0).uniform(0.5, 1.0, saes[site].d_sae).astype(np.float32)
+    out = fwd(model, tokens, shift.feature_ablation(saes, {site: chosen}, {site: means}))
+    f_expected[..., chosen] = means[chosen]  # mean ablation: the chosen features at their given means
+    expected = saes[site].decode(jnp.asarray(f_expected)) + e
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), atol=1e-4)
 
 
 def test_concept_erasure_is_orthogonal_to_the_direction():
