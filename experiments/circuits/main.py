@@ -90,10 +90,10 @@ def feature_graph(cfg: CircuitsConfig, model, saes: dict, task: Task, effects, o
                           edge_threshold=cfg.edge_threshold, max_nodes_per_site=cfg.max_nodes_per_site,
                           metric_args=(task.good, task.bad))
     circuit.labels = node_labels(model, effects, circuit.nodes, task.clean)
-    circuit.info.update(title=f"{cfg.model}: {task.name} circuit of SAE features, metric = logit diff (clean answer - "
-                        f"patch answer, {len(task.clean)} pairs)\nnode effects by {cfg.method} ({cfg.steps} steps); nodes "
-                        f"|effect| >= {cfg.node_threshold} (<= {cfg.max_nodes_per_site} per site), edges >= "
-                        f"{cfg.edge_threshold}, in logit-diff units", metric_name="logit diff")
+    title = (f"{cfg.model}: {task.name} circuit of SAE features, metric = logit diff (clean answer - patch answer, "
+             f"{len(task.clean)} pairs)\nnode effects by {cfg.method} ({cfg.steps} steps); nodes |effect| >= "
+             f"{cfg.node_threshold} (<= {cfg.max_nodes_per_site} per site), edges >= {cfg.edge_threshold}, in logits")
+    circuit.info.update(title=title, metric_name="logit diff")
     paths = [circuit.save_json(out / f"{task.name}_circuit.json"), circuit.render(out / f"{task.name}_circuit.png"),
              circuit.render(out / f"{task.name}_circuit.svg")]
     return {**circuit.info, "files": [str(p) for p in paths], "seconds": time.time() - t0}
