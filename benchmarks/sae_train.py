@@ -236,14 +236,14 @@ def harvest_variants(site: str, widths, sparsities, batch: int, seq: int, buffer
         return one, float(ca.get("flops", float("nan")))
 
     grid_fn, grid_flops = make(runs)
-    seq = [make(r) for _, r in members]
+    runs_seq = [make(r) for _, r in members]
     fwd = jax.jit(lambda m, t: store.acts(m, t)[0])
     fwd_ca = fwd.lower(model, toks(0)).cost_analysis()
     fwd_ca = fwd_ca[0] if isinstance(fwd_ca, list) else fwd_ca
-    compile_s = {"grid": _timed(grid_fn), "sequential": sum(_timed(f) for f, _ in seq)}
-    return {"fns": {"harvest/grid": grid_fn, "harvest/sequential": lambda: [f() for f, _ in seq]},
+    compile_s = {"grid": _timed(grid_fn), "sequential": sum(_timed(f) for f, _ in runs_seq)}
+    return {"fns": {"harvest/grid": grid_fn, "harvest/sequential": lambda: [f() for f, _ in runs_seq]},
             "compile_s": compile_s, "d_in": d_in, "members": [n for n, _ in members],
-            "flops": {"grid_step": grid_flops, "sequential_steps": sum(f for _, f in seq),
+            "flops": {"grid_step": grid_flops, "sequential_steps": sum(f for _, f in runs_seq),
                       "forward_to_site": float(fwd_ca.get("flops", float("nan")))}}
 
 

@@ -46,16 +46,17 @@ def test_spectral_clusters_recover_planted_gradient_clusters():
 def test_gradient_sketches_equal_a_count_sketch_of_per_context_gradients():
     model = ji.init(GPT2Config.tiny(vocab_size=19, d_model=16, n_layers=2, n_heads=2, d_mlp=32, max_seq_len=8), 0)
     rng = np.random.default_rng(1)
-    tokens, targets = rng.integers(0, 19, (5, 6)), rng.integers(0, 19, 5)
-    got = gradient_sketches(model, tokens, targets, dim=64, seed=3, chunk=2)  # 3 chunks, the last padded
+    tokens, targets = rng.integers(0, 19, (3, 6)), rng.integers(0, 19, 3)
+    got = gradient_sketches(model, tokens, targets, dim=64, seed=3, chunk=2)  # 2 chunks, the last padded
 
     def loss(params, t, y):
         logits = model.replace(params=params).run(jnp.asarray(t)[None]).logits[0, -1]
         return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(y))
 
     tables = _sketch_tables(model.params, 64, 3)
+    grad = jax.jit(jax.grad(loss))
     for i in range(len(tokens)):
-        g = jax.tree_util.tree_leaves(jax.grad(loss)(model.params, tokens[i], targets[i]))
+        g = jax.tree_util.tree_leaves(grad(model.params, tokens[i], targets[i]))
         want = np.zeros(64)
         for leaf, (bucket, sign) in zip(g, tables):
             np.add.at(want, np.asarray(bucket), np.asarray(leaf, np.float64).ravel() * np.asarray(sign))
@@ -69,25 +70,25 @@ def smoke_run(tmp_path_factory):
     from jaxinterp.experiments.behaviours.main import main
 
     root = tmp_path_factory.mktemp("behaviours")
-    sites = ("blocks.1.mlp_out", "blocks.2.resid_post")
+    sites = ("blocks.2.resid_post",)
     for i, site in enumerate(sites):  # random SAEs in a train-saes output layout (no training in a test)
         sae = init_sae("relu", jax.random.PRNGKey(i), 128, 32).replace(reads=Reads(site=site))
         ji.sae.save(sae, root / "saes" / "saes" / site)
     (root / "saes" / "saes" / "index.json").write_text(json.dumps({"model": "facts-gpt", "sites": list(sites)}))
     out = root / "out"
-    assert main(["--preset", "smoke", "--set", f"saes={root / 'saes'}", "n_contexts=24", "k=2", "steps=1",
-                 "circuit_contexts=4", "node_threshold=0", "--out", str(out)]) == 0
+    assert main(["--preset", "smoke", "--set", f"saes={root / 'saes'}", "n_contexts=16", "pool=32", "k=2",
+                 "steps=1", "sketch_dim=256", "circuit_contexts=2", "examples=3", "node_threshold=0", "--out", str(out)]) == 0
     return out
 
 
 def test_smoke_run_writes_clusters_and_circuits(smoke_run):
     res = json.loads((smoke_run / "results.json").read_text())
     labels = np.array(res["labels"])
-    assert len(labels) == 24 and [c["size"] for c in res["clusters"]] == np.bincount(labels).tolist()
+    assert len(labels) == 16 and [c["size"] for c in res["clusters"]] == np.bincount(labels).tolist()
     for c in res["clusters"]:
         circuit = json.loads((smoke_run / f"cluster_{c['id']}_circuit.json").read_text())
         assert circuit["info"]["n_nodes"] == len(c["circuit"]["nodes"]) > 0
-        assert {n["site"] for n in circuit["nodes"]} <= {"blocks.1.mlp_out", "blocks.2.resid_post", "y"}
+        assert {n["site"] for n in circuit["nodes"]} == {"blocks.2.resid_post", "y"}
         assert (smoke_run / f"cluster_{c['id']}_circuit.svg").stat().st_size > 1000
 
 
@@ -111,7 +112,7 @@ def test_index_links_to_cluster_pages_with_circuits_in_headless_chromium(smoke_r
         shot = page.screenshot(path=str(smoke_run / "cluster_shot.png"), full_page=True)
         browser.close()
     assert n_links == 2 and url.endswith("cluster_0.html")
-    assert n_examples >= 2 and img_width > 300  # example contexts with highlighted targets; the circuit SVG loaded
+    assert n_examples >= 1 and img_width > 300  # example contexts with highlighted targets; the circuit SVG loaded
     for png in (index_shot, shot):
         pixels = np.asarray(Image.open(io.BytesIO(png)).convert("L"), np.float64)
         assert pixels.std() > 20  # text and tables, not a blank page
