@@ -44,7 +44,7 @@ def test_spectral_clusters_recover_planted_gradient_clusters():
 
 
 def test_gradient_sketches_equal_a_count_sketch_of_per_context_gradients():
-    model = ji.init(GPT2Config.tiny(vocab_size=19, d_model=16, n_layers=2, n_heads=2, d_mlp=32, max_seq_len=8), 0)
+    model = ji.init(GPT2Config.tiny(vocab_size=19, d_model=8, n_layers=1, n_heads=2, d_mlp=16, max_seq_len=8), 0)
     rng = np.random.default_rng(1)
     tokens, targets = rng.integers(0, 19, (3, 6)), rng.integers(0, 19, 3)
     got = gradient_sketches(model, tokens, targets, dim=64, seed=3, chunk=2)  # 2 chunks, the last padded
