@@ -1,6 +1,6 @@
 """Unsupervised behaviours: planted clusters are recovered from synthetic gradients, gradient sketches equal
 a count sketch of per-context gradients from a plain loop, and the experiment's HTML index (smoke run on
-facts-gpt with two random SAEs) is browsable in headless Chromium: index -> cluster page -> circuit."""
+facts-gpt with a random SAE) is browsable in headless Chromium: index -> cluster page -> circuit."""
 
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def smoke_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("behaviours")
     sites = ("blocks.2.resid_post",)
-    for i, site in enumerate(sites):  # random SAEs in a train-saes output layout (no training in a test)
+    for i, site in enumerate(sites):  # a random SAE in a train-saes output layout (no training in a test)
         sae = init_sae("relu", jax.random.PRNGKey(i), 128, 32).replace(reads=Reads(site=site))
         ji.sae.save(sae, root / "saes" / "saes" / site)
     (root / "saes" / "saes" / "index.json").write_text(json.dumps({"model": "facts-gpt", "sites": list(sites)}))
