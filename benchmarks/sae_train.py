@@ -22,6 +22,15 @@ Every variant is compiled / warmed up first (compile time reported separately), 
 of them alike; medians are reported. FLOPs come from XLA's cost analysis of the compiled
 JAX step, and a plain-matmul calibration (the step's five GEMMs alone, JAX and PyTorch)
 gives the ceiling each side can reach on this machine. Prints one JSON object.
+
+``--harvest``: the grid trained while harvesting (``jaxinterp.sae.harvest_grid``'s fused step) on
+facts-gpt: one forward per token batch (up to ``--site``) feeding a widths x sparsities grid of SAEs
+(``--widths`` x ``--sparsities``, ReLU + L1, vmapped per width) vs one run per grid member that each
+harvests its own activations (one forward + one single-SAE step each), steps interleaved per round,
+compile time apart, FLOPs of each compiled step from XLA's cost analysis; the speedup can approach the
+FLOP ratio (G x forward + grid SAE steps) / (forward + grid SAE steps) at most.
+
+    python benchmarks/sae_train.py --harvest                # facts-gpt blocks.2.resid_post, 4x/8x x 4 L1
 """
 
 from __future__ import annotations
@@ -188,6 +197,87 @@ def torch_matmul_fn(d_in: int, d_sae: int, batch: int):
 # ----------------------------------------------------------------------------- driver
 
 
+# ----------------------------------------------------------------------------- grid while harvesting
+
+
+def harvest_variants(site: str, widths, sparsities, batch: int, seq: int, buffer_factor: int) -> dict:
+    """Grid-while-harvesting vs one harvesting run per member: step fns, compile times, XLA FLOPs."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    import jaxinterp as ji
+    from jaxinterp.sae import OnlineStore, SAETrainer, fused_step, grid_runs
+
+    model = ji.load("facts-gpt")
+    vocab = model.config.vocab_size
+    toks = lambda t: jax.random.randint(jax.random.PRNGKey(1000 + t), (batch, seq), 0, vocab)
+    d_in = int(model.run(toks(0)[:1, :2], capture=site).cache[site].shape[-1])
+    runs = grid_runs("relu", d_in, widths, sparsities, steps=10_000, lr=1e-4, init_b_dec_mean=False)
+    members = [(name, {name: (dataclasses.replace(cfg, **m), [{}])}) for name, (cfg, ms) in runs.items() for m in ms]
+    store = OnlineStore([site], buffer_factor=buffer_factor)
+
+    def make(trainer_runs):
+        trainers = {site: SAETrainer(trainer_runs)}
+        buffer = store.fill(model, [toks(-i - 1) for i in range(buffer_factor)])
+        holder = {"states": {site: trainers[site].init(np.asarray(buffer[site]))}, "buffer": buffer, "t": 0}
+        step = fused_step(trainers, store)
+
+        def one():
+            t = holder["t"]
+            holder["states"], holder["buffer"], m = step(holder["states"], holder["buffer"], model, toks(t),
+                                                         jax.random.PRNGKey(t))
+            holder["t"] = t + 1
+            jax.block_until_ready((holder["states"], m))
+
+        ca = step.lower(holder["states"], holder["buffer"], model, toks(0), jax.random.PRNGKey(0)).cost_analysis()
+        ca = ca[0] if isinstance(ca, list) else ca
+        return one, float(ca.get("flops", float("nan")))
+
+    grid_fn, grid_flops = make(runs)
+    runs_seq = [make(r) for _, r in members]
+    fwd = jax.jit(lambda m, t: store.acts(m, t)[0])
+    fwd_ca = fwd.lower(model, toks(0)).cost_analysis()
+    fwd_ca = fwd_ca[0] if isinstance(fwd_ca, list) else fwd_ca
+    compile_s = {"grid": _timed(grid_fn), "sequential": sum(_timed(f) for f, _ in runs_seq)}
+    return {"fns": {"harvest/grid": grid_fn, "harvest/sequential": lambda: [f() for f, _ in runs_seq]},
+            "compile_s": compile_s, "d_in": d_in, "members": [n for n, _ in members],
+            "flops": {"grid_step": grid_flops, "sequential_steps": sum(f for _, f in runs_seq),
+                      "forward_to_site": float(fwd_ca.get("flops", float("nan")))}}
+
+
+def harvest_main(args) -> dict:
+    import jax
+
+    widths = [int(w) for w in args.widths.split(",")]
+    sparsities = [float(s) for s in args.sparsities.split(",")]
+    v = harvest_variants(args.site, widths, sparsities, args.harvest_batch, args.seq, args.buffer_factor)
+    times = {name: [] for name in v["fns"]}
+    for _ in range(args.reps):
+        for name, fn in v["fns"].items():
+            times[name].append(_timed(fn))
+    med = {name: float(np.median(ts)) for name, ts in times.items()}
+    fl = v["flops"]
+    sae_flops = fl["grid_step"] - fl["forward_to_site"]
+    g = len(v["members"])
+    out = {
+        "config": {"model": "facts-gpt", "site": args.site, "d_in": v["d_in"], "widths": widths,
+                   "sparsities (L1 coeff)": sparsities, "grid": g, "tokens_per_step": args.harvest_batch * args.seq,
+                   "batch": args.harvest_batch, "seq": args.seq, "buffer_factor": args.buffer_factor,
+                   "reps": args.reps, "dtype": "float32"},
+        "device": str(jax.devices()[0]), "cpu_count": os.cpu_count(), "load_avg": os.getloadavg(),
+        "median_s": med, "all_s": times, "compile_s": v["compile_s"], "xla_flops": fl,
+        "ratios": {"grid_speedup_vs_sequential": med["harvest/sequential"] / med["harvest/grid"],
+                   # the most a shared forward can save: sequential FLOPs over grid FLOPs
+                   "flop_ratio_bound": (g * fl["forward_to_site"] + sae_flops) / fl["grid_step"],
+                   "forward_share_of_grid_step_flops": fl["forward_to_site"] / fl["grid_step"]},
+        "targets": {"grid_speedup_vs_sequential": 3.0},
+    }
+    print(json.dumps(out, indent=1))
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--d-in", type=int, default=768)
@@ -200,7 +290,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-auxk", action="store_true", help="TopK without the AuxK term on both sides")
     ap.add_argument("--no-grid", action="store_true", help="skip the grid / sequential variants")
     ap.add_argument("--no-sparse", action="store_true", help="skip the sparse TopK JAX step")
+    ap.add_argument("--harvest", action="store_true", help="grid while harvesting vs harvesting runs (facts-gpt)")
+    ap.add_argument("--site", default="blocks.2.resid_post", help="--harvest: the site the SAEs read")
+    ap.add_argument("--widths", default="512,1024", help="--harvest: SAE widths (4x, 8x facts-gpt's d_model)")
+    ap.add_argument("--sparsities", default="1e-4,3e-4,1e-3,3e-3", help="--harvest: L1 coefficients")
+    ap.add_argument("--harvest-batch", type=int, default=32, help="--harvest: sequences per forward")
+    ap.add_argument("--seq", type=int, default=64, help="--harvest: tokens per sequence")
+    ap.add_argument("--buffer-factor", type=int, default=2, help="--harvest: forwards held in the shuffle buffer")
     args = ap.parse_args(argv)
+    if args.harvest:
+        return harvest_main(args)
     d_sae = args.d_in * args.expansion
     import jax
     import torch

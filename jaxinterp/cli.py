@@ -23,6 +23,10 @@ COMMANDS = {  # name -> (module, one-line help); module None: `models`
                    "trained from one harvest"),
     "circuits": ("jaxinterp.experiments.circuits.main", "sparse feature circuits vs neuron circuits for two "
                  "facts-world behaviours"),
+    "behaviours": ("jaxinterp.experiments.behaviours.main", "unsupervised behaviours: contexts clustered by loss "
+                   "gradients, a feature circuit per cluster, an HTML index"),
+    "shift": ("jaxinterp.experiments.shift.main", "SHIFT: ablate SAE features a judge calls spurious to fix a "
+              "facts-gpt domain classifier (six rows)"),
     "steer": ("jaxinterp.experiments.steering.main", "steering vectors on facts-gpt: attribute change vs recall "
               "drop over scales"),
     "extractive-qa": ("jaxinterp.experiments.extractive_qa.main", "extractive-QA circuits (context vs memory), "

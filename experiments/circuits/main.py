@@ -90,8 +90,10 @@ def feature_graph(cfg: CircuitsConfig, model, saes: dict, task: Task, effects, o
                           edge_threshold=cfg.edge_threshold, max_nodes_per_site=cfg.max_nodes_per_site,
                           metric_args=(task.good, task.bad))
     circuit.labels = node_labels(model, effects, circuit.nodes, task.clean)
-    circuit.info.update(title=f"{cfg.model}: {task.name} circuit (SAE features; {cfg.method}, {cfg.steps} steps)",
-                        metric_name="logit diff")
+    title = (f"{cfg.model}: {task.name} circuit of SAE features, metric = logit diff (clean answer - patch answer, "
+             f"{len(task.clean)} pairs)\nnode effects by {cfg.method} ({cfg.steps} steps); nodes |effect| >= "
+             f"{cfg.node_threshold} (<= {cfg.max_nodes_per_site} per site), edges >= {cfg.edge_threshold}, in logits")
+    circuit.info.update(title=title, metric_name="logit diff")
     paths = [circuit.save_json(out / f"{task.name}_circuit.json"), circuit.render(out / f"{task.name}_circuit.png"),
              circuit.render(out / f"{task.name}_circuit.svg")]
     return {**circuit.info, "files": [str(p) for p in paths], "seconds": time.time() - t0}
@@ -99,7 +101,7 @@ def feature_graph(cfg: CircuitsConfig, model, saes: dict, task: Task, effects, o
 
 def plot_curves(cfg: CircuitsConfig, results: dict, path: Path) -> None:
     plt = pyplot()
-    fig, axes = plt.subplots(len(results), 2, figsize=(10, 3.4 * len(results)), squeeze=False)
+    fig, axes = plt.subplots(len(results), 2, figsize=(10, 3.6 * len(results) + 0.6), squeeze=False)
     for row, (name, res) in enumerate(results.items()):
         for col, key in enumerate(("faithfulness", "completeness")):
             ax = axes[row, col]
@@ -110,11 +112,14 @@ def plot_curves(cfg: CircuitsConfig, results: dict, path: Path) -> None:
             ax.set_xscale("log")
             ax.axhline(1.0, color="0.6", lw=0.8)
             ax.axhline(0.0, color="0.6", lw=0.8)
-            ax.set_xlabel("nodes kept in the circuit (top by |IG effect|; 0 drawn at 0.5)")
+            ax.set_xlabel("nodes in the circuit C (top by |IG effect|; 0 drawn at 0.5)", fontsize=8)
             what = "m(C)" if key == "faithfulness" else "m(M \\ C)"
-            ax.set_ylabel(f"{key}: ({what} - m(empty)) / (m(M) - m(empty))", fontsize=8)
-            ax.set_title(f"{cfg.model} {name}: {key} (held-out pairs, mean ablation)", fontsize=9)
+            ax.set_ylabel(f"{key} (fraction)\n({what} - m(empty)) / (m(M) - m(empty))", fontsize=8)
+            kept = "keep C" if key == "faithfulness" else "keep all but C"
+            ax.set_title(f"{name}: {key} ({kept}, mean-ablate the rest)", fontsize=9)
             ax.legend(fontsize=8)
+    fig.suptitle(f"{cfg.model}: SAE-feature vs neuron circuits; metric m = logit diff (clean - patch answer, in "
+                 f"logits), {cfg.n_test} held-out pairs", fontsize=10)
     save_figure(fig, path)
 
 

@@ -134,6 +134,7 @@ class Job:
     arrays: Sequence[Any] = ()
     batch_work: Optional[Callable[[Sequence["Job"]], list]] = None
     future: Future = dataclasses.field(default_factory=Future)
+    payload: bytes = b""  # the request as received (a distributed server announces it to the other processes)
     cancelled: bool = False
     started: Optional[float] = None
     compute_s: float = 0.0
@@ -147,10 +148,13 @@ def group_size(n: int, max_batch: int) -> int:
 class Scheduler:
     """One worker thread serving per-user queues round robin, batching equal-key jobs (see module doc)."""
 
-    def __init__(self, max_batch: int = 8, max_queue: int = 256, on_done: Optional[Callable[[Job], None]] = None):
+    def __init__(self, max_batch: int = 8, max_queue: int = 256, on_done: Optional[Callable[[Job], None]] = None,
+                 before_run: Optional[Callable[[list[Job]], None]] = None):
+        """``before_run(group)``: called on the worker thread just before a group runs (a distributed
+        server announces the group to its other processes there)."""
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be >= 1")
-        self.max_batch, self.max_queue, self.on_done = max_batch, max_queue, on_done
+        self.max_batch, self.max_queue, self.on_done, self.before_run = max_batch, max_queue, on_done, before_run
         self._queues: dict[str, collections.deque] = {}
         self._order: list[str] = []  # users in round-robin order; the next turn is _order[_turn]
         self._turn = 0
@@ -251,14 +255,24 @@ class Scheduler:
                 group = self._companions(first)
                 self.running = len(group)
             try:
-                self._execute(group)
+                if self.before_run is not None:
+                    self.before_run(group)
+            except Exception as e:  # noqa: BLE001 - the group cannot run; its requests are answered, not stuck
+                for job in group:
+                    self._finish(job, error=e)
+                group = []
+            try:
+                self.execute(group)
             finally:
                 with self._cv:
                     self.running = 0
 
     # --------------------------------------------------------------------------- execution
 
-    def _execute(self, group: list[Job]) -> None:
+    def execute(self, group: list[Job]) -> None:
+        """Run ``group`` (one batched program, or each job alone if that fails) and settle its futures."""
+        if not group:
+            return
         start = time.perf_counter()
         for job in group:
             job.started = start

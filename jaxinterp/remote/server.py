@@ -48,6 +48,8 @@ import numpy as np
 from jaxinterp.interventions import Fn
 from jaxinterp.model import Model, prepare_inputs, run
 from jaxinterp.remote import engine
+from jaxinterp.remote.cluster import Cluster, follow, to_host
+from jaxinterp.sharding.distributed import add_flags, config_from, initialize
 from jaxinterp.remote.wire import FORMAT, VERSION, ExportedFn, ExportedMetric, Limits, WireError, decode, encode
 
 __all__ = ["ServeConfig", "create_app", "load_keys", "main", "RUN_FIELDS", "GENERATE_FIELDS", "SWEEP_FIELDS"]
@@ -184,15 +186,22 @@ def _int_array(x, what: str, ndim: int = 2):
 class Service:
     """The model, its limits and the job queue; turns decoded requests into jobs."""
 
-    def __init__(self, model: Model, keys: Mapping[str, str], config: ServeConfig, name: str):
-        self.model, self.config, self.name = model, config, name
+    def __init__(self, model: Model, keys: Mapping[str, str], config: ServeConfig, name: str,
+                 cluster: Optional[Cluster] = None):
+        """``cluster``: this is one process of a distributed server (``cluster``); process 0 announces
+        every group it runs to the others, which run it too (no background compiling there: every
+        process must choose the same programs)."""
+        self.model, self.config, self.name, self.cluster = model, config, name, cluster
         self.programs = engine.Programs(config.program_cache)
         self.unbatchable: set = set()  # run keys whose batched program failed to build
-        self.compiler = engine.BackgroundCompiler(self.programs) if config.compile_in_background else None
+        self.compiler = engine.BackgroundCompiler(self.programs) \
+            if config.compile_in_background and cluster is None else None
         self.runs = collections.Counter()  # programs run, by group size
         self.usage = {user: collections_counter() for user in keys}
         self.started = time.time()
-        self.scheduler = engine.Scheduler(config.max_batch, config.max_queue, on_done=self._done)
+        announce = cluster.announce if cluster is not None and cluster.leader else None
+        self.scheduler = engine.Scheduler(config.max_batch, config.max_queue, on_done=self._done,
+                                          before_run=announce)
         self.logits_dtype = str(jax.eval_shape(lambda m, t: run(m, t).logits, model,
                                                jax.ShapeDtypeStruct((1, 1), jnp.int32)).dtype)
 
@@ -206,6 +215,8 @@ class Service:
         self.scheduler.stop()
         if self.compiler is not None:
             self.compiler.stop()
+        if self.cluster is not None and self.cluster.leader:
+            self.cluster.stop()  # the other processes exit
 
     def _done(self, job: engine.Job) -> None:
         self.usage[job.user]["compute_s"] += job.compute_s
@@ -320,7 +331,7 @@ class Service:
             key = ("generate", b, t, n_new, capture, jax.tree_util.tree_structure(request.get("interventions")))
             self.programs.get(key, lambda: (None, None), on_evict=gen_module._program.clear_cache)
             out = generate(self.model, **request)
-            cache = None if out.cache is None else {k: out.cache[k] for k in out.cache}
+            cache = None if out.cache is None else {k: to_host(out.cache[k]) for k in out.cache}
             return {"tokens": out.tokens, "lengths": out.lengths, "sequences": out.sequences,
                     "attention_mask": out.attention_mask, "text": out.text, "cache": cache, "steps": out.steps}
 
@@ -356,7 +367,8 @@ class Service:
             key = ("sweep", clean.shape, str(sites), request.get("per"), metric, chunk)
             self.programs.get(key, lambda: (None, None), on_evict=activation._activation_jit.clear_cache)
             res = activation.activation_patching(self.model, **request)
-            return {"effects": res.effects, "clean": res.clean, "corrupt": res.corrupt, "per": res.per}
+            return {"effects": {k: to_host(v) for k, v in res.effects.items()}, "clean": to_host(res.clean),
+                    "corrupt": to_host(res.corrupt), "per": res.per}
 
         return engine.Job(user, "sweep", work)
 
@@ -382,7 +394,7 @@ def collections_counter() -> dict:
 
 
 def _run_result(logits, cache) -> dict:
-    return {"logits": np.asarray(logits), "cache": {k: np.asarray(v) for k, v in cache.items()}}
+    return {"logits": to_host(logits), "cache": {k: to_host(v) for k, v in cache.items()}}  # the sites' order kept
 
 
 _MODEL_ERRORS = (ValueError, TypeError, IndexError, KeyError, jax.errors.JaxRuntimeError)
@@ -435,16 +447,17 @@ evictions {p['evictions']}); groups run by size: {esc(batches)}</p>
 
 
 def create_app(model: Model, keys: Mapping[str, str], config: ServeConfig = ServeConfig(), *, name: str = "model",
-               clock: Callable[[], float] = time.monotonic):
+               clock: Callable[[], float] = time.monotonic, cluster: Optional[Cluster] = None):
     """The FastAPI application serving ``model`` (shown as ``name``) to the users of ``keys`` ({user: key}).
-    ``clock``: the rate limiter's clock (tests pass a fake one)."""
+    ``clock``: the rate limiter's clock (tests pass a fake one); ``cluster``: on process 0 of a distributed
+    server (``Service``)."""
     from contextlib import asynccontextmanager
 
     from fastapi import Depends, FastAPI, HTTPException, Request, Response
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import HTMLResponse
 
-    service = Service(model, keys, config, name)
+    service = Service(model, keys, config, name, cluster)
     limiter = RateLimiter(config.rate, config.burst, clock)
 
     @asynccontextmanager
@@ -529,6 +542,7 @@ def create_app(model: Model, keys: Mapping[str, str], config: ServeConfig = Serv
         job = None
         try:
             job = await run_in_threadpool(lambda: make_job(user, decode(bytes(body), config.limits)))
+            job.payload = bytes(body)
             service.scheduler.submit(job)
             result = await asyncio.wait_for(asyncio.wrap_future(job.future), max(0.0, deadline - time.monotonic()))
             blob = await run_in_threadpool(encode, result)
@@ -599,12 +613,24 @@ def main(argv: Sequence[str] | None = None, prog: str = "jaxinterp serve") -> in
                                                 "data, fsdp, tensor (one may be -1), e.g. 'data=1,tensor=2'")
     p.add_argument("--rules", default=None, help="sharding rule set with --mesh (a shipped name or a YAML path; "
                                                  "default fsdp_tp)")
+    p.add_argument("--distributed", action="store_true",
+                   help="run as a jax.distributed job (settings from the flags below, JAXINTERP_* variables, SLURM "
+                        "or TPU metadata): the model is sharded over every process's devices (--mesh, default "
+                        "'data=1,tensor=-1'), process 0 answers HTTP and every process runs each request")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_flags(p)
     args = p.parse_args(argv)
     try:
         from jaxinterp.loading import load
 
         keys = load_keys(args.keys)
+        dist = config_from(args)
+        if (args.distributed or dist.num_processes is not None or dist.coordinator is not None) and \
+                initialize(dist, auto=args.distributed):
+            cluster = Cluster()
+            args.mesh = args.mesh or "data=1,tensor=-1"
+        else:
+            cluster = None
         if not 0 < args.port < 65536:
             raise ValueError(f"--port must be in 1..65535, got {args.port}")
         cfg = ServeConfig(max_request_bytes=int(args.max_request_mb * 2**20),
@@ -614,7 +640,15 @@ def main(argv: Sequence[str] | None = None, prog: str = "jaxinterp serve") -> in
         mesh = None if args.mesh is None else _mesh(args.mesh)
         if args.rules is not None and mesh is None:
             raise ValueError("--rules needs --mesh")
-        app = create_app(load(args.model, dtype=args.dtype, mesh=mesh, rules=args.rules), keys, cfg, name=args.model)
+        model = load(args.model, dtype=args.dtype, mesh=mesh, rules=args.rules)
+        if cluster is not None and not cluster.leader:
+            service = Service(model, keys, cfg, args.model, cluster)
+            groups = follow(service, cluster)  # until process 0 stops
+            service.close()
+            cluster.leave()
+            print(f"process {jax.process_index()}: ran {groups} groups; process 0 stopped", file=sys.stderr)
+            return 0
+        app = create_app(model, keys, cfg, name=args.model, cluster=cluster)
         import uvicorn
     except (ValueError, OSError, ImportError) as e:
         if args.debug:
@@ -622,6 +656,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "jaxinterp serve") -> in
         hint = " (install the [serve] extra)" if isinstance(e, ImportError) else ""
         print(f"{prog}: error: {' '.join(str(e).split())}{hint}", file=sys.stderr)  # one line
         return 2
-    print(f"serving {args.model} for {len(keys)} users on http://{args.host}:{args.port}", file=sys.stderr)
+    where = "" if cluster is None else f" ({jax.process_count()} processes, {jax.device_count()} devices)"
+    print(f"serving {args.model} for {len(keys)} users on http://{args.host}:{args.port}{where}", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -120,3 +120,30 @@ def test_harvest_on_every_family_equals_a_full_capture(family, preset):
     keep = np.asarray(keep)
     assert keep.tolist() == mask.reshape(-1).tolist()
     np.testing.assert_allclose(np.asarray(acts[site])[keep], np.asarray(full)[keep], atol=1e-5)
+
+
+def test_harvest_grid_members_equal_single_runs_on_the_same_stream():
+    """A widths x sparsities grid trained from one on-the-fly stream: each member's params after N steps are
+    those of a run of that member's config alone, harvesting the same token batches."""
+    import dataclasses
+
+    from jaxinterp.sae import grid_runs
+    from jaxinterp.sae.stores import harvest_grid
+    from jaxinterp.sae.train import unstack
+
+    model = ji.init(GPT2Config.tiny(vocab_size=17, d_model=16, n_layers=2, n_heads=2, d_mlp=32, max_seq_len=8), 0)
+    site = "blocks.1.resid_post"
+    toks = lambda t: np.asarray(jax.random.randint(jax.random.PRNGKey(200 + t), (4, 8), 0, 17))
+    runs = grid_runs("relu", 16, widths=(32, 64), sparsities=(1e-3, 3e-2), steps=3, lr=1e-3)
+    grid, _ = harvest_grid(model, {site: runs}, toks, 3, buffer_factor=2, progress=False)
+    for name, i in (("relu-64", 1),):  # one of the four members (each check compiles a run)
+        cfg, members = runs[name]
+        one = {"one": (dataclasses.replace(cfg, **members[i]), [{}])}
+        single, _ = harvest_grid(model, {site: one}, toks, 3, buffer_factor=2, progress=False)
+        got, want = unstack(grid[site][name], i).sae.params, unstack(single[site]["one"], 0).sae.params
+        assert int(unstack(grid[site][name], i).step) == 3 and float(one["one"][0].sparsity_coeff) == [1e-3, 3e-2][i]
+        for k in want:
+            np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=2e-5, atol=2e-6, err_msg=k)
+    # the members differ from each other (the grid is not one SAE copied)
+    a, b = (unstack(grid[site]["relu-64"], i).sae.params["W_enc"] for i in (0, 1))
+    assert not np.allclose(np.asarray(a), np.asarray(b))
