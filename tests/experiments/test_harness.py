@@ -192,6 +192,8 @@ MAINS = {  # module -> an int-typed key of its config
     "jaxinterp.experiments.token_erasure.main": "steps",
     "jaxinterp.experiments.extractive_qa.main": "n_eval",
     "jaxinterp.experiments.das.main": "steps",
+    "jaxinterp.experiments.behaviours.main": "n_contexts",
+    "jaxinterp.experiments.shift.main": "top",
 }
 
 
@@ -240,7 +242,7 @@ def test_jaxinterp_command(tmp_path):
                                               cli + ["trace", "--model", "someorg/somemodel"], cli + ["trcae"]])
     assert help_.returncode == 0
     names = [line.split()[0] for line in help_.stdout.splitlines() if line.startswith("  ")]
-    assert names == ["trace", "recall", "rome", "sae-boardgame", "sae-dashboard", "train-saes", "circuits", "steer",
+    assert names == ["trace", "recall", "rome", "sae-boardgame", "sae-dashboard", "train-saes", "circuits", "behaviours", "shift", "steer",
                      "extractive-qa", "lens", "lre", "token-erasure", "das", "elm-erase", "train-lm", "train-othello",
                      "serve", "models"]
     for proc in (bad_model, hub, unknown):
