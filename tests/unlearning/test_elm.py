@@ -84,8 +84,8 @@ def test_template_term_equals_direct_computation(base):
     lm = lora.init(base, lora.LoraConfig(rank=2, dropout=0.0), key=1)
     adapters = lm.lora.replace({k: {"A": v["A"], "B": v["B"] + 0.05} for k, v in lm.lora.weights.items()})
     data = _batch(seed=3)
-    got = float(elm.elm_losses(adapters, base, {k: jnp.asarray(v) for k, v in data.items()}, jax.random.PRNGKey(0),
-                               ECFG)["template"])
+    batch = {k: jnp.asarray(v) for k, v in data.items()}
+    got = float(jax.jit(lambda a: elm.elm_losses(a, base, batch, jax.random.PRNGKey(0), ECFG)["template"])(adapters))
     student = lora.merge(lora.combine(adapters, base))
     nll = []
     for i in range(2):
@@ -94,8 +94,8 @@ def test_template_term_equals_direct_computation(base):
         s_lp = _np_log_softmax(np.asarray(student.run(x[None]).logits[0], np.float64))
         nll += [-s_lp[t, t_lp[t].argmax()] for t in range(len(x) - 1) if x[t + 1] not in OBJECTS]
     np.testing.assert_allclose(got, np.mean(nll), rtol=1e-4)
-    assert "template" not in elm.elm_losses(adapters, base, {k: jnp.asarray(v) for k, v in data.items()},
-                                            jax.random.PRNGKey(0), elm.ElmConfig.tiny())
+    assert "template" not in jax.eval_shape(lambda a: elm.elm_losses(a, base, batch, jax.random.PRNGKey(0),
+                                                                    elm.ElmConfig.tiny()), adapters)
 
 
 @pytest.mark.parametrize("term", ["erase", "retain", "fluency", "template"])
@@ -109,13 +109,13 @@ def test_gradients_only_into_lora(base, term):
     def f(adapters, student_base, teacher):
         return elm.elm_losses(adapters, student_base, batch, key, ECFG, teacher=teacher)[term]
 
-    g_ad, g_base, g_teacher = jax.grad(f, argnums=(0, 1, 2))(adapters, base, base)
+    g_ad, g_base, g_teacher = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(adapters, base, base)
     for leaf in jax.tree_util.tree_leaves((g_base, g_teacher)):
         assert not np.any(np.asarray(leaf))
     assert all(float(jnp.abs(g).sum()) > 0 for g in jax.tree_util.tree_leaves(g_ad))
-    # the training step differentiates the adapters only: its gradient tree is the adapter tree
-    grads = jax.grad(lambda a: elm.elm_loss(a, base, batch, key, ECFG)[0])(adapters)
-    assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(adapters)
+    if term == "erase":  # the training step differentiates the adapters only: its gradient tree is the adapter tree
+        grads = jax.eval_shape(jax.grad(lambda a: elm.elm_loss(a, base, batch, key, ECFG)[0]), adapters)
+        assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(adapters)
 
 
 def test_guided_generate_matches_loop(base):
