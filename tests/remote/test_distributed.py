@@ -19,6 +19,7 @@ pytest.importorskip("fastapi")
 import httpx  # noqa: E402
 
 import jaxinterp as ji  # noqa: E402
+from tests.remote.tiny import free_port  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 import dist_cases  # noqa: E402
@@ -27,20 +28,12 @@ KEYS = {"alice": "alice-key-0123", "bob": "bob-key-4567"}
 MESH = "data=1,fsdp=2,tensor=2"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """Two server processes and the one-process reference: ``(url, [process 0, process 1], reference)``."""
     tmp = tmp_path_factory.mktemp("dist")
     (tmp / "keys.json").write_text(json.dumps(KEYS))
-    port, coordinator = _free_port(), _free_port()
+    port, coordinator = free_port(), free_port()
 
     def env(devices):
         return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}

@@ -16,17 +16,10 @@ pytest.importorskip("fastapi")
 import httpx  # noqa: E402
 
 import jaxinterp as ji  # noqa: E402
+from tests.remote.tiny import free_port  # noqa: E402
 from jaxinterp.remote.client import Client  # noqa: E402
 
 KEYS = {"alice": "alice-key-0123", "bob": "bob-key-4567"}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start(port: int, keys) -> subprocess.Popen:
@@ -49,7 +42,7 @@ def test_server_killed_mid_queue_and_restarted_loses_no_result(tmp_path):
     model = ji.load("facts-gpt")
     keys = tmp_path / "keys.json"
     keys.write_text(json.dumps(KEYS))
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     # distinct shapes: each request compiles its own program, so several wait in the queue at the kill
     requests = [(user, np.arange(3 * t, dtype=np.int32).reshape(3, t) % model.config.vocab_size)

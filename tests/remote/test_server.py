@@ -16,6 +16,7 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 import jaxinterp as ji  # noqa: E402
+from tests.remote.tiny import free_port  # noqa: E402
 from jaxinterp.remote import WireError, encode, export_fn  # noqa: E402
 from jaxinterp.remote.client import Client, RemoteError  # noqa: E402
 from jaxinterp.remote.server import ServeConfig, create_app  # noqa: E402
@@ -145,14 +146,6 @@ def test_cli_serve_bad_input_is_one_line_error(tmp_path, capsys):
         assert err.count("\n") == 1 and what in err, err
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """`jaxinterp serve --model facts-gpt` in a subprocess on 127.0.0.1: ``(url, process)``."""
@@ -162,7 +155,7 @@ def served(tmp_path_factory):
 
     keys = tmp_path_factory.mktemp("serve") / "keys.json"
     keys.write_text(json.dumps(KEYS))
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "jaxinterp.cli", "serve", "--model", "facts-gpt", "--port", str(port),
                              "--keys", str(keys), "--rate", "1000", "--burst", "1000"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -29,3 +29,12 @@ def rewrite_header(blob: bytes, edit) -> bytes:
     edit(header)
     text = json.dumps(header).encode()
     return struct.pack("<Q", len(text)) + text + blob[8 + n:]
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
