@@ -9,17 +9,16 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 pytest.importorskip("fastapi")
-import httpx  # noqa: E402
+pytest.importorskip("httpx")
 
 import jaxinterp as ji  # noqa: E402
-from tests.remote.tiny import free_port  # noqa: E402
+from tests.remote.tiny import free_port, wait_healthy  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 import dist_cases  # noqa: E402
@@ -48,16 +47,7 @@ def cluster(tmp_path_factory):
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert all(p.poll() is None for p in procs), [p.stdout.read()[-3000:] for p in procs if p.poll() is not None]
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the distributed server did not come up"
-            time.sleep(0.2)
+        wait_healthy(url, procs, 120, "the distributed server")
         assert ref.wait(timeout=120) == 0, ref.stdout.read()[-3000:]
         yield url, procs, dict(np.load(tmp / "ref.npz"))
     finally:

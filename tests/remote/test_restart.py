@@ -16,7 +16,7 @@ pytest.importorskip("fastapi")
 import httpx  # noqa: E402
 
 import jaxinterp as ji  # noqa: E402
-from tests.remote.tiny import free_port  # noqa: E402
+from tests.remote.tiny import free_port, wait_healthy  # noqa: E402
 from jaxinterp.remote.client import Client  # noqa: E402
 
 KEYS = {"alice": "alice-key-0123", "bob": "bob-key-4567"}
@@ -26,16 +26,8 @@ def _start(port: int, keys) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "jaxinterp.cli", "serve", "--model", "facts-gpt", "--port",
                              str(port), "--keys", str(keys), "--rate", "1000", "--burst", "1000", "--max-batch", "1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 90
-    while True:
-        assert proc.poll() is None, "server exited"
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "server did not come up"
-        time.sleep(0.1)
+    wait_healthy(f"http://127.0.0.1:{port}", [proc], 90)
+    return proc
 
 
 def test_server_killed_mid_queue_and_restarted_loses_no_result(tmp_path):

@@ -16,7 +16,7 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 import jaxinterp as ji  # noqa: E402
-from tests.remote.tiny import free_port  # noqa: E402
+from tests.remote.tiny import free_port, wait_healthy  # noqa: E402
 from jaxinterp.remote import WireError, encode, export_fn  # noqa: E402
 from jaxinterp.remote.client import Client, RemoteError  # noqa: E402
 from jaxinterp.remote.server import ServeConfig, create_app  # noqa: E402
@@ -161,16 +161,7 @@ def served(tmp_path_factory):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
+        wait_healthy(url, [proc], 90)
         yield url, proc
     finally:
         proc.terminate()

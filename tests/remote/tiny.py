@@ -38,3 +38,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_healthy(url: str, procs, timeout: float, what: str = "server") -> None:
+    """Poll ``url``/health until it answers 200; fail at once if one of ``procs`` exits (with the end of
+    its output when piped) and after ``timeout`` seconds."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        dead = [p for p in procs if p.poll() is not None]
+        assert not dead, [f"{what} exited"] + [p.stdout.read()[-3000:] for p in dead if p.stdout is not None]
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"{what} did not come up"
+        time.sleep(0.1)
