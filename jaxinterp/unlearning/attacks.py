@@ -32,8 +32,9 @@ import numpy as np
 
 from jaxinterp.families import get_family
 from jaxinterp.model import Model
+from jaxinterp.unlearning.elm import pad_batch
 
-__all__ = ["GCGConfig", "GCGResult", "gcg_suffix", "suffix_objective", "with_suffix", "left_pad", "PLACEMENTS"]
+__all__ = ["GCGConfig", "GCGResult", "gcg_suffix", "suffix_objective", "with_suffix", "PLACEMENTS"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -65,17 +66,6 @@ class GCGResult:
     suffix: list[int]          # the best suffix found
     objective: float           # its mean answer log-prob on the training prompts
     history: list[float]       # best-so-far objective after each iteration (index 0: the initial suffix)
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens [N, L] int32, valid [N, L] bool), every prompt right-aligned."""
-    width = max(len(p) for p in prompts)
-    tokens = np.full((len(prompts), width), pad_id, np.int32)
-    valid = np.zeros((len(prompts), width), bool)
-    for i, p in enumerate(prompts):
-        tokens[i, width - len(p):] = p
-        valid[i, width - len(p):] = True
-    return tokens, valid
 
 
 def _answer_logp(model: Model, parts, suffix, answers, embed_delta=None):
@@ -121,13 +111,13 @@ def _parts(prompts: Sequence[Sequence[int]], placement: str, pad_id: int):
     if placement not in PLACEMENTS:
         raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
     if placement == "suffix":
-        head, head_valid = left_pad(prompts, pad_id)
+        head, head_valid = pad_batch(prompts, pad_id=pad_id, side="left")
         tail, tail_valid = np.zeros((len(prompts), 0), np.int32), np.zeros((len(prompts), 0), bool)
     else:
         if len({p[0] for p in prompts}) != 1 or min(len(p) for p in prompts) < 2:
             raise ValueError("placement='prefix' needs prompts of >= 2 tokens sharing their first token (bos)")
         head, head_valid = np.asarray([[p[0]] for p in prompts], np.int32), np.ones((len(prompts), 1), bool)
-        tail, tail_valid = left_pad([p[1:] for p in prompts], pad_id)
+        tail, tail_valid = pad_batch([p[1:] for p in prompts], pad_id=pad_id, side="left")
     return tuple(jnp.asarray(x) for x in (head, head_valid, tail, tail_valid))
 
 

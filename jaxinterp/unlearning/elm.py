@@ -263,16 +263,21 @@ def guided_generate(logits_fn: Callable[[jax.Array], jax.Array], prompt, lens, n
 # ----------------------------------------------------------------------------- batches
 
 
-def pad_batch(seqs: Sequence[Sequence[int]], length: int | None = None, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pad int sequences -> (tokens ``[B, L]``, valid ``[B, L]``)."""
+def pad_batch(seqs: Sequence[Sequence[int]], length: int | None = None, pad_id: int = 0, *,
+              side: str = "right") -> tuple[np.ndarray, np.ndarray]:
+    """Pad int sequences on ``side`` (``"right"`` or ``"left"``: right-aligned) -> (tokens ``[B, L]``,
+    valid ``[B, L]``)."""
+    if side not in ("right", "left"):
+        raise ValueError(f"side must be 'right' or 'left', got {side!r}")
     length = max(len(s) for s in seqs) if length is None else length
     tokens = np.full((len(seqs), length), pad_id, np.int32)
     valid = np.zeros((len(seqs), length), bool)
     for i, s in enumerate(seqs):
         if len(s) > length:
             raise ValueError(f"sequence {i} has {len(s)} tokens, more than the batch length {length}")
-        tokens[i, : len(s)] = s
-        valid[i, : len(s)] = True
+        cols = slice(0, len(s)) if side == "right" else slice(length - len(s), length)
+        tokens[i, cols] = s
+        valid[i, cols] = True
     return tokens, valid
 
 
