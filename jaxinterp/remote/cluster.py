@@ -36,9 +36,9 @@ class Cluster:
 
     def __init__(self, client: Any = None):
         if client is None:
-            from jax._src import distributed as _dist
+            from jaxinterp.sharding.distributed import coordination_client
 
-            client = _dist.global_state.client
+            client = coordination_client()
         if client is None:
             raise ValueError("jax.distributed is not initialised (run with --distributed or the "
                              "--coordinator/--num-processes/--process-id flags)")

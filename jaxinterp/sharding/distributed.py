@@ -43,6 +43,7 @@ __all__ = [
     "config_from",
     "initialize",
     "is_initialized",
+    "coordination_client",
     "process_slice",
     "process_rows",
     "global_batch",
@@ -119,10 +120,16 @@ def config_from(args: Optional[argparse.Namespace] = None, env: Mapping[str, str
                              process_id=None if pid is None else int(pid), local_device_ids=_ids(local))
 
 
-def is_initialized() -> bool:
+def coordination_client() -> Any:
+    """The ``jax.distributed`` coordination client (its key-value store), or None when not initialised
+    (read from JAX's private state: the public API does not expose it)."""
     from jax._src import distributed as _dist
 
-    return _dist.global_state.client is not None
+    return _dist.global_state.client
+
+
+def is_initialized() -> bool:
+    return coordination_client() is not None
 
 
 def initialize(config: Optional[DistributedConfig] = None, *, auto: bool = False) -> bool:
