@@ -35,6 +35,7 @@ from jaxinterp.experiments.common import UsageError, experiment_main
 from jaxinterp.experiments.data.facts_world import load_world_model
 from jaxinterp.experiments.train_saes.main import ensure_saes
 from jaxinterp.model import run as run_model
+from jaxinterp.sites import split_layer_site
 
 from .config import ShiftConfig
 from .data import SPLITS, Split, group_counts, make_splits
@@ -96,7 +97,7 @@ def _pooled(model, tokens, weights, interventions, *, sites: tuple, stop: int):
 
 
 def _stop(site: str) -> int:
-    return int(site.split(".")[1]) + 1
+    return split_layer_site(site)[0] + 1
 
 
 def representations(model, site: str, splits: list, interventions=None) -> list:
