@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import difflib
 import json
-import os
 import re
 import sys
 import tempfile
@@ -166,9 +165,9 @@ def check_model(source: str) -> None:
 
 def write_json(path: Path, obj) -> Path:
     """Atomic JSON write (temp file + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
+    from jaxinterp.checkpoint import write_atomic  # (orbax: imported only when a run writes)
+
+    write_atomic(path, json.dumps(obj, indent=1, default=str) + "\n")
     return path
 
 

@@ -55,7 +55,7 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
     """Replace ``path`` with ``text``: written to a temporary file beside it, then renamed."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
+    with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import html
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinterp.checkpoint import OutputLock as locked  # re-entrant: the harness holds it too
+from jaxinterp.checkpoint import write_atomic
 from jaxinterp.circuits import discover, gradient_sketches, spectral_clusters
 from jaxinterp.experiments.circuits.main import node_labels
 from jaxinterp.experiments.common import experiment_main
@@ -122,13 +122,6 @@ def _page(title: str, body: str) -> str:
             f"<style>{STYLE}</style></head><body>\n<h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n")
 
 
-def _write(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
 def index_html(cfg: BehavioursConfig, clusters: list[dict]) -> str:
     rows = "".join(
         f"<tr><td><a href=\"cluster_{c['id']}.html\">cluster {c['id']}</a></td><td class=\"num\">{c['size']}</td>"
@@ -196,10 +189,10 @@ def run(cfg: BehavioursConfig, out: Path) -> dict:
             info["circuit"] = {"n_contexts": int(len(sub)),
                                **cluster_circuit(cfg, model, saes, tokens[sub], targets[sub], c, out)}
             clusters.append(info)
-            _write(out / f"cluster_{c}.html", cluster_html(cfg, info, members, tokens, targets, pred, logp, vocab))
+            write_atomic(out / f"cluster_{c}.html", cluster_html(cfg, info, members, tokens, targets, pred, logp, vocab))
             print(f"cluster {c}: {info['size']} contexts, {info['description']}; acc {info['accuracy']:.0%}; "
                   f"circuit {info['circuit']['n_nodes']} nodes ({info['circuit']['seconds']:.0f} s)")
-        _write(out / "index.html", index_html(cfg, clusters))
+        write_atomic(out / "index.html", index_html(cfg, clusters))
     return {"model": cfg.model, "saes": cfg.saes, "n_contexts": cfg.n_contexts, "labels": labels.tolist(),
             "cluster_seconds": t_cluster, "seconds": time.time() - t0, "clusters": clusters}
 
